@@ -1,0 +1,288 @@
+"""Typed stage configs, presets (tiny/small/full) and strict YAML loading.
+
+Configs are plain dataclasses so Flyte can pass them between tasks and use their values as cache keys.
+Each dataclass checks its own value ranges in ``__post_init__``; ``from_dict`` builds them strictly
+(unknown keys and wrong types are errors) and prefixes every error with the dotted key path, e.g.
+``curation.stages.256.min_side: ...``. Hand-written because mashumaro/pydantic errors do not name the path
+of nested dict-of-dataclass keys in a way users can act on.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import typing
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and the rule broken."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _build(tp: Any, value: Any, path: str) -> Any:
+    """Convert plain YAML/JSON data to ``tp`` strictly; errors name ``path``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path or 'config'}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp)]
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ConfigError(f"{path or 'config'}: unknown key(s) {unknown}; known keys: {names}")
+        kwargs = {k: _build(hints[k], v, f"{path}.{k}" if path else k) for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"{path or 'config'}: {err}") from None
+        except TypeError as err:  # a required field is missing
+            raise ConfigError(f"{path or 'config'}: {err}") from None
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_build(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {str(k): _build(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+class _Strict:
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        return _build(cls, data, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- curation
+
+
+@dataclass
+class StageFilters(_Strict):
+    """Thresholds of the cheap CPU filters for one pretraining resolution stage.
+
+    Scores are measured on an analysis copy whose long side is ``AnalysisConfig.side``, so these
+    thresholds do not depend on the original resolution (except ``min_side``/``max_aspect``).
+    """
+
+    min_side: int
+    max_aspect: float = 3.0
+    max_laplacian_var: float = 6000.0
+    min_entropy: float = 3.0
+    max_white_ratio: float = 0.6
+    max_black_ratio: float = 0.6
+    max_border_fraction: float = 0.08
+
+    def __post_init__(self) -> None:
+        _require(self.min_side >= 1, f"min_side must be >= 1, got {self.min_side}")
+        _require(self.max_aspect >= 1.0, f"max_aspect must be >= 1, got {self.max_aspect}")
+        _require(self.max_laplacian_var > 0, f"max_laplacian_var must be > 0, got {self.max_laplacian_var}")
+        _require(0.0 <= self.min_entropy <= 8.0, f"min_entropy must be in [0, 8] bits, got {self.min_entropy}")
+        for name in ("max_white_ratio", "max_black_ratio", "max_border_fraction"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}")
+
+
+@dataclass
+class AnalysisConfig(_Strict):
+    """How each image is decoded, measured and hashed (shared by every stage)."""
+
+    side: int = 256  # long side of the analysis copy
+    max_pixels: int = 89_478_485  # header w*h above this is a decompression bomb (PIL's own default)
+    white_level: int = 250  # a pixel is white when min(R,G,B) >= white_level
+    black_level: int = 5  # a pixel is black when max(R,G,B) <= black_level
+    border_tolerance: float = 1.0  # a border line is flat when its pixel std is below this (0..255)
+    phash_size: int = 12  # 12x12 DCT pHash, as in the report (the 8x8 default ignores too much)
+    # 5 bits per colour bin: at 3 (imagehash's default) small coloured objects on a large background
+    # barely move the hash and same-layout/other-colour images merge (measured on the world pool)
+    colorhash_binbits: int = 5
+
+    @property
+    def phash_bits(self) -> int:
+        return self.phash_size ** 2
+
+    @property
+    def colorhash_bits(self) -> int:
+        return 14 * self.colorhash_binbits  # imagehash.colorhash: 14 bins of binbits each
+
+    def __post_init__(self) -> None:
+        _require(32 <= self.side <= 4096, f"side must be in [32, 4096], got {self.side}")
+        _require(self.max_pixels > 0, f"max_pixels must be > 0, got {self.max_pixels}")
+        _require(0 <= self.black_level < self.white_level <= 255,
+                 f"needs 0 <= black_level < white_level <= 255, got {self.black_level}, {self.white_level}")
+        _require(self.border_tolerance >= 0, f"border_tolerance must be >= 0, got {self.border_tolerance}")
+        _require(self.phash_size >= 4 and self.phash_bits % 8 == 0,
+                 f"phash_size must be >= 4 with phash_size**2 a multiple of 8, got {self.phash_size}")
+        _require(1 <= self.colorhash_binbits <= 8, f"colorhash_binbits must be in [1, 8], got {self.colorhash_binbits}")
+
+
+@dataclass
+class DedupConfig(_Strict):
+    """Exact (md5) + near duplicates: pHash AND colorhash within these Hamming distances."""
+
+    max_phash_distance: int = 16  # bits out of AnalysisConfig.phash_bits (144)
+    max_colorhash_distance: int = 5  # bits out of AnalysisConfig.colorhash_bits (70)
+
+    def __post_init__(self) -> None:
+        _require(self.max_phash_distance >= 0, f"max_phash_distance must be >= 0, got {self.max_phash_distance}")
+        _require(self.max_colorhash_distance >= 0, f"max_colorhash_distance must be >= 0, got {self.max_colorhash_distance}")
+
+
+@dataclass
+class ParallelConfig(_Strict):
+    """Where per-image work runs: a local (or cluster) Ray, or in-process."""
+
+    backend: Literal["ray", "serial"] = "ray"
+    num_cpus: int = 2  # for a local Ray; ignored when Ray is already initialised (e.g. by the Ray plugin)
+    shard_size: int = 128  # images per Ray task
+
+    def __post_init__(self) -> None:
+        _require(self.num_cpus >= 1, f"num_cpus must be >= 1, got {self.num_cpus}")
+        _require(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
+
+
+@dataclass
+class CurationConfig(_Strict):
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # one entry per pretraining resolution stage, keyed by its nominal resolution ("256", "512", "1024")
+    stages: dict[str, StageFilters] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.stages), "stages must name at least one resolution stage")
+        _require(self.dedup.max_phash_distance < self.analysis.phash_bits,
+                 f"dedup.max_phash_distance must be < {self.analysis.phash_bits}, got {self.dedup.max_phash_distance}")
+        _require(self.dedup.max_colorhash_distance <= self.analysis.colorhash_bits,
+                 f"dedup.max_colorhash_distance must be <= {self.analysis.colorhash_bits}, got {self.dedup.max_colorhash_distance}")
+
+
+# --------------------------------------------------------------------------- verifiable world
+
+
+@dataclass
+class WorldPoolConfig(_Strict):
+    """The raw pool the tiny preset curates: world scenes, injected defects and real photos."""
+
+    seed: int = 0
+    n_scenes: int = 400
+    min_side: int = 160
+    max_side: int = 384
+    n_exact_duplicates: int = 30
+    n_near_duplicates: int = 60  # spread over re-encode, resize, crop and mild recolor
+    n_color_variants: int = 20  # same layout, other shape colours: distinct images that must be kept
+    n_per_defect: int = 6  # of each defect class (corrupt, flat, border, noise, tiny, extreme aspect, ...)
+    real_image_dirs: list[str] = field(default_factory=lambda: ["skimage", "/usr/share/backgrounds"])
+    max_real_images: int = 300
+
+    def __post_init__(self) -> None:
+        _require(self.n_scenes >= 1, f"n_scenes must be >= 1, got {self.n_scenes}")
+        _require(32 <= self.min_side <= self.max_side,
+                 f"needs 32 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+        for name in ("n_exact_duplicates", "n_near_duplicates", "n_color_variants", "n_per_defect", "max_real_images"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.n_exact_duplicates + self.n_near_duplicates + self.n_color_variants <= self.n_scenes,
+                 "duplicates and colour variants need at least as many scenes as their sum")
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class PipelineConfig(_Strict):
+    preset: Literal["tiny", "small", "full"] = "tiny"
+    world: WorldPoolConfig = field(default_factory=WorldPoolConfig)
+    curation: CurationConfig = field(default_factory=lambda: CurationConfig(stages=_stages(32, 64, 128)))
+
+
+def _stages(s256: int, s512: int, s1024: int) -> dict[str, StageFilters]:
+    # The report relaxes nothing as resolution grows: higher stages need larger images and tolerate a
+    # little less texture noise (upscaled noise shows more at high resolution).
+    return {
+        "256": StageFilters(min_side=s256),
+        "512": StageFilters(min_side=s512, max_laplacian_var=5000.0),
+        "1024": StageFilters(min_side=s1024, max_laplacian_var=4000.0),
+    }
+
+
+def preset(name: str) -> PipelineConfig:
+    """The built-in preset ``tiny`` (CPU, minutes), ``small`` (one GPU) or ``full`` (cluster)."""
+    if name == "tiny":
+        # stages at 32/64/128 px stand for 256/512/1024
+        return PipelineConfig(preset="tiny")
+    if name == "small":
+        return PipelineConfig(
+            preset="small",
+            world=WorldPoolConfig(n_scenes=5000, min_side=256, max_side=1024, n_exact_duplicates=200,
+                                  n_near_duplicates=400, n_color_variants=200, n_per_defect=50),
+            curation=CurationConfig(stages=_stages(256, 512, 1024), parallel=ParallelConfig(num_cpus=8)),
+        )
+    if name == "full":
+        return PipelineConfig(
+            preset="full",
+            world=WorldPoolConfig(n_scenes=20000, min_side=256, max_side=1536, n_exact_duplicates=500,
+                                  n_near_duplicates=1000, n_color_variants=500, n_per_defect=200),
+            curation=CurationConfig(stages=_stages(256, 512, 1024),
+                                    parallel=ParallelConfig(num_cpus=64, shard_size=512)),
+        )
+    raise ConfigError(f"unknown preset {name!r}; choose one of: tiny, small, full")
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(preset_name: str = "tiny", overrides: str | Path | dict[str, Any] | None = None) -> PipelineConfig:
+    """A preset with overrides (a YAML file path, a YAML string, or a dict) merged on top.
+
+    Raises ConfigError naming the offending key for unknown keys, wrong types and out-of-range values.
+    """
+    base = preset(preset_name).to_dict()
+    if overrides is None or overrides == "":
+        data: Any = {}
+    elif isinstance(overrides, dict):
+        data = overrides
+    else:
+        text = str(overrides)
+        source = Path(text)
+        if "\n" not in text and source.suffix in (".yaml", ".yml", ".json"):
+            if not source.is_file():
+                raise ConfigError(f"config file not found: {source}")
+            text = source.read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config overrides must be a mapping, got {type(data).__name__}")
+    if data.get("preset", preset_name) != preset_name:
+        base = preset(data["preset"]).to_dict()
+    return PipelineConfig.from_dict(_deep_merge(base, data))
+

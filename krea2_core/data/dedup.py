@@ -1,0 +1,111 @@
+"""Exact and near-duplicate removal without comparing all pairs.
+
+Candidates come from faiss' multi-index hashing (``IndexBinaryMultiHash``): the pHash is cut into
+``nhash`` substrings and each query probes its substrings' buckets with up to ``nflip`` flipped bits.
+By pigeonhole, two codes within distance ``r`` agree on some substring up to ``nflip`` bits whenever
+``r <= nhash * (nflip + 1) - 1``, so choosing ``nhash`` from the radius makes the search exact (a test
+checks it against brute force) while each query only touches a few buckets instead of all n rows.
+``nflip`` is chosen by a cost model: probes per query times expected bucket occupancy.
+Candidate pairs must then also be close in colorhash, which separates same-layout/other-colour images
+that pHash alone confuses (the report's reason to combine them).
+
+Keep rule (deterministic): within duplicates, keep the largest image (pixels), then the larger file,
+then the smaller id. Rows are visited in that order; a kept row claims its unclaimed neighbours, which
+record it as ``dup_of``. Neighbours of a dropped row are not claimed through it, so near-duplicate
+chains (A~B~C with A far from C) cannot drop C for A.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from krea2_core.data.hashing import hamming
+
+_BRUTE_FORCE_BELOW = 4096  # rows; below this a flat popcount scan is faster than hashing
+
+
+@dataclass(frozen=True)
+class DupDecision:
+    dup_of: np.ndarray  # (n,) int index of the kept row, -1 where the row is kept
+    exact: np.ndarray  # (n,) bool: dropped as a byte-identical copy (same md5)
+
+
+def near_pairs(phash_codes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs (i < j) with pHash Hamming distance <= max_distance, as two index arrays."""
+    n, nbytes = phash_codes.shape
+    if n < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    bits = nbytes * 8
+    plan = _multihash_plan(n, bits, max_distance)
+    if plan is None:
+        index = faiss.IndexBinaryFlat(bits)
+    else:
+        nhash, sub_bits, nflip = plan
+        index = faiss.IndexBinaryMultiHash(bits, nhash, sub_bits)
+        index.nflip = nflip
+    index.add(phash_codes)
+    limits, _, neighbours = index.range_search(phash_codes, max_distance + 1)  # faiss radius is strict
+    queries = np.repeat(np.arange(n), np.diff(limits.astype(np.int64)))
+    upper = queries < neighbours
+    return queries[upper].astype(np.int64), neighbours[upper].astype(np.int64)
+
+
+def _multihash_plan(n: int, bits: int, radius: int) -> tuple[int, int, int] | None:
+    """(nhash, substring bits, nflip) exact for ``radius`` with the fewest expected candidate visits."""
+    if n < _BRUTE_FORCE_BELOW:
+        return None
+    best, best_cost = None, float(n)  # brute force visits every row
+    for nflip in range(4):
+        nhash = math.ceil((radius + 1) / (nflip + 1))
+        sub_bits = bits // nhash
+        if not 1 <= sub_bits <= 64:
+            continue
+        probes = nhash * sum(math.comb(sub_bits, k) for k in range(nflip + 1))
+        cost = probes * (1 + n / 2 ** sub_bits)
+        if cost < best_cost:
+            best, best_cost = (nhash, sub_bits, nflip), cost
+    return best
+
+
+def keep_order(pixels: np.ndarray, n_bytes: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Row indices from most to least preferred: more pixels, then larger file, then smaller id."""
+    return np.lexsort((ids, -n_bytes.astype(np.int64), -pixels.astype(np.int64)))
+
+
+def find_duplicates(md5: np.ndarray, phash_codes: np.ndarray, colorhash_codes: np.ndarray,
+                    order: np.ndarray, max_phash_distance: int, max_colorhash_distance: int) -> DupDecision:
+    n = len(md5)
+    i, j = near_pairs(phash_codes, max_phash_distance)
+    close_colour = hamming(colorhash_codes[i], colorhash_codes[j]) <= max_colorhash_distance
+    i, j = i[close_colour], j[close_colour]
+    # byte-identical rows are duplicates whatever their hashes say
+    _, group = np.unique(md5, return_inverse=True)
+    by_group = np.argsort(group, kind="stable")
+    same = group[by_group[1:]] == group[by_group[:-1]]
+    i = np.concatenate([i, by_group[:-1][same]])
+    j = np.concatenate([j, by_group[1:][same]])
+
+    # adjacency in CSR form so each kept row finds its neighbours in O(degree)
+    src = np.concatenate([i, j])
+    dst = np.concatenate([j, i])
+    sort = np.argsort(src, kind="stable")
+    src, dst = src[sort], dst[sort]
+    starts = np.searchsorted(src, np.arange(n + 1))
+
+    dup_of = np.full(n, -1, dtype=np.int64)
+    claimed = np.zeros(n, dtype=bool)
+    for row in order:
+        if claimed[row]:
+            continue
+        neighbours = dst[starts[row]:starts[row + 1]]
+        fresh = neighbours[~claimed[neighbours]]
+        fresh = fresh[fresh != row]
+        dup_of[fresh] = row
+        claimed[fresh] = True
+        claimed[row] = True
+    exact = (dup_of >= 0) & (md5 == md5[np.maximum(dup_of, 0)])
+    return DupDecision(dup_of=dup_of, exact=exact)

@@ -1,0 +1,111 @@
+"""Reading images from any URI safely: header probes and small analysis copies.
+
+Every failure becomes a ``BadImage`` with a reason code instead of an exception escaping a worker, so a
+broken file is a recorded rejection, never a crashed stage.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import IO
+
+import fsspec
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+# The decompression-bomb limit is enforced from the header by ``AnalysisConfig.max_pixels`` before any
+# pixel is decoded; PIL's own check stays on as a second line of defence.
+_EXIF_KEEP = ("Make", "Model", "LensModel", "FNumber", "ExposureTime", "ISOSpeedRatings", "FocalLength",
+              "DateTimeOriginal", "DateTime", "Orientation", "Software", "Artist", "Copyright")
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+class BadImage(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Header:
+    width: int
+    height: int
+    format: str
+    exif: dict[str, str]
+
+
+def open_uri(uri: str) -> IO[bytes]:
+    """A binary file object for a local path, file:// URI or any fsspec URI (s3://, gs://, https://)."""
+    if "://" not in uri:
+        return open(uri, "rb")
+    return fsspec.open(uri, "rb").open()
+
+
+def read_bytes(uri: str) -> bytes:
+    with open_uri(uri) as f:
+        return f.read()
+
+
+def _open(fp: IO[bytes]) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(fp)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadImage("decompression_bomb", str(err)) from None
+    except UnidentifiedImageError:
+        fp.seek(0)
+        raise BadImage("not_an_image", f"unrecognised format (starts with {fp.read(8)!r})") from None
+    except Exception as err:  # noqa: BLE001 - any decoder error is a broken file
+        raise BadImage("broken_file", f"{type(err).__name__}: {err}") from None
+
+
+def _exif(image: Image.Image) -> dict[str, str]:
+    try:
+        raw = image.getexif()
+    except Exception:  # noqa: BLE001 - malformed EXIF is not a reason to drop an image
+        return {}
+    named = {ExifTags.TAGS.get(k, str(k)): v for k, v in raw.items()}
+    named.update({ExifTags.TAGS.get(k, str(k)): v for k, v in raw.get_ifd(ExifTags.IFD.Exif).items()})
+    return {k: str(v)[:200] for k, v in named.items() if k in _EXIF_KEEP}
+
+
+def probe(fp: IO[bytes]) -> Header:
+    """Header-only read: oriented size, format and the EXIF fields captioning uses (camera settings)."""
+    image = _open(fp)
+    exif = _exif(image)
+    width, height = image.size
+    if exif.get("Orientation", "1").strip() in {str(o) for o in _ROTATED}:
+        width, height = height, width
+    return Header(width=width, height=height, format=image.format or "", exif=exif)
+
+
+def analysis_copy(data: bytes, side: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode to an RGB uint8 array whose long side is at most ``side``; also the oriented full size.
+
+    JPEGs decode directly at reduced scale (libjpeg DCT scaling via ``draft``), which is most of the
+    speed of this stage. Transparent images are composited on white, as a trainer would see them.
+    """
+    image = _open(io.BytesIO(data))
+    if image.width * image.height > max_pixels:
+        raise BadImage("decompression_bomb", f"header claims {image.width}x{image.height} pixels (> {max_pixels})")
+    try:
+        image.draft("RGB", (side, side))
+        image = ImageOps.exif_transpose(image)
+        full_size = image.size if image.width and image.height else (0, 0)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        image.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        pixels = np.asarray(image)
+    except BadImage:
+        raise
+    except Exception as err:  # noqa: BLE001 - truncated / corrupt data surfaces here, at decode time
+        raise BadImage("broken_file", f"{type(err).__name__}: {err}") from None
+    return pixels, full_size
+

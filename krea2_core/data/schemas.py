@@ -1,0 +1,110 @@
+"""pandera schemas of the curation tables, checked whenever a table is written or read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pandera.pandas as pa
+import pyarrow as pa_arrow
+import pyarrow.parquet as pq
+from pandera.typing import Series
+
+_FILTER_SCORES = ("laplacian_var", "entropy", "white_ratio", "black_ratio", "border_fraction")
+
+
+class SchemaError(ValueError):
+    """A table that breaks its schema; the message names the file, column and failing rows."""
+
+
+class RawPool(pa.DataFrameModel):
+    """One row per file of the raw pool. ``bytes`` holds inline image data when the source had it."""
+
+    id: Series[str] = pa.Field(unique=True, str_length={"min_value": 1})
+    uri: Series[str] = pa.Field(str_length={"min_value": 1})
+    source: Series[str]
+    n_bytes: Series[pd.Int64Dtype] = pa.Field(ge=0, nullable=True)
+    width: Series[pd.Int64Dtype] = pa.Field(ge=0, nullable=True)
+    height: Series[pd.Int64Dtype] = pa.Field(ge=0, nullable=True)
+    format: Series[str] = pa.Field(nullable=True)
+    exif: Series[str]  # JSON object of the kept EXIF fields (camera settings for captioning)
+    probe_error: Series[str] = pa.Field(nullable=True)
+    bytes: Series[object] = pa.Field(nullable=True)
+
+    class Config:
+        strict = True
+        coerce = True
+
+
+class Scores(pa.DataFrameModel):
+    """Per-image measurements; ``error_reason`` is set (and scores null) when the image could not be read."""
+
+    id: Series[str] = pa.Field(unique=True)
+    error_reason: Series[str] = pa.Field(nullable=True, isin=["broken_file", "not_an_image", "decompression_bomb"])
+    error: Series[str] = pa.Field(nullable=True)
+    width: Series[pd.Int64Dtype] = pa.Field(ge=0, nullable=True)
+    height: Series[pd.Int64Dtype] = pa.Field(ge=0, nullable=True)
+    n_bytes: Series[pd.Int64Dtype] = pa.Field(ge=0, nullable=True)
+    md5: Series[str] = pa.Field(nullable=True)
+    laplacian_var: Series[float] = pa.Field(ge=0, nullable=True)
+    entropy: Series[float] = pa.Field(ge=0, le=8.0001, nullable=True)
+    white_ratio: Series[float] = pa.Field(ge=0, le=1, nullable=True)
+    black_ratio: Series[float] = pa.Field(ge=0, le=1, nullable=True)
+    border_fraction: Series[float] = pa.Field(ge=0, le=0.5, nullable=True)
+    phash: Series[object] = pa.Field(nullable=True)
+    colorhash: Series[object] = pa.Field(nullable=True)
+
+    class Config:
+        strict = True
+        coerce = True
+
+
+class Verdicts(pa.DataFrameModel):
+    """Every row of the pool for one stage: kept or the reason it was dropped, with all its scores."""
+
+    id: Series[str] = pa.Field(unique=True)
+    uri: Series[str]
+    source: Series[str]
+    stage: Series[str]
+    kept: Series[bool]
+    reason: Series[str] = pa.Field(nullable=True)  # first failing rule, null when kept
+    reasons: Series[str] = pa.Field(nullable=True)  # every failing rule, comma-separated
+    dup_of: Series[str] = pa.Field(nullable=True)  # id of the kept duplicate
+    width: Series[pd.Int64Dtype] = pa.Field(nullable=True)
+    height: Series[pd.Int64Dtype] = pa.Field(nullable=True)
+    format: Series[str] = pa.Field(nullable=True)
+    exif: Series[str]
+    laplacian_var: Series[float] = pa.Field(nullable=True)
+    entropy: Series[float] = pa.Field(nullable=True)
+    white_ratio: Series[float] = pa.Field(nullable=True)
+    black_ratio: Series[float] = pa.Field(nullable=True)
+    border_fraction: Series[float] = pa.Field(nullable=True)
+    error: Series[str] = pa.Field(nullable=True)
+
+    @pa.dataframe_check
+    def kept_rows_have_no_reason(cls, df: pd.DataFrame) -> Series[bool]:
+        return df["kept"] == df["reason"].isna()
+
+    class Config:
+        strict = True
+        coerce = True
+
+
+def validate(frame: pd.DataFrame, schema: type[pa.DataFrameModel], where: str) -> pd.DataFrame:
+    try:
+        return schema.validate(frame, lazy=True)
+    except (pa.errors.SchemaErrors, pa.errors.SchemaError) as err:
+        raise SchemaError(f"{where} breaks the {schema.__name__} schema:\n{err}") from None
+
+
+def write_table(frame: pd.DataFrame, path: Path, schema: type[pa.DataFrameModel]) -> pd.DataFrame:
+    frame = validate(frame, schema, str(path))
+    pq.write_table(pa_arrow.Table.from_pandas(frame, preserve_index=False), path)
+    return frame
+
+
+def read_table(path: Path, schema: type[pa.DataFrameModel]) -> pd.DataFrame:
+    if not path.is_file():
+        raise SchemaError(f"{path} does not exist")
+    frame = pq.read_table(path).to_pandas()
+    return validate(frame, schema, str(path))

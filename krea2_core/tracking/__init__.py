@@ -1,0 +1,11 @@
+"""MLflow lineage: one parent run per pipeline execution, one child run per stage."""
+
+from krea2_core.tracking.runs import (
+    StageRun,
+    configure_tracking,
+    end_pipeline_run,
+    start_pipeline_run,
+    stage_run,
+)
+
+__all__ = ["StageRun", "configure_tracking", "end_pipeline_run", "start_pipeline_run", "stage_run"]

@@ -1,0 +1,127 @@
+"""MLflow runs for pipeline executions and stages.
+
+Tracking goes to ``MLFLOW_TRACKING_URI`` when set (a server or any store), else to a sqlite database
+under the output root with artifacts beside it. A stage run records:
+- params: the stage config, flattened to dotted keys;
+- inputs: each input artifact as an MLflow dataset (its manifest digest, its location);
+- tags: ``krea2.stage``, ``krea2.upstream.<input>`` = the run that produced that input (lineage);
+- outputs: the output manifest (and the artifact files when small) plus metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.tracking import MlflowClient
+
+from krea2_core.artifacts import Manifest, to_plain
+
+EXPERIMENT = "krea2"
+_MAX_PARAM_LEN = 6000
+_LOG_FILES_BELOW_BYTES = 50 << 20  # artifact dirs larger than this are referenced, not copied
+
+
+def configure_tracking(output_root: str | os.PathLike[str]) -> str:
+    """Point MLflow at the tracking store and return the experiment id (created on first use)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    root = Path(output_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None if os.environ.get("MLFLOW_TRACKING_URI") else (root / "mlruns").as_uri()
+    try:
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another process
+        return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dataclass/dict -> {"a.b.c": "value"} for MLflow params."""
+    data = to_plain(config)
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:_MAX_PARAM_LEN]
+    return flat
+
+
+def _log_params(params: dict[str, str]) -> None:
+    items = sorted(params.items())
+    for start in range(0, len(items), 100):  # MLflow's batch limit
+        mlflow.log_params(dict(items[start:start + 100]))
+
+
+def start_pipeline_run(output_root: str | os.PathLike[str], preset: str, config: Any) -> str:
+    """Create the parent run of one pipeline execution; returns its run id."""
+    experiment_id = configure_tracking(output_root)
+    run = MlflowClient().create_run(
+        experiment_id,
+        run_name=f"krea2-{preset}-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={"krea2.kind": "pipeline", "krea2.preset": preset},
+    )
+    with mlflow.start_run(run_id=run.info.run_id):
+        _log_params(flatten(config))
+    MlflowClient().update_run(run.info.run_id, status="RUNNING")
+    return run.info.run_id
+
+
+def end_pipeline_run(output_root: str | os.PathLike[str], run_id: str, stage_manifests: dict[str, Manifest]) -> None:
+    """Tag the parent run with the run that produced each stage output (also when it came from cache)."""
+    configure_tracking(output_root)
+    client = MlflowClient()
+    for stage, manifest in stage_manifests.items():
+        client.set_tag(run_id, f"krea2.stage_run.{stage}", manifest.mlflow_run_id)
+        client.set_tag(run_id, f"krea2.stage_digest.{stage}", manifest.digest)
+    client.set_terminated(run_id, status="FINISHED")
+
+
+@dataclass
+class StageRun:
+    run_id: str
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_output(self, path: str | os.PathLike[str], manifest: Manifest) -> None:
+        """Log an output artifact directory (copied when small, else only its manifest) and its digest."""
+        path = Path(path)
+        mlflow.set_tag("krea2.output_digest", manifest.digest)
+        mlflow.set_tag("krea2.output_uri", str(path))
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        if size <= _LOG_FILES_BELOW_BYTES:
+            mlflow.log_artifacts(str(path), artifact_path=manifest.kind)
+        else:
+            mlflow.log_text(manifest.to_json(), f"{manifest.kind}/manifest.json")
+
+
+@contextmanager
+def stage_run(stage: str, *, output_root: str | os.PathLike[str], parent_run_id: str = "", config: Any = None,
+              inputs: dict[str, tuple[str | os.PathLike[str], Manifest]] | None = None) -> Iterator[StageRun]:
+    """A child run for one stage execution, with params, input datasets and upstream-run tags."""
+    experiment_id = configure_tracking(output_root)
+    inputs = inputs or {}
+    tags = {"krea2.kind": "stage", "krea2.stage": stage}
+    tags.update({f"krea2.upstream.{name}": m.mlflow_run_id for name, (_, m) in inputs.items() if m.mlflow_run_id})
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_run_id or None,
+                          tags=tags) as run:
+        if config is not None:
+            _log_params(flatten(config))
+        for name, (path, manifest) in inputs.items():
+            dataset = MetaDataset(resolve_dataset_source(str(Path(path).resolve())),
+                                  name=f"{name}:{manifest.kind}", digest=manifest.digest[:36])
+            mlflow.log_input(dataset, context=name)
+        yield StageRun(run.info.run_id)
