@@ -23,6 +23,10 @@ def _ensure_ray(config: ParallelConfig) -> None:
                  configure_logging=False)
 
 
+def _apply(fn: Callable[[Sequence[T]], list[R]], shard: Sequence[T]) -> list[R]:
+    return fn(shard)
+
+
 def map_shards(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], config: ParallelConfig,
                desc: str) -> list[R]:
     """``fn`` takes a shard (a slice of ``items``) and returns one result per item; results keep order.
@@ -40,8 +44,9 @@ def map_shards(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], config:
             import ray
 
             _ensure_ray(config)
-            remote = ray.remote(num_cpus=1)(fn)
-            refs = [remote.remote(shard) for shard in shards]
+            remote = ray.remote(num_cpus=1)(_apply)
+            fn_ref = ray.put(fn)  # shipped once, not once per shard
+            refs = [remote.remote(fn_ref, shard) for shard in shards]
             position = {ref: index for index, ref in enumerate(refs)}
             done: dict[int, list[R]] = {}
             pending = list(refs)

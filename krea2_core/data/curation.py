@@ -14,8 +14,6 @@ near_duplicate with ``dup_of`` naming the kept copy. Nothing vanishes: every poo
 from __future__ import annotations
 
 import functools
-import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,13 +23,10 @@ from krea2_core.config import AnalysisConfig, DedupConfig, ParallelConfig, Stage
 from krea2_core.data import hashing
 from krea2_core.data.dedup import find_duplicates, keep_order
 from krea2_core.data.images import BadImage, analysis_copy, read_bytes
-from krea2_core.data.ingest import RAW_POOL_FILE
-from krea2_core.data.schemas import RawPool, Scores, Verdicts, read_table, write_table
+from krea2_core.data.schemas import Scores
 from krea2_core.data.scores import image_scores
 from krea2_core.parallel import map_shards
 
-SCORES_FILE = "scores.parquet"
-SUMMARY_FILE = "summary.json"
 FILTER_RULES = ("min_resolution", "aspect_ratio", "white_pixels", "black_pixels", "low_entropy",
                 "extreme_texture", "flat_border")
 SCORE_COLUMNS = ("laplacian_var", "entropy", "white_ratio", "black_ratio", "border_fraction")
@@ -133,28 +128,3 @@ def summarize(verdicts: pd.DataFrame) -> dict[str, int]:
     counts = verdicts["reason"].value_counts().to_dict()
     return {"total": len(verdicts), "kept": int(verdicts["kept"].sum()),
             **{f"dropped.{reason}": int(n) for reason, n in sorted(counts.items())}}
-
-
-# ------------------------------------------------------------------------------ stage-level entries
-
-
-def run_scoring(raw_pool_dir: Path, out_dir: Path, analysis: AnalysisConfig, parallel: ParallelConfig) -> dict[str, int]:
-    pool = read_table(raw_pool_dir / RAW_POOL_FILE, RawPool)
-    scores = write_table(score_pool(pool, analysis, parallel), out_dir / SCORES_FILE, Scores)
-    return {"scored": int(scores["error_reason"].isna().sum()), "unreadable": int(scores["error_reason"].notna().sum())}
-
-
-def run_selection(raw_pool_dir: Path, scores_dir: Path, out_dir: Path, stages: dict[str, StageFilters],
-                  dedup: DedupConfig) -> dict[str, dict[str, int]]:
-    """Writes ``<stage>/verdicts.parquet`` (every row) and ``<stage>/kept.parquet`` per stage."""
-    pool = read_table(raw_pool_dir / RAW_POOL_FILE, RawPool)
-    scores = read_table(scores_dir / SCORES_FILE, Scores)
-    summary = {}
-    for stage, filters in stages.items():
-        verdicts = select_stage(pool, scores, stage, filters, dedup)
-        (out_dir / stage).mkdir(parents=True, exist_ok=True)
-        write_table(verdicts, out_dir / stage / "verdicts.parquet", Verdicts)
-        write_table(verdicts[verdicts["kept"]], out_dir / stage / "kept.parquet", Verdicts)
-        summary[stage] = summarize(verdicts)
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
-    return summary

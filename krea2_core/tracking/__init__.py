@@ -4,8 +4,9 @@ from krea2_core.tracking.runs import (
     StageRun,
     configure_tracking,
     end_pipeline_run,
+    lineage,
     start_pipeline_run,
     stage_run,
 )
 
-__all__ = ["StageRun", "configure_tracking", "end_pipeline_run", "start_pipeline_run", "stage_run"]
+__all__ = ["StageRun", "configure_tracking", "end_pipeline_run", "lineage", "start_pipeline_run", "stage_run"]

@@ -79,14 +79,33 @@ def start_pipeline_run(output_root: str | os.PathLike[str], preset: str, config:
     return run.info.run_id
 
 
-def end_pipeline_run(output_root: str | os.PathLike[str], run_id: str, stage_manifests: dict[str, Manifest]) -> None:
-    """Tag the parent run with the run that produced each stage output (also when it came from cache)."""
+def lineage(run_id: str) -> dict[str, str]:
+    """{stage: run id} of a stage run and every run upstream of it, following ``krea2.upstream.*`` tags."""
+    client = MlflowClient()
+    found: dict[str, str] = {}
+    pending = [run_id]
+    while pending:
+        run = client.get_run(pending.pop())
+        stage = run.data.tags.get("krea2.stage", run.info.run_name)
+        if stage in found:
+            continue
+        found[stage] = run.info.run_id
+        pending += [v for k, v in run.data.tags.items() if k.startswith("krea2.upstream.")]
+    return found
+
+
+def end_pipeline_run(output_root: str | os.PathLike[str], run_id: str, final_run_ids: list[str]) -> dict[str, str]:
+    """Tag the parent run with the run behind every stage upstream of the final outputs (also stages that
+    came from cache in this execution, whose runs belong to an earlier one); returns {stage: run id}."""
     configure_tracking(output_root)
     client = MlflowClient()
-    for stage, manifest in stage_manifests.items():
-        client.set_tag(run_id, f"krea2.stage_run.{stage}", manifest.mlflow_run_id)
-        client.set_tag(run_id, f"krea2.stage_digest.{stage}", manifest.digest)
+    stage_runs: dict[str, str] = {}
+    for final in final_run_ids:
+        stage_runs.update(lineage(final))
+    for stage, stage_run_id in stage_runs.items():
+        client.set_tag(run_id, f"krea2.stage_run.{stage}", stage_run_id)
     client.set_terminated(run_id, status="FINISHED")
+    return stage_runs
 
 
 @dataclass
