@@ -93,9 +93,11 @@ def analysis_copy(data: bytes, side: int, max_pixels: int) -> tuple[np.ndarray, 
     if image.width * image.height > max_pixels:
         raise BadImage("decompression_bomb", f"header claims {image.width}x{image.height} pixels (> {max_pixels})")
     try:
+        width, height = image.size  # before draft(), which shrinks the reported size
         image.draft("RGB", (side, side))
+        drafted = image.size
         image = ImageOps.exif_transpose(image)
-        full_size = image.size if image.width and image.height else (0, 0)
+        full_size = (height, width) if image.size != drafted else (width, height)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)

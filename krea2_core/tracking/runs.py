@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
-from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 
@@ -127,6 +127,12 @@ class StageRun:
             mlflow.log_text(manifest.to_json(), f"{manifest.kind}/manifest.json")
 
 
+def _local_source(path: Path) -> Any:
+    # mlflow registers its local-artifact source class twice and warns on every resolve; name one
+    local = [source for source in get_registered_sources() if source._get_source_type() == "local"][:1]
+    return resolve_dataset_source(str(path.resolve()), candidate_sources=local)
+
+
 @contextmanager
 def stage_run(stage: str, *, output_root: str | os.PathLike[str], parent_run_id: str = "", config: Any = None,
               inputs: dict[str, tuple[str | os.PathLike[str], Manifest]] | None = None) -> Iterator[StageRun]:
@@ -140,7 +146,7 @@ def stage_run(stage: str, *, output_root: str | os.PathLike[str], parent_run_id:
         if config is not None:
             _log_params(flatten(config))
         for name, (path, manifest) in inputs.items():
-            dataset = MetaDataset(resolve_dataset_source(str(Path(path).resolve())),
+            dataset = MetaDataset(_local_source(Path(path)),
                                   name=f"{name}:{manifest.kind}", digest=manifest.digest[:36])
             mlflow.log_input(dataset, context=name)
         yield StageRun(run.info.run_id)

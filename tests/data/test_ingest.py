@@ -1,0 +1,70 @@
+import io
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from krea2_core.data.ingest import build_raw_pool, list_folder, read_uri_table
+from krea2_core.data.schemas import RawPool, SchemaError, validate
+from tests.conftest import SERIAL
+
+
+def _png(width: int = 64, height: int = 48) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 200, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_folder_listing_keeps_every_file_but_hidden_ones_with_stable_ids(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.png").write_bytes(_png())
+    (tmp_path / "sub" / "notes.txt").write_text("not an image")
+    (tmp_path / ".DS_Store").write_bytes(b"junk")
+    listing = list_folder(tmp_path, source="s")
+    assert sorted(Path(u).name for u in listing["uri"]) == ["a.png", "notes.txt"]
+    assert listing["id"].tolist() == list_folder(tmp_path, source="s")["id"].tolist()
+
+    pool = validate(build_raw_pool(listing, SERIAL), RawPool, "pool")
+    image, text = pool.sort_values("uri").itertuples()
+    assert (image.width, image.height, image.format) == (64, 48, "PNG") and pd.isna(image.probe_error)
+    assert pd.isna(text.width) and "not_an_image" in text.probe_error
+
+
+def test_uri_table_with_inline_bytes_and_missing_files(tmp_path: Path) -> None:
+    table = tmp_path / "uris.parquet"
+    pd.DataFrame({"uri": ["mem://one", str(tmp_path / "gone.jpg")], "bytes": [_png(32, 32), None]}).to_parquet(table)
+    pool = validate(build_raw_pool(read_uri_table(table), SERIAL), RawPool, "pool")
+    assert pool.loc[0, "width"] == 32 and pool.loc[0, "source"] == "uris"
+    assert "unreadable" in pool.loc[1, "probe_error"]
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (pd.DataFrame({"path": ["a.jpg"]}), "needs a 'uri' column"),
+        (pd.DataFrame({"uri": ["a.jpg", None, ""]}), "rows [1, 2] have an empty uri"),
+        (pd.DataFrame({"uri": ["a.jpg", "b.jpg"], "id": ["x", "x"]}), "duplicate ids ['x']"),
+    ],
+)
+def test_bad_uri_tables_get_clear_errors(tmp_path: Path, frame: pd.DataFrame, message: str) -> None:
+    path = tmp_path / "bad.parquet"
+    frame.to_parquet(path)
+    with pytest.raises(SchemaError) as err:
+        read_uri_table(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_missing_sources_are_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        list_folder(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="URI table not found"):
+        read_uri_table(tmp_path / "nope.parquet")
+
+
+def test_raw_pool_schema_names_the_broken_column() -> None:
+    frame = pd.DataFrame({"id": ["a", "a"], "uri": ["x", "y"], "source": "s", "n_bytes": [1, -1], "width": [1, 1],
+                          "height": [1, 1], "format": ["PNG", "PNG"], "exif": "{}", "probe_error": None, "bytes": None})
+    with pytest.raises(SchemaError) as err:
+        validate(frame, RawPool, "raw_pool.parquet")
+    assert "raw_pool.parquet" in str(err.value) and "n_bytes" in str(err.value) and "id" in str(err.value)

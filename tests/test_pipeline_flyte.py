@@ -1,0 +1,105 @@
+"""The Flyte entry points as a user runs them: `pyflyte run` in a subprocess with its own local cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from krea2_core.tracking import configure_tracking
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = """
+world:
+  n_scenes: 24
+  n_exact_duplicates: 3
+  n_near_duplicates: 4
+  n_color_variants: 2
+  n_per_defect: 1
+  real_image_dirs: [skimage]
+  max_real_images: 8
+curation:
+  parallel: {shard_size: 16}
+"""
+
+
+def _pyflyte(home: Path, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HOME": str(home), "KREA2_OUTPUT_ROOT": str(root), "RAY_AUTH_MODE": "disabled"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    pyflyte = Path(sys.executable).with_name("pyflyte")
+    return subprocess.run([str(pyflyte), "run", *args], cwd=REPO, env=env, text=True, capture_output=True, timeout=600)
+
+
+def _stage_runs(root: Path) -> dict[str, list[str]]:
+    experiment = configure_tracking(root)
+    runs = MlflowClient().search_runs([experiment], filter_string="tags.`krea2.kind` = 'stage'")
+    found: dict[str, list[str]] = {}
+    for run in runs:
+        found.setdefault(run.data.tags["krea2.stage"], []).append(run.info.run_id)
+    return found
+
+
+def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isolated_outputs: Path) -> None:
+    home, root = tmp_path / "home", isolated_outputs
+    small = tmp_path / "small.yaml"
+    small.write_text(SMALL)
+
+    first = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(small))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "krea2 pipeline finished" in first.stdout
+    runs = _stage_runs(root)
+    assert {stage: len(ids) for stage, ids in runs.items()} == {"world_pool": 1, "ingest": 1, "scoring": 1, "selection": 1}
+
+    second = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(small))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert _stage_runs(root) == runs  # every stage was a cache hit: no new stage run
+
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(SMALL + '  stages:\n    "512": {min_side: 100}\n')
+    third = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(changed))
+    assert third.returncode == 0, third.stderr[-3000:]
+    after = _stage_runs(root)
+    assert {stage: len(ids) for stage, ids in after.items()} == {"world_pool": 1, "ingest": 1, "scoring": 1, "selection": 2}
+
+    # the newest parent run links the stage runs it used, including the cached ones
+    client = MlflowClient()
+    parents = client.search_runs([configure_tracking(root)], filter_string="tags.`krea2.kind` = 'pipeline'",
+                                 order_by=["start_time DESC"])
+    assert len(parents) == 3 and all(p.info.status == "FINISHED" for p in parents)
+    tags = parents[0].data.tags
+    assert tags["krea2.stage_run.scoring"] == runs["scoring"][0]
+    assert tags["krea2.stage_run.selection"] in after["selection"] and tags["krea2.stage_run.selection"] not in runs["selection"]
+
+
+def test_bad_config_fails_with_the_key_named(tmp_path: Path, isolated_outputs: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('curation:\n  stages:\n    "256": {min_side: -5}\n')
+    result = _pyflyte(tmp_path / "home", isolated_outputs, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(bad))
+    assert result.returncode != 0
+    assert "curation.stages.256: min_side must be >= 1, got -5" in result.stdout + result.stderr
+
+
+def test_curation_workflow_runs_alone_on_an_image_folder(tmp_path: Path, isolated_outputs: Path) -> None:
+    import shutil
+
+    import skimage
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut.png", "coffee.png", "rocket.jpg"):
+        shutil.copy(Path(skimage.__file__).parent / "data" / name, folder / name)
+    shutil.copy(folder / "coffee.png", folder / "coffee_copy.png")
+    (folder / "readme.txt").write_text("not an image")
+    result = _pyflyte(tmp_path / "home", isolated_outputs, "workflows/curation.py", "curation", "--source", str(folder))
+    assert result.returncode == 0, result.stderr[-3000:]
+    import pandas as pd
+
+    (verdicts_path,) = (isolated_outputs / "artifacts" / "curated").glob("*/256/verdicts.parquet")
+    verdicts = pd.read_parquet(verdicts_path).assign(file=lambda f: f["uri"].map(lambda u: Path(u).name)).set_index("file")
+    assert verdicts.loc["readme.txt", "reason"] == "not_an_image"
+    assert sorted(verdicts.loc[["coffee.png", "coffee_copy.png"], "reason"].fillna("kept")) == ["exact_duplicate", "kept"]
+    assert verdicts.loc[["astronaut.png", "rocket.jpg"], "kept"].all()
