@@ -7,6 +7,7 @@ import json
 from flytekit import task
 from flytekit.types.directory import FlyteDirectory
 
+from containers.images import DATA_IMAGE
 from krea2_core.artifacts import read_manifest
 from krea2_core.config import PipelineConfig, load_config
 from krea2_core.stages import output_root
@@ -14,19 +15,19 @@ from krea2_core.tracking import end_pipeline_run, start_pipeline_run
 from tasks.common import from_flyte_dir
 
 
-@task
+@task(container_image=DATA_IMAGE)
 def resolve_config(preset: str, overrides: str) -> PipelineConfig:
     """Preset + YAML overrides (a file path or inline YAML). Not cached: it is cheap, and the values
     it returns, not the file name, are what the stage caches key on."""
     return load_config(preset, overrides)
 
 
-@task
+@task(container_image=DATA_IMAGE)
 def start_pipeline(config: PipelineConfig) -> str:
     return start_pipeline_run(output_root(), config.preset, config)
 
 
-@task
+@task(container_image=DATA_IMAGE)
 def finish_pipeline(parent_run_id: str, curated: FlyteDirectory) -> str:
     """Close the parent run, linking every stage run behind the outputs, and say where things are."""
     root = output_root()

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageEnhance
+from tqdm.auto import trange
 
 from krea2_core.config import WorldPoolConfig
 from krea2_core.world.captions import captions
@@ -166,7 +167,7 @@ def build_world_pool(config: WorldPoolConfig, out_dir: Path) -> dict[str, int]:
             scenes.append({"file": name, "scene": json.dumps(scene.to_dict()), **captions(scene)})
 
     originals: list[tuple[str, Scene, Image.Image]] = []
-    for index in range(config.n_scenes):
+    for index in trange(config.n_scenes, desc="render world scenes", unit="img"):
         long_side = int(rng.integers(config.min_side, config.max_side + 1))
         short_side = int(long_side / rng.uniform(1.0, 1.8))
         width, height = (long_side, short_side) if rng.random() < 0.6 else (short_side, long_side)

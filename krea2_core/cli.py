@@ -1,0 +1,66 @@
+"""`krea2`: run stages without Flyte and inspect lineage.
+
+    krea2 curate ./images [--preset tiny] [--config overrides.yaml]
+    krea2 lineage <mlflow run id>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from krea2_core.artifacts import read_manifest
+from krea2_core.config import ConfigError, load_config
+from krea2_core.stages import output_root
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from krea2_core.data.stages import SUMMARY_FILE, run_ingest, run_scoring, run_selection
+
+    curation = load_config(args.preset, args.config).curation
+    raw_pool, _ = run_ingest(Path(args.source), curation.parallel)
+    scores, _ = run_scoring(raw_pool, curation.analysis, curation.parallel)
+    curated, manifest = run_selection(raw_pool, scores, curation.stages, curation.dedup)
+    print(json.dumps({"curated": str(curated), "mlflow_run_id": manifest.mlflow_run_id,
+                      "summary": json.loads((curated / SUMMARY_FILE).read_text())}, indent=2))
+    return 0
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from krea2_core.tracking import configure_tracking, lineage
+
+    configure_tracking(output_root())
+    client = MlflowClient()
+    for stage, run_id in lineage(args.run_id).items():
+        tags = client.get_run(run_id).data.tags
+        uri = tags.get("krea2.output_uri", "")
+        digest = read_manifest(uri).digest[:16] if uri and Path(uri).is_dir() else tags.get("krea2.output_digest", "")[:16]
+        print(f"{stage:<12} run {run_id}  output {digest}  {uri}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="krea2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    curate = commands.add_parser("curate", help="ingest, score and select an image folder or URI table")
+    curate.add_argument("source", help="image folder, Parquet table with a 'uri' column, or a world_pool artifact")
+    curate.add_argument("--preset", default="tiny", choices=["tiny", "small", "full"])
+    curate.add_argument("--config", default="", help="YAML overrides (file or inline)")
+    curate.set_defaults(run=_curate)
+    trace = commands.add_parser("lineage", help="the stage runs and outputs upstream of an MLflow run")
+    trace.add_argument("run_id")
+    trace.set_defaults(run=_lineage)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"krea2: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
