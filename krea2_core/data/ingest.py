@@ -34,6 +34,8 @@ def list_folder(root: str | Path, source: str | None = None) -> pd.DataFrame:
         raise FileNotFoundError(f"image folder not found: {root}")
     source = source or root.name
     files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise ValueError(f"image folder {root} holds no files")
     return pd.DataFrame({
         "id": [stable_id(source, p.relative_to(root).as_posix()) for p in files],
         "uri": [str(p.resolve()) for p in files],
@@ -48,6 +50,8 @@ def read_uri_table(path: str | Path, source: str | None = None) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"URI table not found: {path}")
     table = pq.read_table(path).to_pandas()
+    if table.empty:
+        raise SchemaError(f"{path}: the URI table has no rows")
     if "uri" not in table.columns:
         raise SchemaError(f"{path}: a URI table needs a 'uri' column; it has {list(table.columns)}")
     blank = table.index[table["uri"].isna() | (table["uri"].astype(str).str.len() == 0)].tolist()

@@ -45,6 +45,7 @@ def test_uri_table_with_inline_bytes_and_missing_files(tmp_path: Path) -> None:
         (pd.DataFrame({"path": ["a.jpg"]}), "needs a 'uri' column"),
         (pd.DataFrame({"uri": ["a.jpg", None, ""]}), "rows [1, 2] have an empty uri"),
         (pd.DataFrame({"uri": ["a.jpg", "b.jpg"], "id": ["x", "x"]}), "duplicate ids ['x']"),
+        (pd.DataFrame({"uri": pd.Series([], dtype=str)}), "the URI table has no rows"),
     ],
 )
 def test_bad_uri_tables_get_clear_errors(tmp_path: Path, frame: pd.DataFrame, message: str) -> None:
@@ -60,6 +61,9 @@ def test_missing_sources_are_named(tmp_path: Path) -> None:
         list_folder(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="URI table not found"):
         read_uri_table(tmp_path / "nope.parquet")
+    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no files"):
+        list_folder(tmp_path / "empty")
 
 
 def test_raw_pool_schema_names_the_broken_column() -> None:
