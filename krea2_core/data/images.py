@@ -63,24 +63,33 @@ def _open(fp: IO[bytes]) -> Image.Image:
         raise BadImage("broken_file", f"{type(err).__name__}: {err}") from None
 
 
-def _exif(image: Image.Image) -> dict[str, str]:
+def _exif_block(image: Image.Image) -> Image.Exif:
+    """EXIF without decoding pixels: PNG's getexif() decodes the whole image to find an eXIf chunk
+    placed after the pixel data, so before decoding only a chunk seen in the header counts."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return Image.Exif()
     try:
-        raw = image.getexif()
+        return image.getexif()
     except Exception:  # noqa: BLE001 - malformed EXIF is not a reason to drop an image
-        return {}
+        return Image.Exif()
+
+
+def _exif(image: Image.Image) -> dict[str, str]:
+    raw = _exif_block(image)
     named = {ExifTags.TAGS.get(k, str(k)): v for k, v in raw.items()}
     named.update({ExifTags.TAGS.get(k, str(k)): v for k, v in raw.get_ifd(ExifTags.IFD.Exif).items()})
     return {k: str(v)[:200] for k, v in named.items() if k in _EXIF_KEEP}
 
 
+def _orientation(image: Image.Image) -> int | None:
+    return _exif_block(image).get(ExifTags.Base.Orientation)
+
+
 def probe(fp: IO[bytes]) -> Header:
     """Header-only read: oriented size, format and the EXIF fields captioning uses (camera settings)."""
     image = _open(fp)
-    exif = _exif(image)
-    width, height = image.size
-    if exif.get("Orientation", "1").strip() in {str(o) for o in _ROTATED}:
-        width, height = height, width
-    return Header(width=width, height=height, format=image.format or "", exif=exif)
+    width, height = image.size if _orientation(image) not in _ROTATED else image.size[::-1]
+    return Header(width=width, height=height, format=image.format or "", exif=_exif(image))
 
 
 def analysis_copy(data: bytes, side: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -93,17 +102,19 @@ def analysis_copy(data: bytes, side: int, max_pixels: int) -> tuple[np.ndarray, 
     if image.width * image.height > max_pixels:
         raise BadImage("decompression_bomb", f"header claims {image.width}x{image.height} pixels (> {max_pixels})")
     try:
-        width, height = image.size  # before draft(), which shrinks the reported size
+        full_size = image.size  # before draft(), which shrinks the reported size
         image.draft("RGB", (side, side))
-        drafted = image.size
-        image = ImageOps.exif_transpose(image)
-        full_size = (height, width) if image.size != drafted else (width, height)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        image.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        image.load()  # decode now, so corrupt data fails here and not inside a metadata read
+        orientation = _orientation(image)
+        if orientation in _ROTATED:
+            full_size = full_size[::-1]
+        if orientation not in (None, 1):  # exif_transpose copies the image even when nothing changes
+            image = ImageOps.exif_transpose(image)
+        transparent = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+        image = image.convert("RGBA" if transparent else "RGB") if image.mode != "RGB" else image
+        image.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)  # RGBA: premultiplied
+        if transparent:  # composite after shrinking: same result, a fraction of the pixels
+            image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
         pixels = np.asarray(image)
     except BadImage:
         raise

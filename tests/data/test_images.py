@@ -14,6 +14,12 @@ def _encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
     return buffer.getvalue()
 
 
+def _corrupt_png() -> bytes:
+    data = bytearray(_encode(_photo(), "PNG"))
+    data[len(data) // 3:len(data) // 3 + 64] = bytes(range(64))
+    return bytes(data)
+
+
 def _photo(width: int = 400, height: int = 300) -> Image.Image:
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
@@ -53,11 +59,12 @@ def test_transparent_png_is_composited_on_white() -> None:
     ("data", "reason"),
     [
         (_encode(_photo(), "JPEG")[:2000], "broken_file"),
+        (_corrupt_png(), "broken_file"),
         (b"<html>404</html>", "not_an_image"),
         (b"", "not_an_image"),
         (_bomb_png(40_000, 40_000), "decompression_bomb"),
     ],
-    ids=["truncated", "html", "empty", "bomb"],
+    ids=["truncated", "corrupt_png", "html", "empty", "bomb"],
 )
 def test_bad_files_raise_bad_image_with_reason(data: bytes, reason: str) -> None:
     with pytest.raises(BadImage) as err:
