@@ -110,7 +110,7 @@ def _defect(name: str, rng: np.random.Generator, base: Image.Image) -> tuple[byt
     raise ValueError(f"unknown defect {name!r}")
 
 
-def _near_copy(transform: str, rng: np.random.Generator, image: Image.Image) -> bytes:
+def near_copy(transform: str, rng: np.random.Generator, image: Image.Image) -> bytes:
     w, h = image.size
     if transform == "reencode":
         return _encode(image, "JPEG", quality=int(rng.integers(55, 75)))
@@ -128,7 +128,7 @@ def _near_copy(transform: str, rng: np.random.Generator, image: Image.Image) -> 
     raise ValueError(f"unknown near-duplicate transform {transform!r}")
 
 
-def _recolored(scene: Scene, rng: np.random.Generator) -> Scene:
+def recolored(scene: Scene, rng: np.random.Generator) -> Scene:
     """Same layout, every shape in another colour: a different image that pHash alone would merge."""
     shapes = tuple(dataclasses.replace(s, color=str(rng.choice([c for c in COLORS if c != s.color])))
                    for s in scene.shapes)
@@ -188,12 +188,12 @@ def build_world_pool(config: WorldPoolConfig, out_dir: Path) -> dict[str, int]:
         name, scene, image = originals[picks[cursor]]
         cursor += 1
         transform = NEAR_TRANSFORMS[k % len(NEAR_TRANSFORMS)]
-        add(f"near_{transform}_{k:04d}.jpg", _near_copy(transform, rng, image), "near_duplicate", "near_duplicate",
+        add(f"near_{transform}_{k:04d}.jpg", near_copy(transform, rng, image), "near_duplicate", "near_duplicate",
             copy_of=name, scene=scene)
     for k in range(config.n_color_variants):
         name, scene, _ = originals[picks[cursor]]
         cursor += 1
-        variant = _recolored(scene, rng)
+        variant = recolored(scene, rng)
         add(f"variant_{k:04d}.png", _encode(render(variant), "PNG"), "color_variant", None, copy_of=name,
             scene=variant)
 
