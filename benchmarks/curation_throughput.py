@@ -130,7 +130,7 @@ def main() -> None:
               f"{sum(sizes) / 2**20:.0f} MiB, median {np.median(pixels) / 1e6:.2f} MP, "
               f"max {max(pixels) / 1e6:.1f} MP; built in {build_s:.0f}s")
 
-        for name, fn in methods.items():  # warm-up: imports, caches, page cache
+        for fn in methods.values():  # warm-up: imports, caches, page cache
             timed_pass(fn, files)
         passes: dict[str, list[np.ndarray]] = {name: [] for name in methods}
         for _ in range(args.repeats):

@@ -189,7 +189,7 @@ def ours(items: list[Item]) -> tuple[list[dict], float]:
     start = time.perf_counter()
     rows = [score_image(item.path.read_bytes(), config) for item in items]
     seconds = time.perf_counter() - start
-    bad = [(item.path.name, r["error_reason"]) for item, r in zip(items, rows) if r["error_reason"]]
+    bad = [(item.path.name, r["error_reason"]) for item, r in zip(items, rows, strict=True) if r["error_reason"]]
     if bad:
         raise RuntimeError(f"score_image failed: {bad[:5]}")
     return rows, seconds
@@ -215,7 +215,7 @@ def threshold_pairs(rows: list[dict], max_colorhash_distance: int) -> set[tuple[
     colorhash_codes = hashing.codes([r["colorhash"] for r in rows])
     i, j = near_pairs(phash_codes, DedupConfig().max_phash_distance)
     close = hashing.hamming(colorhash_codes[i], colorhash_codes[j]) <= max_colorhash_distance
-    return set(zip(i[close].tolist(), j[close].tolist()))
+    return set(zip(i[close].tolist(), j[close].tolist(), strict=True))
 
 
 def cluster_pairs(dup_of: np.ndarray) -> set[tuple[int, int]]:

@@ -63,7 +63,7 @@ def _score_shard(shard: list[tuple[str, str, bytes | None]], config: AnalysisCon
 
 
 def score_pool(pool: pd.DataFrame, analysis: AnalysisConfig, parallel: ParallelConfig) -> pd.DataFrame:
-    work = list(zip(pool["id"], pool["uri"], pool["bytes"]))
+    work = list(zip(pool["id"], pool["uri"], pool["bytes"], strict=True))
     rows = map_shards(functools.partial(_score_shard, config=analysis), work, parallel, desc="score images")
     columns = list(Scores.to_schema().columns)
     return pd.DataFrame(rows).reindex(columns=columns)

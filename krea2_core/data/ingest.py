@@ -61,7 +61,7 @@ def read_uri_table(path: str | Path, source: str | None = None) -> pd.DataFrame:
     frame = pd.DataFrame({"uri": table["uri"].astype(str)})
     frame["source"] = table["source"].astype(str) if "source" in table.columns else source
     frame["id"] = (table["id"].astype(str) if "id" in table.columns
-                   else [stable_id(s, u) for s, u in zip(frame["source"], frame["uri"])])
+                   else [stable_id(s, u) for s, u in zip(frame["source"], frame["uri"], strict=True)])
     duplicated = frame["id"][frame["id"].duplicated()].unique().tolist()
     if duplicated:
         raise SchemaError(f"{path}: duplicate ids {duplicated[:10]}")
@@ -94,7 +94,7 @@ def _probe_shard(shard: list[tuple[str, bytes | None]]) -> list[dict[str, object
 
 def build_raw_pool(listing: pd.DataFrame, parallel: ParallelConfig) -> pd.DataFrame:
     """Probe every listed file's header; returns a frame that satisfies the RawPool schema."""
-    work = list(zip(listing["uri"], listing["bytes"]))
+    work = list(zip(listing["uri"], listing["bytes"], strict=True))
     probed = pd.DataFrame(map_shards(_probe_shard, work, parallel, desc="probe headers"),
                           columns=["n_bytes", "width", "height", "format", "exif", "probe_error"])
     pool = pd.concat([listing[["id", "uri", "source"]].reset_index(drop=True), probed], axis=1)

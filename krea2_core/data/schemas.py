@@ -10,9 +10,6 @@ import pyarrow as pa_arrow
 import pyarrow.parquet as pq
 from pandera.typing import Series
 
-_FILTER_SCORES = ("laplacian_var", "entropy", "white_ratio", "black_ratio", "border_fraction")
-
-
 class SchemaError(ValueError):
     """A table that breaks its schema; the message names the file, column and failing rows."""
 
@@ -36,21 +33,26 @@ class RawPool(pa.DataFrameModel):
         coerce = True
 
 
-class Scores(pa.DataFrameModel):
-    """Per-image measurements; ``error_reason`` is set (and scores null) when the image could not be read."""
+class _Measures(pa.DataFrameModel):
+    """What scoring measures of an image; null where the image could not be read."""
 
-    id: Series[str] = pa.Field(unique=True)
-    error_reason: Series[str] = pa.Field(nullable=True, isin=["broken_file", "not_an_image", "decompression_bomb"])
-    error: Series[str] = pa.Field(nullable=True)
     width: Series[pd.Int64Dtype] = pa.Field(ge=0, nullable=True)
     height: Series[pd.Int64Dtype] = pa.Field(ge=0, nullable=True)
-    n_bytes: Series[pd.Int64Dtype] = pa.Field(ge=0, nullable=True)
-    md5: Series[str] = pa.Field(nullable=True)
     laplacian_var: Series[float] = pa.Field(ge=0, nullable=True)
     entropy: Series[float] = pa.Field(ge=0, le=8.0001, nullable=True)
     white_ratio: Series[float] = pa.Field(ge=0, le=1, nullable=True)
     black_ratio: Series[float] = pa.Field(ge=0, le=1, nullable=True)
     border_fraction: Series[float] = pa.Field(ge=0, le=0.5, nullable=True)
+    error: Series[str] = pa.Field(nullable=True)  # the decoder's message when unreadable
+
+
+class Scores(_Measures):
+    """Per-image measurements and hashes; ``error_reason`` says why an image could not be read."""
+
+    id: Series[str] = pa.Field(unique=True)
+    error_reason: Series[str] = pa.Field(nullable=True, isin=["broken_file", "not_an_image", "decompression_bomb"])
+    n_bytes: Series[pd.Int64Dtype] = pa.Field(ge=0, nullable=True)
+    md5: Series[str] = pa.Field(nullable=True)
     phash: Series[object] = pa.Field(nullable=True)
     colorhash: Series[object] = pa.Field(nullable=True)
 
@@ -59,7 +61,7 @@ class Scores(pa.DataFrameModel):
         coerce = True
 
 
-class Verdicts(pa.DataFrameModel):
+class Verdicts(_Measures):
     """Every row of the pool for one stage: kept or the reason it was dropped, with all its scores."""
 
     id: Series[str] = pa.Field(unique=True)
@@ -70,16 +72,8 @@ class Verdicts(pa.DataFrameModel):
     reason: Series[str] = pa.Field(nullable=True)  # first failing rule, null when kept
     reasons: Series[str] = pa.Field(nullable=True)  # every failing rule, comma-separated
     dup_of: Series[str] = pa.Field(nullable=True)  # id of the kept duplicate
-    width: Series[pd.Int64Dtype] = pa.Field(nullable=True)
-    height: Series[pd.Int64Dtype] = pa.Field(nullable=True)
     format: Series[str] = pa.Field(nullable=True)
     exif: Series[str]
-    laplacian_var: Series[float] = pa.Field(nullable=True)
-    entropy: Series[float] = pa.Field(nullable=True)
-    white_ratio: Series[float] = pa.Field(nullable=True)
-    black_ratio: Series[float] = pa.Field(nullable=True)
-    border_fraction: Series[float] = pa.Field(nullable=True)
-    error: Series[str] = pa.Field(nullable=True)
 
     @pa.dataframe_check
     def kept_rows_have_no_reason(cls, df: pd.DataFrame) -> Series[bool]:

@@ -20,14 +20,14 @@ def _brute_force(codes: np.ndarray, radius: int) -> set[tuple[int, int]]:
     index.add(codes)
     limits, _, found = index.range_search(codes, radius + 1)
     queries = np.repeat(np.arange(len(codes)), np.diff(limits.astype(np.int64)))
-    return {(int(a), int(b)) for a, b in zip(queries, found) if a < b}
+    return {(int(a), int(b)) for a, b in zip(queries, found, strict=True) if a < b}
 
 
 @pytest.mark.parametrize("radius", [0, 5, 12, 16, 25])
 def test_multi_index_hashing_finds_exactly_the_brute_force_pairs(radius: int) -> None:
     codes = _planted_codes(6000)  # above the brute-force cut-off, so the multi-hash index is used
     i, j = near_pairs(codes, radius)
-    assert set(zip(i.tolist(), j.tolist())) == _brute_force(codes, radius)
+    assert set(zip(i.tolist(), j.tolist(), strict=True)) == _brute_force(codes, radius)
 
 
 def test_keep_order_prefers_pixels_then_bytes_then_id() -> None:
