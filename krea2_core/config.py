@@ -293,6 +293,10 @@ class WorldPoolConfig(_Strict):
     n_per_defect: int = 6  # of each defect class (corrupt, flat, border, noise, tiny, extreme aspect, ...)
     real_image_dirs: list[str] = field(default_factory=lambda: ["skimage", "/usr/share/backgrounds"])
     max_real_images: int = 300
+    # relative weights per scene attribute ("kind", "color", "size", "background"; missing options weigh 1):
+    # a long tail for semantic curation to keep
+    weights: dict[str, dict[str, float]] = field(default_factory=lambda: {
+        "kind": {"triangle": 0.15}, "background": {"lavender haze": 0.1}})
 
     def __post_init__(self) -> None:
         _require(self.n_scenes >= 1, f"n_scenes must be >= 1, got {self.n_scenes}")
@@ -300,6 +304,10 @@ class WorldPoolConfig(_Strict):
                  f"needs 32 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
         for name in ("n_exact_duplicates", "n_near_duplicates", "n_color_variants", "n_per_defect", "max_real_images"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for attribute, options in self.weights.items():
+            _require(attribute in ("kind", "color", "size", "background"),
+                     f"weights: unknown scene attribute {attribute!r}; use kind, color, size or background")
+            _require(all(w >= 0 for w in options.values()), f"weights.{attribute}: weights must be >= 0")
         _require(self.n_exact_duplicates + self.n_near_duplicates + self.n_color_variants <= self.n_scenes,
                  "duplicates and colour variants need at least as many scenes as their sum")
 

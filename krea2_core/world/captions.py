@@ -73,8 +73,12 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _noun(color: str, kind: str, n: int) -> str:
-    return f"a {color} {kind}" if n == 1 else f"{_NUMBERS[n]} {color} {kind}s"
+    return f"{_article(color)} {color} {kind}" if n == 1 else f"{_NUMBERS[n]} {color} {kind}s"
 
 
 def _where(position: str) -> str:
@@ -94,7 +98,7 @@ def captions(scene: Scene) -> dict[str, str]:
             s = group[0]
             details.append(f"The {color} {kind} is {s.size} and sits {_where(s.position)}.")
         else:
-            parts = _join([f"a {s.size} one {_where(s.position)}" for s in group])
+            parts = _join([f"{_article(s.size)} {s.size} one {_where(s.position)}" for s in group])
             details.append(f"{_NUMBERS[len(group)].capitalize()} {color} {kind}s: {parts}.")
     long = f"{_OPENERS[rng.integers(len(_OPENERS))]} {short} on a {scene.background} background. " + " ".join(details)
     if scene.text:

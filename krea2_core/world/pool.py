@@ -62,8 +62,9 @@ def _bomb_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * (3 * width + 1))) + chunk(b"IEND", b"")
 
 
-def _scene_image(rng: np.random.Generator, width: int, height: int) -> tuple[Scene, Image.Image]:
-    scene = sample_scene(rng, width, height)
+def _scene_image(rng: np.random.Generator, width: int, height: int,
+                 weights: dict[str, dict[str, float]] | None = None) -> tuple[Scene, Image.Image]:
+    scene = sample_scene(rng, width, height, weights=weights)
     return scene, render(scene)
 
 
@@ -171,7 +172,7 @@ def build_world_pool(config: WorldPoolConfig, out_dir: Path) -> dict[str, int]:
         long_side = int(rng.integers(config.min_side, config.max_side + 1))
         short_side = int(long_side / rng.uniform(1.0, 1.8))
         width, height = (long_side, short_side) if rng.random() < 0.6 else (short_side, long_side)
-        scene, image = _scene_image(rng, width, height)
+        scene, image = _scene_image(rng, width, height, config.weights)
         fmt, suffix = ("JPEG", ".jpg") if rng.random() < 0.4 else ("PNG", ".png")
         name = f"scene_{index:05d}{suffix}"
         add(name, _encode(image, fmt), "scene", None, scene=scene)

@@ -253,3 +253,8 @@ def test_sample_scene_constraints_and_weights() -> None:
     base = Counter(scene_type(s).split("-")[0] for s in scenes)["triangle"] / 300
     assert share < 0.05 < base, (share, base)
     assert scene_type(scenes[0]).split("-")[1] in {"single", "few", "many"}
+
+
+def test_captions_use_an_before_vowels() -> None:
+    scene = Scene(128, 128, "grey sand", (Shape("circle", "orange", "small", "top left"),), None, seed=1)
+    assert captions(scene)["short"] == "an orange circle"
