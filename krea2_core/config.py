@@ -231,7 +231,7 @@ class HierarchicalKMeansConfig(_Strict):
 
     def __post_init__(self) -> None:
         _require(bool(self.levels) and all(k >= 1 for k in self.levels), f"levels must be positive, got {self.levels}")
-        _require(all(a >= b for a, b in zip(self.levels, self.levels[1:])),
+        _require(all(a >= b for a, b in zip(self.levels, self.levels[1:], strict=False)),
                  f"levels must not grow from fine to coarse, got {self.levels}")
         _require(0.0 < self.target_fraction <= 1.0, f"target_fraction must be in (0, 1], got {self.target_fraction}")
         _require(self.resampling_steps >= 0 and self.samples_per_cluster >= 1 and self.niter >= 1,

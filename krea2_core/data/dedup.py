@@ -71,6 +71,28 @@ def _multihash_plan(n: int, bits: int, radius: int) -> tuple[int, int, int] | No
     return best
 
 
+def greedy_claim(n: int, i: np.ndarray, j: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``dup_of`` (-1 = kept) from undirected duplicate pairs (i, j), visiting rows in preference ``order``:
+    a kept row claims its unclaimed neighbours; a claimed row claims nothing (see module docstring)."""
+    src = np.concatenate([i, j])
+    dst = np.concatenate([j, i])
+    sort = np.argsort(src, kind="stable")
+    src, dst = src[sort], dst[sort]
+    starts = np.searchsorted(src, np.arange(n + 1))
+    has_pairs = np.diff(starts) > 0
+    dup_of = np.full(n, -1, dtype=np.int64)
+    claimed = np.zeros(n, dtype=bool)
+    for row in order[has_pairs[order]]:  # rows without a duplicate are kept without a visit
+        if claimed[row]:
+            continue
+        neighbours = dst[starts[row]:starts[row + 1]]
+        fresh = neighbours[~claimed[neighbours]]
+        dup_of[fresh] = row
+        claimed[fresh] = True
+        claimed[row] = True
+    return dup_of
+
+
 def keep_order(pixels: np.ndarray, n_bytes: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Row indices from most to least preferred: more pixels, then larger file, then smaller id."""
     return np.lexsort((ids, -n_bytes.astype(np.int64), -pixels.astype(np.int64)))
@@ -89,23 +111,6 @@ def find_duplicates(md5: np.ndarray, phash_codes: np.ndarray, colorhash_codes: n
     i = np.concatenate([i, by_group[:-1][same]])
     j = np.concatenate([j, by_group[1:][same]])
 
-    # adjacency in CSR form so each kept row finds its neighbours in O(degree)
-    src = np.concatenate([i, j])
-    dst = np.concatenate([j, i])
-    sort = np.argsort(src, kind="stable")
-    src, dst = src[sort], dst[sort]
-    starts = np.searchsorted(src, np.arange(n + 1))
-
-    dup_of = np.full(n, -1, dtype=np.int64)
-    claimed = np.zeros(n, dtype=bool)
-    for row in order:
-        if claimed[row]:
-            continue
-        neighbours = dst[starts[row]:starts[row + 1]]
-        fresh = neighbours[~claimed[neighbours]]
-        fresh = fresh[fresh != row]
-        dup_of[fresh] = row
-        claimed[fresh] = True
-        claimed[row] = True
+    dup_of = greedy_claim(n, i, j, order)
     exact = (dup_of >= 0) & (md5 == md5[np.maximum(dup_of, 0)])
     return DupDecision(dup_of=dup_of, exact=exact)
