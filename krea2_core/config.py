@@ -226,6 +226,7 @@ class HierarchicalKMeansConfig(_Strict):
     samples_per_cluster: int = 10  # points drawn per cluster in a resampling step
     niter: int = 20
     target_fraction: float = 0.5  # of the input kept by balanced sampling
+    flag_words: list[str] = field(default_factory=list)  # leaves whose names contain one are flagged for review
     drop_clusters: list[str] = field(default_factory=list)  # reviewed drop-list: leaf cluster ids or names
     seed: int = 0
 

@@ -28,18 +28,23 @@ def start_pipeline(config: PipelineConfig) -> str:
 
 
 @task(container_image=DATA_IMAGE)
-def finish_pipeline(parent_run_id: str, curated: FlyteDirectory) -> str:
+def finish_pipeline(parent_run_id: str, curated: FlyteDirectory, midtrain: FlyteDirectory) -> str:
     """Close the parent run, linking every stage run behind the outputs, and say where things are."""
     root = output_root()
-    curated_path = from_flyte_dir(curated)
-    manifest = read_manifest(curated_path, kind="curated")
-    stage_runs = end_pipeline_run(root, parent_run_id, [manifest.mlflow_run_id])
+    curated_path, midtrain_path = from_flyte_dir(curated), from_flyte_dir(midtrain)
+    final = read_manifest(midtrain_path, kind="midtrain_selection")
+    stage_runs = end_pipeline_run(root, parent_run_id, [final.mlflow_run_id])
     summary = json.loads((curated_path / "summary.json").read_text())
+    selection = json.loads((midtrain_path / "summary.json").read_text())
     lines = [
         "krea2 pipeline finished",
         f"  curated data : {curated_path}",
         *[f"    stage {stage:>4}: kept {summary[stage]['kept']} of {summary[stage]['total']}"
           for stage in sorted(summary, key=lambda s: (len(s), s))],
+        f"  midtraining  : {midtrain_path}",
+        f"    sampled {selection['sampled']} of {selection['input']} ({selection['added_for_coverage']} added for "
+        f"entity coverage; {selection['concepts_in_input']} concepts, {selection['concepts_lost']} lost); "
+        f"plots: cluster_sizes.png, tag_counts.png",
         f"  MLflow       : parent run {parent_run_id}; stage runs {stage_runs}",
         f"  browse with  : mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}",
     ]

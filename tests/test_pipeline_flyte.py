@@ -21,6 +21,9 @@ world:
   n_per_defect: 1
   real_image_dirs: [skimage]
   max_real_images: 8
+semantic:
+  sae: {n_features: 32, k: 4, epochs: 5}
+  kmeans: {levels: [6, 2]}
 curation:
   parallel: {shard_size: 16}
 """
@@ -51,7 +54,8 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     assert first.returncode == 0, first.stderr[-3000:]
     assert "krea2 pipeline finished" in first.stdout
     runs = _stage_runs(root)
-    assert {stage: len(ids) for stage, ids in runs.items()} == {"world_pool": 1, "ingest": 1, "scoring": 1, "selection": 1}
+    stages = ("world_pool", "ingest", "scoring", "selection", "captions", "embedding", "semantic_selection")
+    assert {stage: len(ids) for stage, ids in runs.items()} == dict.fromkeys(stages, 1)
 
     second = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(small))
     assert second.returncode == 0, second.stderr[-3000:]
@@ -62,7 +66,9 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     third = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(changed))
     assert third.returncode == 0, third.stderr[-3000:]
     after = _stage_runs(root)
-    assert {stage: len(ids) for stage, ids in after.items()} == {"world_pool": 1, "ingest": 1, "scoring": 1, "selection": 2}
+    # selection and what is downstream of it re-run; everything upstream comes from the cache
+    downstream = {"selection", "embedding", "semantic_selection"}
+    assert {stage: len(ids) for stage, ids in after.items()} == {s: 1 + (s in downstream) for s in stages}
 
     # the newest parent run links the stage runs it used, including the cached ones
     client = MlflowClient()
@@ -70,6 +76,7 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
                                  order_by=["start_time DESC"])
     assert len(parents) == 3 and all(p.info.status == "FINISHED" for p in parents)
     tags = parents[0].data.tags
+    assert {k.removeprefix("krea2.stage_run.") for k in tags if k.startswith("krea2.stage_run.")} == set(stages)
     assert tags["krea2.stage_run.scoring"] == runs["scoring"][0]
     assert tags["krea2.stage_run.selection"] in after["selection"] and tags["krea2.stage_run.selection"] not in runs["selection"]
 

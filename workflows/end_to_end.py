@@ -3,16 +3,19 @@
     pyflyte run workflows/end_to_end.py krea2_pipeline
     pyflyte run workflows/end_to_end.py krea2_pipeline --preset small --config my_overrides.yaml
 
-Stages so far: world pool -> curation (ingest, scoring, per-resolution selection).
+Stages so far: world pool -> curation (ingest, scoring, per-resolution selection) -> captions from the
+world's scene graphs -> semantic curation (midtraining selection).
 """
 
 from __future__ import annotations
 
 from flytekit import workflow
 
-from tasks.curation import build_world_pool
+from tasks.curation import build_world_pool, ingest
 from tasks.pipeline import finish_pipeline, resolve_config, start_pipeline
-from workflows.curation import curation
+from tasks.semantic import world_captions
+from workflows.curation import curate_raw_pool
+from workflows.semantic_curation import semantic_curation
 
 
 @workflow
@@ -20,5 +23,8 @@ def krea2_pipeline(preset: str = "tiny", config: str = "") -> str:
     cfg = resolve_config(preset=preset, overrides=config)
     parent_run_id = start_pipeline(config=cfg)
     pool = build_world_pool(config=cfg.world, parent_run_id=parent_run_id)
-    curated = curation(source=pool, config=cfg.curation, parent_run_id=parent_run_id)
-    return finish_pipeline(parent_run_id=parent_run_id, curated=curated)
+    raw_pool = ingest(source=pool, parallel=cfg.curation.parallel, parent_run_id=parent_run_id)
+    curated = curate_raw_pool(raw_pool=raw_pool, config=cfg.curation, parent_run_id=parent_run_id)
+    captions = world_captions(world_pool=pool, raw_pool=raw_pool, parent_run_id=parent_run_id)
+    midtrain = semantic_curation(curated=curated, captions=captions, config=cfg.semantic, parent_run_id=parent_run_id)
+    return finish_pipeline(parent_run_id=parent_run_id, curated=curated, midtrain=midtrain)

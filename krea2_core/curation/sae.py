@@ -94,7 +94,8 @@ def check_embeddings(embeddings: np.ndarray, d_in: int | None = None) -> np.ndar
         raise ValueError(f"embeddings must be real numbers, got dtype {array.dtype}")
     if d_in is not None and array.shape[1] != d_in:
         raise ValueError(f"embeddings have dim {array.shape[1]} but the SAE expects {d_in}")
-    array = array.astype(np.float32, copy=False)
+    # torch shares memory with the result: a read-only view (e.g. zero-copy from Parquet) gets copied
+    array = array.astype(np.float32, copy=not array.flags.writeable)
     bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
     if bad.size:
         raise ValueError(f"embeddings have {bad.size} row(s) with NaN/inf values (first rows: {bad[:5].tolist()})")

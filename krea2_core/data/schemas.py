@@ -72,6 +72,7 @@ class Verdicts(_Measures):
     reason: Series[str] = pa.Field(nullable=True)  # first failing rule, null when kept
     reasons: Series[str] = pa.Field(nullable=True)  # every failing rule, comma-separated
     dup_of: Series[str] = pa.Field(nullable=True)  # id of the kept duplicate
+    n_bytes: Series[pd.Int64Dtype] = pa.Field(ge=0, nullable=True)
     format: Series[str] = pa.Field(nullable=True)
     exif: Series[str]
 
@@ -102,3 +103,17 @@ def read_table(path: Path, schema: type[pa.DataFrameModel]) -> pd.DataFrame:
         raise SchemaError(f"{path} does not exist")
     frame = pq.read_table(path).to_pandas()
     return validate(frame, schema, str(path))
+
+
+class Captions(pa.DataFrameModel):
+    """Captions per image id in several lengths; ``source`` says what wrote them."""
+
+    id: Series[str] = pa.Field(unique=True)
+    long: Series[str]
+    medium: Series[str]
+    short: Series[str]
+    source: Series[str] = pa.Field(isin=["scene_graph", "vlm", "llm_rewrite"])
+
+    class Config:
+        strict = True
+        coerce = True

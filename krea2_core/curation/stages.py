@@ -1,0 +1,118 @@
+"""Entry points of the semantic curation stages: embedding, then midtraining selection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from krea2_core.artifacts import Manifest
+from krea2_core.captioning.stages import CAPTIONS_FILE
+from krea2_core.config import AnalysisConfig, EmbedderConfig, SemanticCurationConfig
+from krea2_core.curation.embedders import make_embedder, read_embeddings, write_embeddings
+from krea2_core.curation.plots import cluster_size_plot, tag_count_plot
+from krea2_core.curation.selection import Candidates, select_for_midtraining
+from krea2_core.data.images import BadImage, analysis_copy, read_bytes
+from krea2_core.data.schemas import Captions, Verdicts, read_table
+from krea2_core.stages import StageOutput, execute_stage
+from krea2_core.tracking import StageRun
+
+EMBEDDINGS_FILE = "embeddings.parquet"
+FAILED_FILE = "failed.parquet"
+_DECODE = AnalysisConfig()
+
+
+def _kept(curated: Path, stage: str) -> pd.DataFrame:
+    path = curated / stage / "kept.parquet"
+    if not path.parent.is_dir():
+        raise ValueError(f"{curated} has no resolution stage {stage!r}; it has {sorted(p.name for p in curated.iterdir() if p.is_dir())}")
+    return read_table(path, Verdicts)
+
+
+def _load(uri: str) -> Image.Image:
+    pixels, _ = analysis_copy(read_bytes(uri), side=_DECODE.side, max_pixels=_DECODE.max_pixels)
+    return Image.fromarray(pixels)
+
+
+def run_embedding(curated: Path, stage: str, config: EmbedderConfig, *, parent_run_id: str = "") -> tuple[Path, Manifest]:
+    """Embeddings of one stage's kept images; images that fail to load are listed, not fatal."""
+
+    def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+        kept = _kept(inputs["curated"], stage)
+        embedder = make_embedder(config)
+        ids, vectors, failed = [], [], []
+        rows = list(zip(kept["id"], kept["uri"], strict=True))
+        for start in tqdm(range(0, len(rows), config.batch_size), desc=f"embed ({embedder.name})", unit="batch"):
+            batch_ids, images = [], []
+            for row_id, uri in rows[start:start + config.batch_size]:
+                try:
+                    images.append(_load(uri))
+                    batch_ids.append(row_id)
+                except (BadImage, OSError) as err:
+                    failed.append({"id": row_id, "uri": uri, "error": str(err)})
+            if images:
+                vectors.append(embedder.embed(images))
+                ids += batch_ids
+        matrix = np.concatenate(vectors) if vectors else np.zeros((0, embedder.dim), np.float32)
+        write_embeddings(staging / EMBEDDINGS_FILE, ids, matrix, embedder.name)
+        pd.DataFrame(failed, columns=["id", "uri", "error"]).to_parquet(staging / FAILED_FILE, index=False)
+        return StageOutput(counts={"embedded": len(ids), "failed": len(failed), "dim": int(matrix.shape[1])})
+
+    return execute_stage("embedding", "embeddings", body, config={"stage": stage, "embedder": config},
+                         inputs={"curated": curated}, parent_run_id=parent_run_id)
+
+
+def run_semantic_selection(curated: Path, embeddings: Path, captions: Path, config: SemanticCurationConfig, *,
+                           parent_run_id: str = "") -> tuple[Path, Manifest]:
+    """The midtraining sample of one curated stage, with every row's verdict and the reports."""
+    selection_config = {k: v for k, v in config.to_dict().items() if k != "embedder"}
+
+    def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+        kept = _kept(inputs["curated"], config.stage).set_index("id")
+        ids, vectors, _ = read_embeddings(inputs["embeddings"] / EMBEDDINGS_FILE)
+        caption_of = read_table(inputs["captions"] / CAPTIONS_FILE, Captions).set_index("id")["long"]
+        rows = kept.loc[ids]
+        candidates = Candidates(
+            ids=np.asarray(ids), vectors=vectors,
+            captions=[caption_of.get(i, "") for i in ids],
+            pixels=(rows["width"].to_numpy(np.int64) * rows["height"].to_numpy(np.int64)),
+            n_bytes=rows["n_bytes"].fillna(0).to_numpy(np.int64),
+        )
+        selection = select_for_midtraining(candidates, config)
+        verdicts = selection.verdicts.merge(rows[["uri", "source"]], left_on="id", right_index=True)
+        verdicts.to_parquet(staging / "selection.parquet", index=False)
+        verdicts[verdicts["kept"]].to_parquet(staging / "sample.parquet", index=False)
+        selection.clusters.to_parquet(staging / "clusters.parquet", index=False)
+        selection.tags.to_parquet(staging / "tags.parquet", index=False)
+        selection.coverage.to_parquet(staging / "coverage.parquet", index=False)
+        cluster_size_plot(verdicts, staging / "cluster_sizes.png")
+        tag_count_plot(selection.tags, staging / "tag_counts.png")
+        for epoch, metrics in enumerate(selection.sae_history):
+            run.log_metrics({f"sae.{k}": v for k, v in metrics.items()}, step=epoch)
+        lost = selection.coverage[selection.coverage["lost"]]["name"].tolist()
+        if lost:
+            raise RuntimeError(f"coverage check failed: the sample lost concepts {lost[:20]}")
+        reasons = verdicts["reason"].fillna("kept").str.split(":").str[0].value_counts()
+        counts = {"input": len(verdicts), "sampled": int(verdicts["kept"].sum()),
+                  "added_for_coverage": int(verdicts["added_for_coverage"].sum()),
+                  "leaves": len(selection.clusters), "concepts_in_input": len(selection.coverage),
+                  "concepts_lost": len(lost), **{f"reason.{k}": int(v) for k, v in reasons.items()}}
+        (staging / "summary.json").write_text(json.dumps(counts, indent=2, sort_keys=True))
+        return StageOutput(counts=counts, metrics=_balance(verdicts))
+
+    return execute_stage("semantic_selection", "midtrain_selection", body, config=selection_config,
+                         inputs={"curated": curated, "embeddings": embeddings, "captions": captions},
+                         parent_run_id=parent_run_id)
+
+
+def _balance(verdicts: pd.DataFrame) -> dict[str, float]:
+    """Coefficient of variation of leaf sizes before and after sampling (lower = more balanced)."""
+    def cv(leaves: pd.Series) -> float:
+        sizes = leaves[leaves >= 0].value_counts()
+        return float(sizes.std(ddof=0) / sizes.mean()) if len(sizes) else 0.0
+
+    return {"leaf_size_cv.input": cv(verdicts["leaf"]), "leaf_size_cv.sample": cv(verdicts.loc[verdicts["kept"], "leaf"])}
