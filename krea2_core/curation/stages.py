@@ -110,9 +110,12 @@ def run_semantic_selection(curated: Path, embeddings: Path, captions: Path, conf
 
 
 def _balance(verdicts: pd.DataFrame) -> dict[str, float]:
-    """Coefficient of variation of leaf sizes before and after sampling (lower = more balanced)."""
-    def cv(leaves: pd.Series) -> float:
-        sizes = leaves[leaves >= 0].value_counts()
-        return float(sizes.std(ddof=0) / sizes.mean()) if len(sizes) else 0.0
-
-    return {"leaf_size_cv.input": cv(verdicts["leaf"]), "leaf_size_cv.sample": cv(verdicts.loc[verdicts["kept"], "leaf"])}
+    """Share of the images that come from the largest quarter of leaf clusters, in the input and in the
+    sample: balanced sampling should cut the head's share (leaf sizes themselves need not even out,
+    since the budget is split top-down through the hierarchy)."""
+    clustered = verdicts[verdicts["leaf"] >= 0]
+    sizes = clustered["leaf"].value_counts()
+    head = sizes.index[: max(1, len(sizes) // 4)]
+    sample = clustered[clustered["kept"]]
+    return {"head_leaves_share.input": float(clustered["leaf"].isin(head).mean()),
+            "head_leaves_share.sample": float(sample["leaf"].isin(head).mean()) if len(sample) else 0.0}

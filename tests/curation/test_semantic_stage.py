@@ -13,6 +13,7 @@ from krea2_core.config import EmbedderConfig, SemanticCurationConfig
 from krea2_core.curation.embedders import make_embedder
 from krea2_core.curation.selection import Candidates, _coverage, select_for_midtraining
 from krea2_core.curation.semdedup import semantic_dedup
+from krea2_core.curation.stages import _balance
 from krea2_core.data.dedup import keep_order
 from krea2_core.world import captions, render, sample_scene
 
@@ -42,6 +43,8 @@ def test_balanced_sampling_raises_the_share_of_rare_scene_types(world: tuple[Can
     rare = np.isin(backgrounds, RARE)
     kept = selection.verdicts["kept"].to_numpy()
     assert rare[kept].mean() >= 1.5 * rare.mean(), f"rare share {rare.mean():.3f} -> {rare[kept].mean():.3f}"
+    balance = _balance(selection.verdicts)
+    assert balance["head_leaves_share.sample"] < balance["head_leaves_share.input"], balance
     assert abs(kept.sum() - 0.4 * len(kept)) <= selection.verdicts["added_for_coverage"].sum() + 1
     # every row has a verdict, and the reasons are the documented steps
     reasons = set(selection.verdicts.loc[~selection.verdicts["kept"], "reason"].str.split(":").str[0])
