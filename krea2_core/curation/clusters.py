@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from krea2_core.config import HierarchicalKMeansConfig
+from krea2_core.curation.text import content_words
 
 _CHUNK_ROWS = 65_536  # rows per block when measuring point-to-centroid distances
 
@@ -234,13 +235,6 @@ class ClusterNamer(Protocol):
         ...
 
 
-_STOPWORDS = frozenset(
-    "a an and are as at be by for from has in into is it its of on or over some the their there this "
-    "to under with".split()
-)
-_WORD = re.compile(r"[a-z]+")
-
-
 class CaptionClusterNamer:
     """Offline namer: the ``top`` most frequent non-stopword words of the rows' captions (counted once per
     caption, ties alphabetical), flagged when any caption of the rows contains a flag word."""
@@ -251,8 +245,8 @@ class CaptionClusterNamer:
         self.top = top
 
     def name(self, leaf: int, rows: np.ndarray) -> tuple[str, bool]:
-        words = [set(_WORD.findall(self.captions[row].lower())) for row in rows]
-        counts = Counter(w for caption in words for w in caption if w not in _STOPWORDS)
+        words = [set(content_words(self.captions[row])) - {None} for row in rows]
+        counts = Counter(w for caption in words for w in caption)
         ranked = sorted(counts, key=lambda w: (-counts[w], w))[: self.top]
         flagged = any(caption & self.flag_words for caption in words)
         return (" ".join(ranked) or "unnamed"), flagged

@@ -22,7 +22,6 @@ top images.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from krea2_core.config import SAEConfig
+from krea2_core.curation.text import content_words
 
 AUX_K_FACTOR = 2  # dead features recruited by the auxiliary loss, as a multiple of k
 AUX_WEIGHT = 1.0 / 32  # weight of the auxiliary loss (Gao et al. 2024)
@@ -208,22 +208,12 @@ class FeatureLabeller(Protocol):
     def label(self, feature: int, rows: np.ndarray) -> str | None: ...
 
 
-_STOPWORDS = frozenset(
-    "a an the this that these those and or but of in on at to for from with without by as is are was were be "
-    "been it its there here over under near into onto up down out very some any all each other another few "
-    "many more most no not than too so such against between while has have having image images picture pictures "
-    "photo photos photograph shot view close closeup showing shows shown depicting featuring background "
-    "one two three four five six seven eight nine ten first second third several".split()
-)
-_WORD = re.compile(r"[a-z]+")
-
-
 def caption_terms(caption: str) -> set[str]:
     """Content words of a lowercased caption and the two-word phrases of adjacent content words."""
     terms: set[str] = set()
     previous: str | None = None
-    for word in _WORD.findall(caption.lower()):
-        if word in _STOPWORDS or len(word) < 2:
+    for word in content_words(caption):
+        if word is None:
             previous = None
             continue
         terms.add(word)

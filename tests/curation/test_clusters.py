@@ -153,7 +153,7 @@ def test_caption_namer_names_and_flags_from_captions(fitted: tuple[np.ndarray, n
     names = name_leaves(x, h, namer)
     head_leaf = int(np.bincount(h.leaf[blob == 0]).argmax())
     row = names.set_index("leaf").loc[head_leaf]
-    assert row["name"].split() == ["grass", "photo", "thingaa"]  # 3 words, ties alphabetical, no stopwords
+    assert row["name"].split() == ["grass", "thingaa"]  # ties alphabetical; "a", "of", "the", "photo" are stopwords
     assert row["flagged"]
     assert names["flagged"].sum() < len(names) // 2
     assert CaptionClusterNamer(["the of a"]).name(0, np.array([0])) == ("unnamed", False)
