@@ -1,6 +1,7 @@
-"""`krea2`: run stages without Flyte and inspect lineage.
+"""`krea2`: run stages without Flyte, re-run one stage, and inspect lineage.
 
     krea2 curate ./images [--preset tiny] [--config overrides.yaml]
+    krea2 rerun <stage> --from-run <mlflow run id> [--preset tiny] [--config overrides.yaml] [--dry-run]
     krea2 lineage <mlflow run id>
 """
 
@@ -10,6 +11,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from mlflow.exceptions import MlflowException
 
 from krea2_core.artifacts import read_manifest
 from krea2_core.config import ConfigError, load_config
@@ -43,6 +46,22 @@ def _lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rerun(args: argparse.Namespace) -> int:
+    from krea2_core.rerun import plan, rerun
+    from krea2_core.tracking import configure_tracking
+
+    configure_tracking(output_root())
+    config = load_config(args.preset, args.config)
+    if args.dry_run:
+        for stage, reruns, why in plan(args.from_run, config):
+            print(f"{stage:<20} {'RE-RUN' if reruns else 'cached':<7} {why}")
+        return 0
+    path, manifest = rerun(args.stage, args.from_run, config)
+    print(json.dumps({"stage": args.stage, "output": str(path), "mlflow_run_id": manifest.mlflow_run_id,
+                      "counts": manifest.counts}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="krea2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -51,13 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     curate.add_argument("--preset", default="tiny", choices=["tiny", "small", "full"])
     curate.add_argument("--config", default="", help="YAML overrides (file or inline)")
     curate.set_defaults(run=_curate)
+    again = commands.add_parser("rerun", help="run one stage again on the inputs a recorded run used")
+    again.add_argument("stage", help="stage name, e.g. selection, embedding, semantic_selection")
+    again.add_argument("--from-run", required=True, help="a pipeline run or any stage run downstream of the stage")
+    again.add_argument("--preset", default="tiny", choices=["tiny", "small", "full"])
+    again.add_argument("--config", default="", help="YAML overrides (file or inline)")
+    again.add_argument("--dry-run", action="store_true", help="say which stages this config would re-run, and why")
+    again.set_defaults(run=_rerun)
     trace = commands.add_parser("lineage", help="the stage runs and outputs upstream of an MLflow run")
     trace.add_argument("run_id")
     trace.set_defaults(run=_lineage)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, MlflowException) as err:
         print(f"krea2: error: {err}", file=sys.stderr)
         return 2
 

@@ -66,10 +66,14 @@ def run_embedding(curated: Path, stage: str, config: EmbedderConfig, *, parent_r
                          inputs={"curated": curated}, parent_run_id=parent_run_id)
 
 
+def semantic_selection_config(config: SemanticCurationConfig) -> dict[str, object]:
+    """What selection depends on: everything but the embedder (which only the embedding stage uses)."""
+    return {k: v for k, v in config.to_dict().items() if k != "embedder"}
+
+
 def run_semantic_selection(curated: Path, embeddings: Path, captions: Path, config: SemanticCurationConfig, *,
                            parent_run_id: str = "") -> tuple[Path, Manifest]:
     """The midtraining sample of one curated stage, with every row's verdict and the reports."""
-    selection_config = {k: v for k, v in config.to_dict().items() if k != "embedder"}
 
     def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
         kept = _kept(inputs["curated"], config.stage).set_index("id")
@@ -104,7 +108,7 @@ def run_semantic_selection(curated: Path, embeddings: Path, captions: Path, conf
         (staging / "summary.json").write_text(json.dumps(counts, indent=2, sort_keys=True))
         return StageOutput(counts=counts, metrics=_balance(verdicts))
 
-    return execute_stage("semantic_selection", "midtrain_selection", body, config=selection_config,
+    return execute_stage("semantic_selection", "midtrain_selection", body, config=semantic_selection_config(config),
                          inputs={"curated": curated, "embeddings": embeddings, "captions": captions},
                          parent_run_id=parent_run_id)
 

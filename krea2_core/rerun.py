@@ -1,0 +1,134 @@
+"""Re-running one stage from a previous execution, and saying which stages a new config would re-run.
+
+A stage's inputs are found through MLflow lineage: its run's ``krea2.upstream.<input>`` tags name the runs
+that produced them, and those runs' ``krea2.output_uri`` tags say where the artifacts are. A dry run
+compares the config each stage recorded in its manifest with the config it would get now; a stage re-runs
+when its config changed or when one of its inputs re-runs (the same rule the Flyte cache applies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from krea2_core.artifacts import Manifest, read_manifest, to_plain
+from krea2_core.config import PipelineConfig
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    inputs: dict[str, str]  # input name -> the stage that produces it
+    config_of: Callable[[PipelineConfig], Any]  # this stage's config inside a pipeline config
+    run: Callable[[PipelineConfig, dict[str, Path], str], tuple[Path, Manifest]]  # (config, inputs, parent run)
+
+
+def _stages() -> dict[str, StageSpec]:
+    from krea2_core.captioning.stages import run_world_captions
+    from krea2_core.curation.stages import run_embedding, run_semantic_selection, semantic_selection_config
+    from krea2_core.data import stages as data
+
+    return {
+        "world_pool": StageSpec({}, lambda p: p.world, lambda p, i, parent: data.run_world_pool(p.world, parent_run_id=parent)),
+        "ingest": StageSpec({"world_pool": "world_pool"}, lambda p: {"parallel": p.curation.parallel},
+                            lambda p, i, parent: data.run_ingest(i["world_pool"], p.curation.parallel, parent_run_id=parent)),
+        "scoring": StageSpec({"raw_pool": "ingest"}, lambda p: {"analysis": p.curation.analysis, "parallel": p.curation.parallel},
+                             lambda p, i, parent: data.run_scoring(i["raw_pool"], p.curation.analysis, p.curation.parallel,
+                                                                   parent_run_id=parent)),
+        "selection": StageSpec({"raw_pool": "ingest", "scores": "scoring"},
+                               lambda p: {"stages": p.curation.stages, "dedup": p.curation.dedup},
+                               lambda p, i, parent: data.run_selection(i["raw_pool"], i["scores"], p.curation.stages,
+                                                                       p.curation.dedup, parent_run_id=parent)),
+        "captions": StageSpec({"world_pool": "world_pool", "raw_pool": "ingest"}, lambda p: {"source": "scene_graph"},
+                              lambda p, i, parent: run_world_captions(i["world_pool"], i["raw_pool"], parent_run_id=parent)),
+        "embedding": StageSpec({"curated": "selection"}, lambda p: {"stage": p.semantic.stage, "embedder": p.semantic.embedder},
+                               lambda p, i, parent: run_embedding(i["curated"], p.semantic.stage, p.semantic.embedder,
+                                                                  parent_run_id=parent)),
+        "semantic_selection": StageSpec({"curated": "selection", "embeddings": "embedding", "captions": "captions"},
+                                        lambda p: semantic_selection_config(p.semantic),
+                                        lambda p, i, parent: run_semantic_selection(i["curated"], i["embeddings"],
+                                                                                    i["captions"], p.semantic,
+                                                                                    parent_run_id=parent)),
+    }
+
+
+STAGE_ORDER = ("world_pool", "ingest", "scoring", "selection", "captions", "embedding", "semantic_selection")
+
+
+class RerunError(ValueError):
+    """A run, stage or artifact that a rerun needs and cannot find."""
+
+
+def stage_runs(run_id: str) -> dict[str, Run]:
+    """The stage runs behind ``run_id``: a pipeline run's tagged stages, or a stage run and its upstream."""
+    from krea2_core.tracking import lineage
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    if run.data.tags.get("krea2.kind") == "pipeline":
+        ids = {k.removeprefix("krea2.stage_run."): v for k, v in run.data.tags.items() if k.startswith("krea2.stage_run.")}
+    else:
+        ids = lineage(run_id)
+    return {stage: client.get_run(stage_id) for stage, stage_id in ids.items()}
+
+
+def _output(run: Run) -> Path:
+    uri = run.data.tags.get("krea2.output_uri")
+    if not uri or not Path(uri).is_dir():
+        raise RerunError(f"the output of run {run.info.run_id} ({run.data.tags.get('krea2.stage')}) is gone: {uri!r}")
+    return Path(uri)
+
+
+def resolve_inputs(stage: str, runs: dict[str, Run]) -> dict[str, Path]:
+    """Artifact directories the recorded run of ``stage`` consumed, from its upstream tags."""
+    specs = _stages()
+    if stage not in specs:
+        raise RerunError(f"unknown stage {stage!r}; stages: {list(STAGE_ORDER)}")
+    if stage not in runs:
+        raise RerunError(f"stage {stage!r} is not in this run's lineage; it has {sorted(runs)}")
+    tags = runs[stage].data.tags
+    inputs = {}
+    for name in specs[stage].inputs:
+        upstream = tags.get(f"krea2.upstream.{name}")
+        if upstream is None:
+            raise RerunError(f"run {runs[stage].info.run_id} of {stage!r} has no upstream tag for input {name!r}")
+        inputs[name] = _output(MlflowClient().get_run(upstream))
+    return inputs
+
+
+def rerun(stage: str, run_id: str, config: PipelineConfig, parent_run_id: str = "") -> tuple[Path, Manifest]:
+    """Run ``stage`` again with ``config`` on the inputs its recorded run used."""
+    inputs = resolve_inputs(stage, stage_runs(run_id))
+    return _stages()[stage].run(config, inputs, parent_run_id)
+
+
+def _changed_keys(recorded: Any, wanted: Any, prefix: str = "") -> list[str]:
+    if isinstance(recorded, dict) and isinstance(wanted, dict):
+        keys = sorted(set(recorded) | set(wanted))
+        return [k for key in keys for k in _changed_keys(recorded.get(key), wanted.get(key), f"{prefix}{key}.")]
+    return [] if recorded == wanted else [prefix.rstrip(".")]
+
+
+def plan(run_id: str, config: PipelineConfig) -> list[tuple[str, bool, str]]:
+    """(stage, re-runs?, why) for every stage behind ``run_id``, in pipeline order, under ``config``."""
+    runs = stage_runs(run_id)
+    specs = _stages()
+    reruns: set[str] = set()
+    steps = []
+    for stage in (s for s in STAGE_ORDER if s in runs):
+        recorded = read_manifest(_output(runs[stage])).config
+        changed = _changed_keys(recorded, to_plain(specs[stage].config_of(config)))
+        upstream = sorted({producer for producer in specs[stage].inputs.values() if producer in reruns})
+        if changed:
+            why = "config changed: " + ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
+        elif upstream:
+            why = "input from re-run stage(s): " + ", ".join(upstream)
+        else:
+            why = "cached: same config and inputs"
+        if changed or upstream:
+            reruns.add(stage)
+        steps.append((stage, stage in reruns, why))
+    return steps
