@@ -80,6 +80,15 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     assert tags["krea2.stage_run.scoring"] == runs["scoring"][0]
     assert tags["krea2.stage_run.selection"] in after["selection"] and tags["krea2.stage_run.selection"] not in runs["selection"]
 
+    # a sub-workflow runs alone on a previous execution's artifacts
+    def output_of(stage: str) -> str:
+        return client.get_run(tags[f"krea2.stage_run.{stage}"]).data.tags["krea2.output_uri"]
+
+    alone = _pyflyte(home, root, "workflows/semantic_curation.py", "semantic_curation",
+                     "--curated", output_of("selection"), "--captions", output_of("captions"))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert len(_stage_runs(root)["semantic_selection"]) == 3  # the default (tiny) config differs from SMALL's
+
 
 def test_bad_config_fails_with_the_key_named(tmp_path: Path, isolated_outputs: Path) -> None:
     bad = tmp_path / "bad.yaml"
