@@ -1,0 +1,262 @@
+"""`pyflyte package` of the whole pipeline, offline, and what the packaged specs carry.
+
+The package is built once per module in a subprocess, exactly as CI would run it, then unpacked and the
+serialized protobufs (flyteidl ``TaskSpec`` / ``WorkflowSpec`` / ``LaunchPlan``) are checked against the
+code: images, requests, Ray configs, cache settings, workflows and launch plans.
+
+Images: every task names ``containers/images.py:DATA_IMAGE`` (a flytekit ImageSpec). When serializing, flytekit
+resolves an ImageSpec by first looking its ``id`` up in the image config (``--image <id>=<fqn>``) and only
+if it is not there hands it to ``ImageBuildEngine.build``, which asks a Docker daemon / the registry
+whether ``<registry>/<name>:<tag>`` exists and builds and pushes it when told it does not. So the test passes
+``--image <DATA_IMAGE.id>=<DATA_IMAGE.image_name()>``, which is flytekit's own lookup for an already built
+ImageSpec, and nothing is built or looked up. In case some task ever names another ImageSpec, which would miss
+that lookup, ``DOCKER_HOST`` points at a socket that does not exist and ``FLYTE_IMG_FAST_FAIL=1`` makes the
+inconclusive existence check fail the packaging rather than guess or build.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from flyteidl.admin import launch_plan_pb2, task_pb2, workflow_pb2
+from flyteidl.core import tasks_pb2, workflow_pb2 as core_workflow_pb2
+from google.protobuf.json_format import MessageToDict
+
+REPO = Path(__file__).resolve().parents[1]
+# Not the default (localhost:30000): the packaged image must follow $KREA2_IMAGE_REGISTRY.
+REGISTRY = "registry.ci.example/krea2"
+
+RAY_TASKS = {"tasks.curation.ingest", "tasks.curation.score_images", "tasks.curation.ingest_uri_table"}
+CACHED_TASKS = {
+    "tasks.curation.build_world_pool", *RAY_TASKS, "tasks.curation.select_images",
+    "tasks.semantic.world_captions", "tasks.semantic.embed_images", "tasks.semantic.semantic_select",
+}
+UNCACHED_TASKS = {
+    "tasks.pipeline.resolve_config", "tasks.pipeline.start_pipeline", "tasks.pipeline.finish_pipeline",
+    "tasks.semantic.embed_on_device",  # the dynamic: its embed_images node is the cached one
+}
+PIPELINE_TASKS = CACHED_TASKS | UNCACHED_TASKS
+WORKFLOWS = {
+    "workflows.end_to_end.krea2_pipeline", "workflows.curation.curate_raw_pool", "workflows.curation.curation",
+    "workflows.curation.curation_from_uris", "workflows.semantic_curation.semantic_curation",
+}
+# flytekit puts the serialization settings into the env of dynamic (and eager) tasks only, so that they
+# can compile their workflow at run time: flytekit.configuration.SERIALIZED_CONTEXT_ENV_VAR.
+SERIALIZED_CONTEXT_ENV_VAR = "_F_SS_C"
+CPU, MEMORY, GPU = tasks_pb2.Resources.CPU, tasks_pb2.Resources.MEMORY, tasks_pb2.Resources.GPU
+
+
+@dataclass(frozen=True)
+class Package:
+    image: str  # DATA_IMAGE.image_name() under REGISTRY
+    image_id: str  # DATA_IMAGE.id
+    tasks: dict[str, tasks_pb2.TaskTemplate]
+    workflows: dict[str, workflow_pb2.WorkflowSpec]
+    launch_plans: dict[str, launch_plan_pb2.LaunchPlan]
+    fast_files: set[str]  # files in the fast-registration archive (code shipped next to the image)
+
+
+def _data_image(registry: str):
+    """DATA_IMAGE as containers/images.py builds it with $KREA2_IMAGE_REGISTRY=registry (a private copy of the
+    module, so the containers.images the other tests imported is left as it is)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KREA2_IMAGE_REGISTRY", registry)
+        spec = importlib.util.spec_from_file_location("_krea2_images_for_packaging", REPO / "containers" / "images.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module.DATA_IMAGE
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Package:
+    tmp = tmp_path_factory.mktemp("package")
+    data_image = _data_image(REGISTRY)
+    image, image_id = data_image.image_name(), data_image.id
+    output = tmp / "flyte-package.tgz"
+    env = {
+        **os.environ,
+        "HOME": str(tmp),  # no ~/.flyte config of whoever runs the tests
+        "KREA2_IMAGE_REGISTRY": REGISTRY,
+        "KREA2_OUTPUT_ROOT": str(tmp / "krea2-outputs"),
+        "RAY_AUTH_MODE": "disabled",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DOCKER_HOST": f"unix://{tmp}/no-docker.sock",
+        "FLYTE_IMG_FAST_FAIL": "1",
+    }
+    for name in ("MLFLOW_TRACKING_URI", "FLYTE_FORCE_PUSH_IMAGE_SPEC"):
+        env.pop(name, None)
+    pyflyte = Path(sys.executable).with_name("pyflyte")
+    # --copy all is `pyflyte register`'s default: the code travels in a fast-registration archive, and the
+    # ImageSpec is not given a source root, so its tag depends on the spec alone (what register pushes).
+    command = [str(pyflyte), "--pkgs", "workflows", "package", "--source", str(REPO), "--output", str(output),
+               "--force", "--copy", "all", "--image", f"{image_id}={image}"]
+    result = subprocess.run(command, cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
+    assert "not found. building" not in result.stdout + result.stderr
+
+    tasks, workflows, launch_plans, fast_files = {}, {}, {}, set()
+    with tarfile.open(output) as archive:
+        for member in archive.getmembers():
+            data = archive.extractfile(member).read()
+            if member.name.endswith("_1.pb"):
+                spec = task_pb2.TaskSpec.FromString(data)
+                tasks[spec.template.id.name] = spec.template
+            elif member.name.endswith("_2.pb"):
+                spec = workflow_pb2.WorkflowSpec.FromString(data)
+                workflows[spec.template.id.name] = spec
+            elif member.name.endswith("_3.pb"):
+                plan = launch_plan_pb2.LaunchPlan.FromString(data)
+                launch_plans[plan.id.name] = plan
+            elif member.name.startswith("fast") and member.name.endswith(".tar.gz"):
+                tmp_archive = tmp / member.name
+                tmp_archive.write_bytes(data)
+                with tarfile.open(tmp_archive) as fast:
+                    fast_files = set(fast.getnames())
+            else:
+                raise AssertionError(f"unexpected file in the package: {member.name}")
+    return Package(image, image_id, tasks, workflows, launch_plans, fast_files)
+
+
+def _requests(template: tasks_pb2.TaskTemplate) -> dict[int, str]:
+    return {entry.name: entry.value for entry in template.container.resources.requests}
+
+
+def _task_refs(template: core_workflow_pb2.WorkflowTemplate) -> set[str]:
+    return {node.task_node.reference_id.name for node in template.nodes if node.HasField("task_node")}
+
+
+def test_every_pipeline_task_is_packaged_on_the_data_image(package: Package) -> None:
+    assert PIPELINE_TASKS <= package.tasks.keys(), sorted(PIPELINE_TASKS - package.tasks.keys())
+    assert package.image.startswith(f"{REGISTRY}/krea2-data:") and package.image.split(":")[-1]
+    for name, template in package.tasks.items():
+        assert template.container.image == package.image, name
+        # fast registration: the container runs the code from the archive below, on that image
+        assert list(template.container.args[:1]) == ["pyflyte-fast-execute"], name
+    assert {"containers/images.py", "tasks/common.py", "tasks/curation.py", "tasks/pipeline.py", "tasks/semantic.py",
+            "workflows/end_to_end.py", "workflows/curation.py", "workflows/semantic_curation.py",
+            "krea2_core/config.py"} <= package.fast_files
+
+
+def test_requests_match_the_code(package: Package) -> None:
+    import tasks.curation
+    import tasks.pipeline
+    import tasks.semantic
+
+    checked = set()
+    for module in (tasks.curation, tasks.pipeline, tasks.semantic):
+        for task in vars(module).values():
+            name = getattr(task, "name", None)
+            if not (isinstance(name, str) and name in package.tasks):
+                continue
+            checked.add(name)
+            declared = task.resources.requests
+            expected = {key: value for key, value in ((CPU, declared.cpu), (MEMORY, declared.mem), (GPU, declared.gpu))
+                        if value is not None}
+            assert _requests(package.tasks[name]) == {k: str(v) for k, v in expected.items()}, name
+    assert PIPELINE_TASKS <= checked
+    # spelled out for the stages whose size matters most
+    assert _requests(package.tasks["tasks.curation.select_images"]) == {CPU: "2", MEMORY: "8Gi"}
+    assert _requests(package.tasks["tasks.semantic.semantic_select"]) == {CPU: "4", MEMORY: "16Gi"}
+    assert _requests(package.tasks["tasks.pipeline.resolve_config"]) == {}
+
+
+def test_ray_tasks_carry_the_rayjob_spec(package: Package) -> None:
+    for name in RAY_TASKS:
+        template = package.tasks[name]
+        assert template.type == "ray", name
+        assert _requests(template) == {CPU: "2", MEMORY: "4Gi"}, name  # the driver (submitter) pod
+        job = MessageToDict(template.custom)
+        assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] == 300, name
+        (workers,) = job["rayCluster"]["workerGroupSpec"]
+        assert workers["groupName"] == "cpu", name
+        assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 4, name
+        (worker,) = workers["k8sPod"]["podSpec"]["containers"]
+        assert worker["resources"]["requests"] == {"cpu": "8", "memory": "16Gi"}, name
+        (head,) = job["rayCluster"]["headGroupSpec"]["k8sPod"]["podSpec"]["containers"]
+        assert head["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}, name
+    assert all(package.tasks[name].type == "python-task" for name in PIPELINE_TASKS - RAY_TASKS)
+
+
+def test_cache_settings(package: Package) -> None:
+    from tasks.common import CACHE
+
+    assert CACHE.version
+    for name in CACHED_TASKS:
+        metadata = package.tasks[name].metadata
+        assert metadata.discoverable, name
+        assert metadata.discovery_version == CACHE.version, name
+        # flytekit 1.16 records Cache(ignored_inputs=...) in TaskMetadata.cache_ignore_input_vars
+        assert list(metadata.cache_ignore_input_vars) == ["parent_run_id"], name
+        assert "parent_run_id" in package.tasks[name].interface.inputs.variables, name
+    for name in UNCACHED_TASKS:
+        metadata = package.tasks[name].metadata
+        assert not metadata.discoverable and not metadata.discovery_version, name
+
+
+def test_gpu_request_is_a_run_time_override(package: Package) -> None:
+    """Nothing in the static package asks for a GPU: `embed_on_device` is a @dynamic that, at run time, compiles a
+    one-node workflow around embed_images and adds `requests=Resources(gpu="1", ...)` to that node when the
+    embedder's device is "cuda". What the package can show is that the dynamic is packaged as one, on the data
+    image, with the settings it needs to compile that node, and that embed_images itself is CPU-only."""
+    embed = package.tasks["tasks.semantic.embed_images"]
+    assert _requests(embed) == {CPU: "4", MEMORY: "16Gi"}
+    assert not embed.container.resources.limits and not embed.HasField("extended_resources")
+    for name, template in package.tasks.items():
+        assert GPU not in _requests(template), name
+
+    dynamic = package.tasks["tasks.semantic.embed_on_device"]
+    assert dynamic.type == "python-task" and not _requests(dynamic)
+    env = {entry.key: entry.value for entry in dynamic.container.env}
+    assert SERIALIZED_CONTEXT_ENV_VAR in env, "embed_on_device is not packaged as a dynamic task"
+    for name, template in package.tasks.items():
+        if name != "tasks.semantic.embed_on_device":
+            assert SERIALIZED_CONTEXT_ENV_VAR not in {entry.key for entry in template.container.env}, name
+    from flytekit.configuration import SerializationSettings
+
+    settings = SerializationSettings.from_transport(env[SERIALIZED_CONTEXT_ENV_VAR])
+    # the run-time embed_images node resolves DATA_IMAGE to the same image
+    image = settings.image_config.find_image(package.image_id)
+    assert image is not None and image.full == package.image
+    assert settings.fast_serialization_settings.enabled
+
+    (node,) = [n for n in package.workflows["workflows.semantic_curation.semantic_curation"].template.nodes
+               if n.task_node.reference_id.name == "tasks.semantic.embed_on_device"]
+    assert not node.task_node.overrides.HasField("resources")
+
+
+def test_workflows_and_launch_plans(package: Package) -> None:
+    assert WORKFLOWS <= package.workflows.keys(), sorted(WORKFLOWS - package.workflows.keys())
+    assert WORKFLOWS <= package.launch_plans.keys(), sorted(WORKFLOWS - package.launch_plans.keys())
+    for name in WORKFLOWS:
+        assert package.launch_plans[name].spec.workflow_id.name == name
+
+    pipeline = package.workflows["workflows.end_to_end.krea2_pipeline"]
+    assert _task_refs(pipeline.template) == {
+        "tasks.pipeline.resolve_config", "tasks.pipeline.start_pipeline", "tasks.curation.build_world_pool",
+        "tasks.curation.ingest", "tasks.semantic.world_captions", "tasks.pipeline.finish_pipeline",
+    }
+    sub_refs = {node.workflow_node.sub_workflow_ref.name for node in pipeline.template.nodes
+                if node.HasField("workflow_node")}
+    assert sub_refs == {"workflows.curation.curate_raw_pool", "workflows.semantic_curation.semantic_curation"}
+    subs = {sub.id.name: sub for sub in pipeline.sub_workflows}
+    assert sub_refs <= subs.keys()
+    assert _task_refs(subs["workflows.curation.curate_raw_pool"]) == {
+        "tasks.curation.score_images", "tasks.curation.select_images"}
+    assert _task_refs(subs["workflows.semantic_curation.semantic_curation"]) == {
+        "tasks.semantic.embed_on_device", "tasks.semantic.semantic_select"}
+    # every task any packaged workflow (or sub-workflow) runs is itself in the package
+    for name, spec in package.workflows.items():
+        for template in (spec.template, *spec.sub_workflows):
+            assert _task_refs(template) <= package.tasks.keys(), name
+
+    defaults = MessageToDict(package.launch_plans["workflows.end_to_end.krea2_pipeline"].spec.default_inputs)
+    values = {key: param["default"]["scalar"]["primitive"]["stringValue"]
+              for key, param in defaults["parameters"].items()}
+    assert values == {"preset": "tiny", "config": ""}
