@@ -14,7 +14,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _ensure_ray(config: ParallelConfig) -> None:
+def ensure_ray(config: ParallelConfig) -> None:
     import ray
 
     if not ray.is_initialized():
@@ -43,7 +43,7 @@ def map_shards(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], config:
         else:
             import ray
 
-            _ensure_ray(config)
+            ensure_ray(config)
             remote = ray.remote(num_cpus=1)(_apply)
             fn_ref = ray.put(fn)  # shipped once, not once per shard
             refs = [remote.remote(fn_ref, shard) for shard in shards]

@@ -8,6 +8,7 @@ way for every stage, so Flyte tasks, the CLI and tests all produce identical art
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +26,12 @@ class StageOutput:
 StageBody = Callable[[dict[str, Path], Path, StageRun], StageOutput]
 
 
+def work_dir(root: Path, kind: str, key: str) -> Path:
+    """Scratch space of one artifact that outlives a failed attempt, so a resumable stage (e.g. sharded
+    model inference) picks up where it stopped; removed once the artifact is published."""
+    return root / "work" / kind / key
+
+
 def output_root() -> Path:
     """Where artifacts and the default MLflow store live: $KREA2_OUTPUT_ROOT, else ./krea2-outputs."""
     return Path(os.environ.get("KREA2_OUTPUT_ROOT", "krea2-outputs")).resolve()
@@ -40,13 +47,17 @@ def execute_stage(stage: str, kind: str, body: StageBody, *, config: Any, inputs
     root = root or output_root()
     inputs = {name: Path(path) for name, path in (inputs or {}).items()}
     manifests = {name: read_manifest(path) for name, path in inputs.items()}
-    out = root / "artifacts" / kind / artifact_key({"stage": stage, "config": config}, manifests)
+    key = artifact_key({"stage": stage, "config": config}, manifests)
+    out = root / "artifacts" / kind / key
+    scratch = work_dir(root, kind, key)
+    scratch.mkdir(parents=True, exist_ok=True)
     with stage_run(stage, output_root=root, parent_run_id=parent_run_id, config=config,
-                   inputs={name: (inputs[name], manifests[name]) for name in inputs}) as run:
+                   inputs={name: (inputs[name], manifests[name]) for name in inputs}, work_dir=scratch) as run:
         with staged_dir(out) as staging:
             result = body(inputs, staging, run)
             manifest = publish(staging, out, kind=kind, counts=result.counts, config=config, inputs=manifests,
                                mlflow_run_id=run.run_id)
+        shutil.rmtree(scratch, ignore_errors=True)
         run.log_metrics({**{f"count.{k}": v for k, v in result.counts.items()}, **result.metrics})
         run.log_output(out, manifest)
     return out, manifest

@@ -111,6 +111,7 @@ def end_pipeline_run(output_root: str | os.PathLike[str], run_id: str, final_run
 @dataclass
 class StageRun:
     run_id: str
+    work_dir: Path  # scratch space that survives a failed attempt of the same stage and inputs
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -134,8 +135,9 @@ def _local_source(path: Path) -> Any:
 
 
 @contextmanager
-def stage_run(stage: str, *, output_root: str | os.PathLike[str], parent_run_id: str = "", config: Any = None,
-              inputs: dict[str, tuple[str | os.PathLike[str], Manifest]] | None = None) -> Iterator[StageRun]:
+def stage_run(stage: str, *, output_root: str | os.PathLike[str], work_dir: Path, parent_run_id: str = "",
+              config: Any = None, inputs: dict[str, tuple[str | os.PathLike[str], Manifest]] | None = None,
+              ) -> Iterator[StageRun]:
     """A child run for one stage execution, with params, input datasets and upstream-run tags."""
     experiment_id = configure_tracking(output_root)
     inputs = inputs or {}
@@ -149,4 +151,4 @@ def stage_run(stage: str, *, output_root: str | os.PathLike[str], parent_run_id:
             dataset = MetaDataset(_local_source(Path(path)),
                                   name=f"{name}:{manifest.kind}", digest=manifest.digest[:36])
             mlflow.log_input(dataset, context=name)
-        yield StageRun(run.info.run_id)
+        yield StageRun(run.info.run_id, work_dir)
