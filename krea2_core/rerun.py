@@ -27,7 +27,7 @@ class StageSpec:
 
 
 def _stages() -> dict[str, StageSpec]:
-    from krea2_core.captioning.stages import run_world_captions
+    from krea2_core.captioning.stages import run_captioning, run_scene_captions
     from krea2_core.curation.stages import run_embedding, run_semantic_selection, semantic_selection_config
     from krea2_core.data import stages as data
 
@@ -42,12 +42,17 @@ def _stages() -> dict[str, StageSpec]:
                                lambda p: {"stages": p.curation.stages, "dedup": p.curation.dedup},
                                lambda p, i, parent: data.run_selection(i["raw_pool"], i["scores"], p.curation.stages,
                                                                        p.curation.dedup, parent_run_id=parent)),
-        "captions": StageSpec({"world_pool": "world_pool", "raw_pool": "ingest"}, lambda p: {"source": "scene_graph"},
-                              lambda p, i, parent: run_world_captions(i["world_pool"], i["raw_pool"], parent_run_id=parent)),
+        "scene_captions": StageSpec({"world_pool": "world_pool", "raw_pool": "ingest"}, lambda p: {"source": "scene_graph"},
+                                    lambda p, i, parent: run_scene_captions(i["world_pool"], i["raw_pool"],
+                                                                            parent_run_id=parent)),
+        "captioning": StageSpec({"curated": "selection", "scene_captions": "scene_captions"},
+                                lambda p: {"captioning": p.captioning},
+                                lambda p, i, parent: run_captioning(i["curated"], i["scene_captions"], p.captioning,
+                                                                    p.curation.parallel, parent_run_id=parent)),
         "embedding": StageSpec({"curated": "selection"}, lambda p: {"stage": p.semantic.stage, "embedder": p.semantic.embedder},
                                lambda p, i, parent: run_embedding(i["curated"], p.semantic.stage, p.semantic.embedder,
                                                                   parent_run_id=parent)),
-        "semantic_selection": StageSpec({"curated": "selection", "embeddings": "embedding", "captions": "captions"},
+        "semantic_selection": StageSpec({"curated": "selection", "embeddings": "embedding", "captions": "captioning"},
                                         lambda p: semantic_selection_config(p.semantic),
                                         lambda p, i, parent: run_semantic_selection(i["curated"], i["embeddings"],
                                                                                     i["captions"], p.semantic,
@@ -55,7 +60,8 @@ def _stages() -> dict[str, StageSpec]:
     }
 
 
-STAGE_ORDER = ("world_pool", "ingest", "scoring", "selection", "captions", "embedding", "semantic_selection")
+STAGE_ORDER = ("world_pool", "ingest", "scoring", "selection", "scene_captions", "captioning", "embedding",
+               "semantic_selection")
 
 
 class RerunError(ValueError):

@@ -35,12 +35,13 @@ REGISTRY = "registry.ci.example/krea2"
 
 RAY_TASKS = {"tasks.curation.ingest", "tasks.curation.score_images", "tasks.curation.ingest_uri_table"}
 CACHED_TASKS = {
-    "tasks.curation.build_world_pool", *RAY_TASKS, "tasks.curation.select_images",
-    "tasks.semantic.world_captions", "tasks.semantic.embed_images", "tasks.semantic.semantic_select",
+    "tasks.curation.build_world_pool", *RAY_TASKS, "tasks.curation.select_images", "tasks.semantic.caption_images",
+    "tasks.semantic.scene_captions", "tasks.semantic.embed_images", "tasks.semantic.semantic_select",
 }
 UNCACHED_TASKS = {
     "tasks.pipeline.resolve_config", "tasks.pipeline.start_pipeline", "tasks.pipeline.finish_pipeline",
-    "tasks.semantic.embed_on_device",  # the dynamic: its embed_images node is the cached one
+    # the dynamics: their caption_images / embed_images nodes are the cached ones
+    "tasks.semantic.embed_on_device", "tasks.semantic.caption_on_device",
 }
 PIPELINE_TASKS = CACHED_TASKS | UNCACHED_TASKS
 WORKFLOWS = {
@@ -240,7 +241,8 @@ def test_workflows_and_launch_plans(package: Package) -> None:
     pipeline = package.workflows["workflows.end_to_end.krea2_pipeline"]
     assert _task_refs(pipeline.template) == {
         "tasks.pipeline.resolve_config", "tasks.pipeline.start_pipeline", "tasks.curation.build_world_pool",
-        "tasks.curation.ingest", "tasks.semantic.world_captions", "tasks.pipeline.finish_pipeline",
+        "tasks.curation.ingest", "tasks.semantic.scene_captions", "tasks.semantic.caption_on_device",
+        "tasks.pipeline.finish_pipeline",
     }
     sub_refs = {node.workflow_node.sub_workflow_ref.name for node in pipeline.template.nodes
                 if node.HasField("workflow_node")}

@@ -19,8 +19,7 @@ world:
   n_near_duplicates: 4
   n_color_variants: 2
   n_per_defect: 1
-  real_image_dirs: [skimage]
-  max_real_images: 8
+  real_image_dirs: []  # world images only: their captions come from scene graphs, no LLM in this test
 semantic:
   sae: {n_features: 32, k: 4, epochs: 5}
   kmeans: {levels: [6, 2]}
@@ -54,7 +53,8 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     assert first.returncode == 0, first.stderr[-3000:]
     assert "krea2 pipeline finished" in first.stdout
     runs = _stage_runs(root)
-    stages = ("world_pool", "ingest", "scoring", "selection", "captions", "embedding", "semantic_selection")
+    stages = ("world_pool", "ingest", "scoring", "selection", "scene_captions", "captioning", "embedding",
+              "semantic_selection")
     assert {stage: len(ids) for stage, ids in runs.items()} == dict.fromkeys(stages, 1)
 
     second = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(small))
@@ -67,7 +67,7 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     assert third.returncode == 0, third.stderr[-3000:]
     after = _stage_runs(root)
     # selection and what is downstream of it re-run; everything upstream comes from the cache
-    downstream = {"selection", "embedding", "semantic_selection"}
+    downstream = {"selection", "captioning", "embedding", "semantic_selection"}
     assert {stage: len(ids) for stage, ids in after.items()} == {s: 1 + (s in downstream) for s in stages}
 
     # the newest parent run links the stage runs it used, including the cached ones
@@ -85,7 +85,7 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
         return client.get_run(tags[f"krea2.stage_run.{stage}"]).data.tags["krea2.output_uri"]
 
     alone = _pyflyte(home, root, "workflows/semantic_curation.py", "semantic_curation",
-                     "--curated", output_of("selection"), "--captions", output_of("captions"))
+                     "--curated", output_of("selection"), "--captions", output_of("captioning"))
     assert alone.returncode == 0, alone.stderr[-3000:]
     assert len(_stage_runs(root)["semantic_selection"]) == 3  # the default (tiny) config differs from SMALL's
 

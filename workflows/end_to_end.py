@@ -3,8 +3,8 @@
     pyflyte run workflows/end_to_end.py krea2_pipeline
     pyflyte run workflows/end_to_end.py krea2_pipeline --preset small --config my_overrides.yaml
 
-Stages so far: world pool -> curation (ingest, scoring, per-resolution selection) -> captions from the
-world's scene graphs -> semantic curation (midtraining selection).
+Stages so far: world pool -> curation (ingest, scoring, per-resolution selection) -> captioning (OCR, long
+captions, rewrites; world images keep their scene-graph captions) -> semantic curation (midtraining selection).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from flytekit import workflow
 
 from tasks.curation import build_world_pool, ingest
 from tasks.pipeline import finish_pipeline, resolve_config, start_pipeline
-from tasks.semantic import world_captions
+from tasks.semantic import caption_on_device, scene_captions
 from workflows.curation import curate_raw_pool
 from workflows.semantic_curation import semantic_curation
 
@@ -25,6 +25,8 @@ def krea2_pipeline(preset: str = "tiny", config: str = "") -> str:
     pool = build_world_pool(config=cfg.world, parent_run_id=parent_run_id)
     raw_pool = ingest(source=pool, parallel=cfg.curation.parallel, parent_run_id=parent_run_id)
     curated = curate_raw_pool(raw_pool=raw_pool, config=cfg.curation, parent_run_id=parent_run_id)
-    captions = world_captions(world_pool=pool, raw_pool=raw_pool, parent_run_id=parent_run_id)
+    scenes = scene_captions(world_pool=pool, raw_pool=raw_pool, parent_run_id=parent_run_id)
+    captions = caption_on_device(curated=curated, scenes=scenes, config=cfg.captioning, parallel=cfg.curation.parallel,
+                                 parent_run_id=parent_run_id)
     midtrain = semantic_curation(curated=curated, captions=captions, config=cfg.semantic, parent_run_id=parent_run_id)
     return finish_pipeline(parent_run_id=parent_run_id, curated=curated, midtrain=midtrain)

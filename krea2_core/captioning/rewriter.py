@@ -16,11 +16,10 @@ import numpy as np
 
 from krea2_core.captioning.llm import ChatLLM, Generated, Messages
 from krea2_core.config import RewriterConfig
+from krea2_core.text import content_words
 
 VARIANTS = ("short", "medium", "tags", "conversational")
 _SYSTEM = "You rewrite image captions into text-to-image prompts. Reply with the rewritten text only."
-_STOPWORDS = frozenset("a an the and or of on in at to with is are its it this that by for from as sits".split())
-
 
 @dataclass(frozen=True)
 class Variants:
@@ -67,11 +66,16 @@ def _clean(text: str) -> str:
     return text.strip().strip("\"'“”").strip()
 
 
+TAG_WORDS = 3  # a longer "tag" is a phrase or a sentence: cut and flagged
+
+
 def parse_tags(text: str, limit: int) -> tuple[str, bool]:
-    """Comma/newline-separated tags, lowercased, stripped of bullets, deduplicated, at most ``limit``."""
+    """Comma/newline-separated tags, lowercased, stripped of bullets, deduplicated, at most ``limit`` tags
+    of at most ``TAG_WORDS`` words; True when anything was cut."""
     tags = [re.sub(r"^[\s\-*#\d.)]+|[\s.]+$", "", t).lower() for t in re.split(r"[,\n]", text)]
-    unique = list(dict.fromkeys(t for t in tags if t))
-    return ", ".join(unique[:limit]), len(unique) > limit
+    cut = [cut_words(t, TAG_WORDS) for t in tags if t]
+    unique = list(dict.fromkeys(tag for tag, _ in cut))
+    return ", ".join(unique[:limit]), len(unique) > limit or any(was_cut for _, was_cut in cut)
 
 
 def first_sentence(text: str) -> str:
@@ -82,8 +86,7 @@ def fallback(variant: str, long_caption: str, config: RewriterConfig) -> str:
     """Deterministic stand-in from the long caption: its first sentence (its content words for tags)."""
     sentence = first_sentence(long_caption)
     if variant == "tags":
-        words = [w.lower() for w in re.findall(r"[\w'-]+", sentence)]
-        return parse_tags(", ".join(w for w in words if w not in _STOPWORDS), config.tags)[0]
+        return parse_tags(", ".join(w for w in content_words(sentence) if w), config.tags)[0]
     return cut_words(sentence, _limit(variant, config))[0]
 
 

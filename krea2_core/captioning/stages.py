@@ -1,19 +1,26 @@
-"""Captioning stage entry points. So far: captions from the verifiable world's scene graphs, which are
-exact by construction (the tiny preset's offline captions for world images)."""
+"""Captioning stage entry points: scene-graph captions of the world's images, then captioning of every
+kept image (OCR, long caption, rewrites), resumable by shard."""
 
 from __future__ import annotations
 
+import functools
+import time
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 
 from krea2_core.artifacts import Manifest, read_manifest
+from krea2_core.captioning.worker import CaptionWorker
+from krea2_core.config import CaptioningConfig, ParallelConfig
 from krea2_core.data.ingest import RAW_POOL_FILE
-from krea2_core.data.schemas import Captions, RawPool, read_table, write_table
+from krea2_core.data.schemas import Captions, RawPool, SceneCaptions, Verdicts, read_table, write_table
+from krea2_core.shards import run_sharded
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
 from krea2_core.world.pool import SCENES_FILE
 
+SCENE_CAPTIONS_FILE = "scene_captions.parquet"
 CAPTIONS_FILE = "captions.parquet"
 
 
@@ -24,14 +31,46 @@ def scene_graph_captions(raw_pool: pd.DataFrame, scenes: pd.DataFrame) -> pd.Dat
     return captions.drop(columns="file").assign(source="scene_graph")
 
 
-def run_world_captions(world_pool: Path, raw_pool: Path, *, parent_run_id: str = "") -> tuple[Path, Manifest]:
+def run_scene_captions(world_pool: Path, raw_pool: Path, *, parent_run_id: str = "") -> tuple[Path, Manifest]:
     read_manifest(world_pool, kind="world_pool")
 
     def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
         pool = read_table(inputs["raw_pool"] / RAW_POOL_FILE, RawPool)
         scenes = pd.read_parquet(inputs["world_pool"] / SCENES_FILE)
-        captions = write_table(scene_graph_captions(pool, scenes), staging / CAPTIONS_FILE, Captions)
+        captions = write_table(scene_graph_captions(pool, scenes), staging / SCENE_CAPTIONS_FILE, SceneCaptions)
         return StageOutput(counts={"captioned": len(captions), "pool": len(pool)})
 
-    return execute_stage("captions", "captions", body, config={"source": "scene_graph"},
+    return execute_stage("scene_captions", "scene_captions", body, config={"source": "scene_graph"},
                          inputs={"world_pool": world_pool, "raw_pool": raw_pool}, parent_run_id=parent_run_id)
+
+
+def _kept_union(curated: Path) -> pd.DataFrame:
+    """Every image kept by any resolution stage (each stage's training set needs captions)."""
+    stages = sorted(p for p in curated.iterdir() if (p / "kept.parquet").is_file())
+    kept = pd.concat([read_table(p / "kept.parquet", Verdicts)[["id", "uri", "exif"]] for p in stages])
+    return kept.drop_duplicates("id").sort_values("id").reset_index(drop=True)
+
+
+def run_captioning(curated: Path, scene_captions: Path, config: CaptioningConfig, parallel: ParallelConfig, *,
+                   parent_run_id: str = "") -> tuple[Path, Manifest]:
+    def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+        kept = _kept_union(inputs["curated"])
+        scenes = read_table(inputs["scene_captions"] / SCENE_CAPTIONS_FILE, SceneCaptions).set_index("id")
+        worker = functools.partial(CaptionWorker, config, scenes[["long", "medium", "short"]].to_dict("index"))
+        items = list(kept[["id", "uri", "exif"]].itertuples(index=False, name=None))
+        start = time.perf_counter()
+        frame, reused = run_sharded(items, worker, run.work_dir, config.shard_size, parallel=parallel,
+                                    num_gpus=config.gpu_fraction, desc="caption")
+        seconds = time.perf_counter() - start
+        captions = write_table(frame, staging / CAPTIONS_FILE, Captions)
+        mlflow.log_table(captions.drop(columns=["error"]).head(25), artifact_file="captions_sample.json")
+        sources = captions["source"].value_counts().to_dict()
+        flags = pd.Series([f for row in captions["flags"] for f in row.split(",") if f]).value_counts().to_dict()
+        return StageOutput(
+            counts={"images": len(captions), "errors": int(captions["error"].notna().sum()), "shards_reused": reused,
+                    **{f"source.{k}": int(v) for k, v in sources.items()}, **{f"flag.{k}": int(v) for k, v in flags.items()}},
+            metrics={"images_per_s": (len(captions) / seconds) if seconds > 0 else 0.0,
+                     "with_text_share": float((captions["ocr_text"] != "").mean()) if len(captions) else 0.0})
+
+    return execute_stage("captioning", "captions", body, config={"captioning": config},
+                         inputs={"curated": curated, "scene_captions": scene_captions}, parent_run_id=parent_run_id)

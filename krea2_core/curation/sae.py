@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from krea2_core.config import SAEConfig
-from krea2_core.curation.text import content_words
+from krea2_core.text import content_words
 
 AUX_K_FACTOR = 2  # dead features recruited by the auxiliary loss, as a multiple of k
 AUX_WEIGHT = 1.0 / 32  # weight of the auxiliary loss (Gao et al. 2024)

@@ -105,14 +105,35 @@ def read_table(path: Path, schema: type[pa.DataFrameModel]) -> pd.DataFrame:
     return validate(frame, schema, str(path))
 
 
-class Captions(pa.DataFrameModel):
-    """Captions per image id in several lengths; ``source`` says what wrote them."""
+class SceneCaptions(pa.DataFrameModel):
+    """Exact captions of the verifiable world's images, from their scene graphs."""
 
     id: Series[str] = pa.Field(unique=True)
     long: Series[str]
     medium: Series[str]
     short: Series[str]
-    source: Series[str] = pa.Field(isin=["scene_graph", "vlm", "llm_rewrite"])
+    source: Series[str] = pa.Field(isin=["scene_graph"])
+
+    class Config:
+        strict = True
+        coerce = True
+
+
+class Captions(pa.DataFrameModel):
+    """The captioning stage's output: OCR, a long caption and its rewrites per image. ``source`` says what
+    wrote the long caption; ``flags`` lists truncations/fallbacks; ``error`` is set where a step failed."""
+
+    id: Series[str] = pa.Field(unique=True)
+    ocr_text: Series[str]
+    text_density: Series[float] = pa.Field(ge=0, le=1)
+    long: Series[str]
+    medium: Series[str]
+    short: Series[str]
+    tags: Series[str]
+    conversational: Series[str]
+    source: Series[str] = pa.Field(isin=["scene_graph", "text_llm", "vlm", "none"])
+    flags: Series[str]
+    error: Series[str] = pa.Field(nullable=True)
 
     class Config:
         strict = True

@@ -58,7 +58,7 @@ def test_empty_or_failed_generation_falls_back_to_the_long_caption(llm: _Fake) -
     v = rewrite(LONG, llm, CONFIG)
     assert v.short == "A photograph of a red"
     assert v.medium == "A photograph of a red circle and two blue squares"
-    assert v.tags == "photograph, red, circle, two"
+    assert v.tags == "red, circle, blue, squares"  # content words: "photograph" and numbers are stopwords
     assert v.flags == ("short_fallback", "medium_fallback", "tags_fallback", "conversational_fallback")
     assert v == rewrite(LONG, llm, CONFIG)  # deterministic
 
@@ -104,3 +104,12 @@ def test_smollm2_rewrites_a_world_caption_offline() -> None:
     assert v.short and v.medium
     assert "short_fallback" not in v.flags and "medium_fallback" not in v.flags
     assert _words(v.short) <= config.short_words and _words(v.medium) <= config.medium_words
+
+
+def test_sentence_answers_to_the_tags_prompt_become_short_flagged_tags() -> None:
+    from krea2_core.captioning.rewriter import TAG_WORDS, parse_tags
+
+    tags, cut = parse_tags("the image is a woman with a scarf, Red Scarf, window", limit=10)
+    assert tags == "the image is, red scarf, window" and cut
+    assert all(len(t.split()) <= TAG_WORDS for t in tags.split(", "))
+    assert parse_tags("red scarf, window", limit=10) == ("red scarf, window", False)

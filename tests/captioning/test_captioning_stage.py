@@ -1,0 +1,97 @@
+"""The captioning stage over curated images: OCR everywhere, scene-graph captions for world images, LLM
+captions and rewrites for the rest, per-row errors, and resume after a crash."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from krea2_core.captioning import worker
+from krea2_core.captioning.captioner import TextLlmCaptioner
+from krea2_core.captioning.llm import Generated
+from krea2_core.captioning.stages import CAPTIONS_FILE, run_captioning, run_scene_captions
+from krea2_core.config import ParallelConfig, load_config
+from krea2_core.data import stages as data
+from krea2_core.world.pool import SCENES_FILE
+
+SERIAL = ParallelConfig(backend="serial")
+
+
+class FakeLLM:
+    """Answers every prompt with a long sentence; raises a crash on the call numbered ``crash_on``."""
+
+    calls = 0
+    crash_on: int | None = None
+
+    def generate(self, messages_batch, max_new_tokens):  # noqa: ANN001, ANN201
+        FakeLLM.calls += 1
+        if FakeLLM.calls == FakeLLM.crash_on:
+            raise KeyboardInterrupt("simulated crash")
+        return [Generated("a photo of a cat sitting on a red sofa near a window " * 5, False) for _ in messages_batch]
+
+
+@pytest.fixture
+def curated(isolated_outputs: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    monkeypatch.setattr(worker.LocalChatLLM, "load", classmethod(lambda cls, model_id, device="auto": FakeLLM()))
+    monkeypatch.setattr(worker, "make_captioner", lambda config: TextLlmCaptioner(config, llm=FakeLLM()))
+    FakeLLM.calls, FakeLLM.crash_on = 0, None
+    config = load_config("tiny", {"world": {"n_scenes": 10, "n_exact_duplicates": 1, "n_near_duplicates": 1,
+                                            "n_color_variants": 1, "n_per_defect": 1, "real_image_dirs": ["skimage"],
+                                            "max_real_images": 3}})
+    world, _ = data.run_world_pool(config.world)
+    raw_pool, _ = data.run_ingest(world, SERIAL)
+    scores, _ = data.run_scoring(raw_pool, config.curation.analysis, SERIAL)
+    selected, _ = data.run_selection(raw_pool, scores, config.curation.stages, config.curation.dedup)
+    scenes, _ = run_scene_captions(world, raw_pool)
+    return {"world": world, "curated": selected, "scenes": scenes}
+
+
+def _caption(paths: dict[str, Path], **overrides: object) -> tuple[Path, dict[str, int]]:
+    config = load_config("tiny", {"captioning": {"shard_size": 4, **overrides}}).captioning
+    path, manifest = run_captioning(paths["curated"], paths["scenes"], config, SERIAL)
+    return path, manifest.counts
+
+
+def test_world_images_keep_exact_captions_and_ocr_reads_their_text(curated: dict[str, Path]) -> None:
+    path, counts = _caption(curated)
+    captions = pd.read_parquet(path / CAPTIONS_FILE)
+    scenes = pd.read_parquet(curated["world"] / SCENES_FILE)
+    world = captions[captions["source"] == "scene_graph"]
+    assert len(world) >= 8 and counts["errors"] == 0
+    by_long = scenes.drop_duplicates("long").set_index("long")  # copies share their original's caption
+    texts = [json.loads(by_long.loc[long, "scene"])["text"] for long in world["long"]]
+    with_text = [(ocr, t) for ocr, t in zip(world["ocr_text"], texts, strict=True) if t]
+    assert with_text and all(t in ocr.replace(" ", "").upper() for ocr, t in with_text), with_text
+    assert (world["tags"] != "").all() and world["conversational"].str.startswith("Could you make me").all()
+
+
+def test_other_images_get_llm_captions_and_variants_within_limits(curated: dict[str, Path]) -> None:
+    path, counts = _caption(curated)
+    real = pd.read_parquet(path / CAPTIONS_FILE).query("source == 'text_llm'")
+    assert len(real) >= 1 and counts["source.text_llm"] == len(real)
+    limits = load_config("tiny").captioning.rewriter
+    assert (real["short"].str.split().str.len() <= limits.short_words).all()
+    assert (real["medium"].str.split().str.len() <= limits.medium_words).all()
+    assert (real["tags"].str.split(",").str.len() <= limits.tags).all()
+    assert real["flags"].str.contains("short_truncated").all()  # the fake answers are over-long: cut and flagged
+
+
+def test_unreadable_image_is_a_recorded_error(curated: dict[str, Path]) -> None:
+    kept = pd.read_parquet(curated["curated"] / "256" / "kept.parquet")
+    Path(kept["uri"].iloc[0]).unlink()
+    path, counts = _caption(curated)
+    captions = pd.read_parquet(path / CAPTIONS_FILE).set_index("id")
+    assert counts["errors"] == 1 and "FileNotFoundError" in captions.loc[kept["id"].iloc[0], "error"]
+    assert captions.drop(index=kept["id"].iloc[0])["error"].isna().all()
+
+
+def test_a_crashed_run_resumes_from_its_finished_shards(curated: dict[str, Path]) -> None:
+    FakeLLM.crash_on = 1  # the first LLM call: the shard holding the first non-world image
+    with pytest.raises(KeyboardInterrupt):
+        _caption(curated, shard_size=2)
+    FakeLLM.crash_on = None
+    _, counts = _caption(curated, shard_size=2)
+    assert counts["shards_reused"] >= 1 and counts["errors"] == 0
