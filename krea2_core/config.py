@@ -334,10 +334,17 @@ class CaptioningConfig(_Strict):
     rewriter: RewriterConfig = field(default_factory=RewriterConfig)
     shard_size: int = 32  # images per resumable shard
     gpu_fraction: float = 0.0  # per Ray actor when models run on GPU (several actors share one GPU)
+    # how often training draws each caption length: mostly long, short and medium always in the mix
+    long_ratio: float = 0.7
+    medium_ratio: float = 0.15
+    short_ratio: float = 0.15
 
     def __post_init__(self) -> None:
         _require(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
         _require(0.0 <= self.gpu_fraction <= 1.0, f"gpu_fraction must be in [0, 1], got {self.gpu_fraction}")
+        ratios = (self.long_ratio, self.medium_ratio, self.short_ratio)
+        _require(all(r >= 0 for r in ratios) and abs(sum(ratios) - 1.0) < 1e-9,
+                 f"long_ratio, medium_ratio and short_ratio must be >= 0 and sum to 1, got {ratios}")
 
 
 # --------------------------------------------------------------------------- verifiable world

@@ -7,7 +7,6 @@ from the long caption, flagged ``<variant>_fallback``. ``sample_caption`` is the
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from krea2_core.captioning.llm import ChatLLM, Generated, Messages
-from krea2_core.config import RewriterConfig
+from krea2_core.config import CaptioningConfig, RewriterConfig
 from krea2_core.text import content_words
 
 VARIANTS = ("short", "medium", "tags", "conversational")
@@ -149,10 +148,8 @@ def rewrite(long_caption: str, llm: ChatLLM, config: RewriterConfig) -> Variants
     return rewrite_many([long_caption], llm, config)[0]
 
 
-def sample_caption(variants_row: Mapping[str, str], rng: np.random.Generator, long_ratio: float = 0.7,
-                   medium_ratio: float = 0.15, short_ratio: float = 0.15) -> str:
-    """The caption a training step sees: mostly ``long``, with ``medium`` and ``short`` always in the mix."""
-    ratios = (long_ratio, medium_ratio, short_ratio)
-    if any(r < 0 for r in ratios) or not math.isclose(sum(ratios), 1.0, abs_tol=1e-9):
-        raise ValueError(f"caption ratios must be >= 0 and sum to 1, got {ratios}")
+def sample_caption(variants_row: Mapping[str, str], rng: np.random.Generator, config: CaptioningConfig) -> str:
+    """The caption a training step sees: mostly ``long``, with ``medium`` and ``short`` always in the mix
+    (``config`` validated its ratios)."""
+    ratios = (config.long_ratio, config.medium_ratio, config.short_ratio)
     return variants_row[("long", "medium", "short")[rng.choice(3, p=ratios)]]

@@ -26,8 +26,15 @@ Item = tuple[str, str, str]  # (id, uri, EXIF JSON)
 _MAX_PIXELS = AnalysisConfig().max_pixels
 
 
+def _lines_json(ocr: OcrResult | None) -> str:
+    lines = ocr.lines if ocr else ()
+    return json.dumps([{"text": line.text, "score": round(line.score, 4), "box": [[round(x, 1), round(y, 1)]
+                        for x, y in line.box]} for line in lines])
+
+
 def _row(image_id: str, ocr: OcrResult | None, **fields: str) -> dict[str, object]:
-    return {"id": image_id, "ocr_text": ocr.text if ocr else "", "text_density": ocr.text_density if ocr else 0.0,
+    return {"id": image_id, "ocr_text": ocr.text if ocr else "", "ocr_lines": _lines_json(ocr),
+            "text_density": ocr.text_density if ocr else 0.0,
             "long": "", "medium": "", "short": "", "tags": "", "conversational": "", "source": "none",
             "flags": "", "error": None, **fields}
 

@@ -125,6 +125,7 @@ class Captions(pa.DataFrameModel):
 
     id: Series[str] = pa.Field(unique=True)
     ocr_text: Series[str]
+    ocr_lines: Series[str]  # JSON list of {text, score, box}: box corners in the original image's pixels
     text_density: Series[float] = pa.Field(ge=0, le=1)
     long: Series[str]
     medium: Series[str]

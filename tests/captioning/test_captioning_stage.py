@@ -65,6 +65,9 @@ def test_world_images_keep_exact_captions_and_ocr_reads_their_text(curated: dict
     texts = [json.loads(by_long.loc[long, "scene"])["text"] for long in world["long"]]
     with_text = [(ocr, t) for ocr, t in zip(world["ocr_text"], texts, strict=True) if t]
     assert with_text and all(t in ocr.replace(" ", "").upper() for ocr, t in with_text), with_text
+    lines = [json.loads(v) for v, t in zip(world["ocr_lines"], texts, strict=True) if t]
+    assert all(line and all(len(entry["box"]) == 4 for entry in line) for line in lines)
+    assert (world.loc[[bool(t) for t in texts], "text_density"] > 0).all()
     assert (world["tags"] != "").all() and world["conversational"].str.startswith("Could you make me").all()
 
 
