@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from krea2_core.config import OcrConfig
+from krea2_core.data.images import to_rgb
 
 Box = tuple[tuple[float, float], ...]
 
@@ -43,16 +44,6 @@ class OcrError(ValueError):
 
 class OcrEngine(Protocol):
     def read(self, image: Image.Image) -> OcrResult: ...
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy; transparent pixels become white so dark text on a transparent background stays visible."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def fit_long_side(image: Image.Image, max_side: int) -> Image.Image:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from krea2_core.config import EmbedderConfig
 from krea2_core.curation.efficientnet import FEATURE_DIM, INPUT_MEAN, INPUT_SIZE, INPUT_STD, load_efficientnet_lite0
+from krea2_core.data.images import to_rgb
 
 ID_COLUMN = "id"
 EMBEDDING_COLUMN = "embedding"
@@ -53,16 +54,6 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"embedder device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     return torch.device(device)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of ``image``; transparent pixels become white rather than whatever colour they hide."""
-    if image.mode == "RGB":
-        return image
-    if image.has_transparency_data:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def _in_batches(images: Sequence[Image.Image], batch_size: int, dim: int,

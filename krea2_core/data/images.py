@@ -92,6 +92,17 @@ def probe(fp: IO[bytes]) -> Header:
     return Header(width=width, height=height, format=image.format or "", exif=_exif(image))
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of ``image``; transparent pixels become white (as a trainer and the models see them), not
+    whatever colour they hide."""
+    if image.mode == "RGB":
+        return image
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def analysis_copy(data: bytes, side: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode to an RGB uint8 array whose long side is at most ``side``; also the oriented full size.
 
@@ -110,11 +121,11 @@ def analysis_copy(data: bytes, side: int, max_pixels: int) -> tuple[np.ndarray, 
             full_size = full_size[::-1]
         if orientation not in (None, 1):  # exif_transpose copies the image even when nothing changes
             image = ImageOps.exif_transpose(image)
-        transparent = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-        image = image.convert("RGBA" if transparent else "RGB") if image.mode != "RGB" else image
-        image.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)  # RGBA: premultiplied
-        if transparent:  # composite after shrinking: same result, a fraction of the pixels
-            image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
+        # shrink first, then composite on white: same result, a fraction of the pixels (RGBA resizes premultiplied)
+        if image.mode != "RGB":
+            image = image.convert("RGBA" if image.has_transparency_data else "RGB")
+        image.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        image = to_rgb(image)
         pixels = np.asarray(image)
     except BadImage:
         raise

@@ -22,9 +22,9 @@ from krea2_core.curation.embedders import (
     make_embedder,
     read_embeddings,
     resolve_device,
-    to_rgb,
     write_embeddings,
 )
+from krea2_core.data.images import to_rgb
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
