@@ -201,31 +201,36 @@ def test_cache_settings(package: Package) -> None:
         assert not metadata.discoverable and not metadata.discovery_version, name
 
 
+DYNAMIC_TASKS = {"tasks.semantic.embed_on_device": "tasks.semantic.embed_images",
+                 "tasks.semantic.caption_on_device": "tasks.semantic.caption_images"}
+
+
 def test_gpu_request_is_a_run_time_override(package: Package) -> None:
-    """Nothing in the static package asks for a GPU: `embed_on_device` is a @dynamic that, at run time, compiles a
-    one-node workflow around embed_images and adds `requests=Resources(gpu="1", ...)` to that node when the
-    embedder's device is "cuda". What the package can show is that the dynamic is packaged as one, on the data
-    image, with the settings it needs to compile that node, and that embed_images itself is CPU-only."""
-    embed = package.tasks["tasks.semantic.embed_images"]
-    assert _requests(embed) == {CPU: "4", MEMORY: "16Gi"}
-    assert not embed.container.resources.limits and not embed.HasField("extended_resources")
+    """Nothing in the static package asks for a GPU: `embed_on_device` and `caption_on_device` are @dynamic
+    tasks that, at run time, compile a one-node workflow around their model task and add
+    `requests=Resources(gpu="1", ...)` to that node when the config's device is "cuda". What the package can
+    show is that each dynamic is packaged as one, on the data image, with the settings it needs to compile that
+    node, and that the model tasks themselves are CPU-only."""
     for name, template in package.tasks.items():
         assert GPU not in _requests(template), name
-
-    dynamic = package.tasks["tasks.semantic.embed_on_device"]
-    assert dynamic.type == "python-task" and not _requests(dynamic)
-    env = {entry.key: entry.value for entry in dynamic.container.env}
-    assert SERIALIZED_CONTEXT_ENV_VAR in env, "embed_on_device is not packaged as a dynamic task"
-    for name, template in package.tasks.items():
-        if name != "tasks.semantic.embed_on_device":
-            assert SERIALIZED_CONTEXT_ENV_VAR not in {entry.key for entry in template.container.env}, name
     from flytekit.configuration import SerializationSettings
 
-    settings = SerializationSettings.from_transport(env[SERIALIZED_CONTEXT_ENV_VAR])
-    # the run-time embed_images node resolves DATA_IMAGE to the same image
-    image = settings.image_config.find_image(package.image_id)
-    assert image is not None and image.full == package.image
-    assert settings.fast_serialization_settings.enabled
+    for dynamic_name, model_task in DYNAMIC_TASKS.items():
+        model = package.tasks[model_task]
+        assert _requests(model) == {CPU: "4", MEMORY: "16Gi"}, model_task
+        assert not model.container.resources.limits and not model.HasField("extended_resources"), model_task
+        dynamic = package.tasks[dynamic_name]
+        assert dynamic.type == "python-task" and not _requests(dynamic)
+        env = {entry.key: entry.value for entry in dynamic.container.env}
+        assert SERIALIZED_CONTEXT_ENV_VAR in env, f"{dynamic_name} is not packaged as a dynamic task"
+        settings = SerializationSettings.from_transport(env[SERIALIZED_CONTEXT_ENV_VAR])
+        # the run-time model node resolves DATA_IMAGE to the same image
+        image = settings.image_config.find_image(package.image_id)
+        assert image is not None and image.full == package.image
+        assert settings.fast_serialization_settings.enabled
+    for name, template in package.tasks.items():
+        if name not in DYNAMIC_TASKS:
+            assert SERIALIZED_CONTEXT_ENV_VAR not in {entry.key for entry in template.container.env}, name
 
     (node,) = [n for n in package.workflows["workflows.semantic_curation.semantic_curation"].template.nodes
                if n.task_node.reference_id.name == "tasks.semantic.embed_on_device"]
