@@ -252,13 +252,6 @@ class CaptionClusterNamer:
         return (" ".join(ranked) or "unnamed"), flagged
 
 
-def nearest_to_centroid(x: np.ndarray, h: Hierarchy, leaf: int, m: int) -> np.ndarray:
-    """Indices of the ``m`` points of ``leaf`` nearest its centroid, nearest first (ties by index)."""
-    rows = np.flatnonzero(h.leaf == leaf)
-    dist = _distance_to_centroid(x[rows], h.centroids[0], h.leaf[rows])
-    return rows[np.lexsort((rows, dist))[:m]]
-
-
 def _distance_to_centroid(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Squared L2 distance of every row to the centroid of its own cluster, in blocks to bound memory."""
     dist = np.empty(len(x), dtype=np.float64)

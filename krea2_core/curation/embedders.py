@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
 from krea2_core.config import EmbedderConfig
 from krea2_core.curation.efficientnet import FEATURE_DIM, INPUT_MEAN, INPUT_SIZE, INPUT_STD, load_efficientnet_lite0
@@ -162,18 +161,6 @@ def make_embedder(config: EmbedderConfig) -> Embedder:
     if config.kind == "hf":
         return HFVisionEmbedder(config.model_id, device, config.batch_size)
     raise ValueError(f"unknown embedder kind {config.kind!r}")
-
-
-def embed_all(embedder: Embedder, load: Callable[[int], Image.Image], n: int, batch_size: int,
-              desc: str) -> np.ndarray:
-    """(n, dim) embeddings of ``load(0) .. load(n - 1)``, holding at most one batch of images in memory."""
-    out = np.empty((n, embedder.dim), np.float32)
-    with tqdm(total=n, desc=desc, unit="img") as bar:
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            out[start:stop] = embedder.embed([load(i) for i in range(start, stop)])
-            bar.update(stop - start)
-    return out
 
 
 def write_embeddings(path: str | Path, ids: Sequence[str], vectors: np.ndarray, model: str) -> None:

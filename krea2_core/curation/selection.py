@@ -23,8 +23,10 @@ import pandas as pd
 
 from krea2_core.config import SemanticCurationConfig
 from krea2_core.curation.clusters import CaptionClusterNamer, balanced_sample, hierarchical_kmeans, leaves_to_drop, name_leaves
-from krea2_core.curation.coverage import ConceptIndex, ensure_coverage, load_graph, select_concepts
-from krea2_core.curation.sae import CaptionKeywordLabeller, activations, label_features, predominant_tags, tag_filter, train_sae
+from krea2_core.curation.coverage import (ConceptIndex, coverage_counts, coverage_report, ensure_coverage, load_graph,
+                                         select_concepts)
+from krea2_core.curation.sae import (CaptionKeywordLabeller, TopKSAE, activations, label_features, predominant_tags,
+                                    tag_filter, train_sae)
 from krea2_core.curation.semdedup import semantic_dedup
 from krea2_core.data.dedup import keep_order
 
@@ -46,6 +48,7 @@ class Selection:
     clusters: pd.DataFrame  # leaf, size, name, flagged, dropped, sampled
     tags: pd.DataFrame  # feature, label, images
     coverage: pd.DataFrame  # concept, name, type, images_in_input, images_eligible, images_in_sample, lost
+    sae: TopKSAE
     sae_history: list[dict[str, float]]
 
 
@@ -113,7 +116,7 @@ def select_for_midtraining(c: Candidates, config: SemanticCurationConfig) -> Sel
     clusters = names.assign(dropped=names["leaf"].isin(dropped_leaves),
                             sampled=names["leaf"].map(pd.Series(leaf[kept]).value_counts()).fillna(0).astype(int))
     return Selection(verdicts=verdicts, clusters=clusters, tags=_tag_counts(labels, tags),
-                     coverage=_coverage(concepts, matches, pool, final), sae_history=history)
+                     coverage=_coverage(concepts, matches, pool, final), sae=sae, sae_history=history)
 
 
 def _tag_counts(labels: dict[int, str], tags: list[list[str]]) -> pd.DataFrame:
@@ -125,12 +128,6 @@ def _tag_counts(labels: dict[int, str], tags: list[list[str]]) -> pd.DataFrame:
 def _coverage(concepts: pd.DataFrame, matches, eligible: np.ndarray, final: np.ndarray) -> pd.DataFrame:
     """Images naming each concept present in the input: in the input, among eligible images, in the
     sample. ``lost`` marks a concept that eligible images name but the sample does not (must not happen)."""
-    def per_concept(rows: np.ndarray) -> np.ndarray:
-        return np.asarray(matches[rows].sum(axis=0)).ravel()
-
-    everything = np.arange(matches.shape[0])
-    table = concepts[["id", "name", "type"]].assign(
-        images_in_input=per_concept(everything), images_eligible=per_concept(eligible),
-        images_in_sample=per_concept(final))
-    table = table[table["images_in_input"] > 0].reset_index(drop=True)
-    return table.assign(lost=(table["images_eligible"] > 0) & (table["images_in_sample"] == 0))
+    report = coverage_report(matches, eligible, final, concepts).rename(columns={"images_in_pool": "images_eligible"})
+    report.insert(3, "images_in_input", coverage_counts(matches))
+    return report[report["images_in_input"] > 0].reset_index(drop=True)

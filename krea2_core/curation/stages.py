@@ -15,6 +15,7 @@ from krea2_core.captioning.stages import CAPTIONS_FILE
 from krea2_core.config import AnalysisConfig, EmbedderConfig, SemanticCurationConfig
 from krea2_core.curation.embedders import make_embedder, read_embeddings, write_embeddings
 from krea2_core.curation.plots import cluster_size_plot, tag_count_plot
+from krea2_core.curation.sae import reconstruction_fvu, save_sae
 from krea2_core.curation.selection import Candidates, select_for_midtraining
 from krea2_core.data.images import BadImage, analysis_copy, read_bytes
 from krea2_core.data.schemas import Captions, Verdicts, read_table
@@ -97,6 +98,8 @@ def run_semantic_selection(curated: Path, embeddings: Path, captions: Path, conf
         tag_count_plot(selection.tags, staging / "tag_counts.png")
         for epoch, metrics in enumerate(selection.sae_history):
             run.log_metrics({f"sae.{k}": v for k, v in metrics.items()}, step=epoch)
+        save_sae(selection.sae, staging / "sae.safetensors")  # krea2_core.curation.sae.load_sae reads it back
+        run.log_metrics({"sae.fvu_all_images": reconstruction_fvu(selection.sae, vectors)})
         lost = selection.coverage[selection.coverage["lost"]]["name"].tolist()
         if lost:
             raise RuntimeError(f"coverage check failed: the sample lost concepts {lost[:20]}")

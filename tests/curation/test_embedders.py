@@ -18,7 +18,6 @@ from krea2_core.curation.efficientnet import load_efficientnet_lite0, weights_pa
 from krea2_core.curation.embedders import (
     EfficientNetLite0Embedder,
     HFVisionEmbedder,
-    embed_all,
     make_embedder,
     read_embeddings,
     resolve_device,
@@ -97,19 +96,6 @@ def test_non_rgb_images_are_converted_and_empty_input_is_empty(effnet: Efficient
     assert vectors[0] @ rgb > 0.999  # opaque RGBA embeds as its RGB
     assert vectors[1] @ rgb > 0.8  # greyscale stays close
     assert effnet.embed([]).shape == (0, 1280)
-
-
-def test_embed_all_loads_lazily_in_batches(effnet: EfficientNetLite0Embedder, photos: list[Image.Image]) -> None:
-    loaded: list[int] = []
-
-    def load(i: int) -> Image.Image:
-        loaded.append(i)
-        return photos[i]
-
-    vectors = embed_all(effnet, load, len(photos), batch_size=2, desc="test")
-    assert loaded == list(range(len(photos)))
-    np.testing.assert_allclose(vectors, effnet.embed(photos), atol=1e-4)
-    assert embed_all(effnet, load, 0, batch_size=2, desc="empty").shape == (0, 1280)
 
 
 def test_resolve_device() -> None:
