@@ -18,6 +18,7 @@ from typing import Any, Literal
 import typing
 
 import yaml
+from PIL import Image
 
 
 class ConfigError(ValueError):
@@ -109,7 +110,7 @@ class AnalysisConfig(_Strict):
     """How each image is decoded, measured and hashed (shared by every stage)."""
 
     side: int = 256  # long side of the analysis copy
-    max_pixels: int = 89_478_485  # header w*h above this is a decompression bomb (PIL's own default)
+    max_pixels: int = Image.MAX_IMAGE_PIXELS  # header w*h above this is a decompression bomb (PIL's default)
     white_level: int = 250  # a pixel is white when min(R,G,B) >= white_level
     black_level: int = 5  # a pixel is black when max(R,G,B) <= black_level
     border_tolerance: float = 1.0  # a border line is flat when its pixel std is below this (0..255)

@@ -8,6 +8,7 @@ when its config changed or when one of its inputs re-runs (the same rule the Fly
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +27,7 @@ class StageSpec:
     run: Callable[[PipelineConfig, dict[str, Path], str], tuple[Path, Manifest]]  # (config, inputs, parent run)
 
 
+@functools.cache
 def _stages() -> dict[str, StageSpec]:
     from krea2_core.captioning.stages import run_captioning, run_scene_captions
     from krea2_core.curation.stages import run_embedding, run_semantic_selection, semantic_selection_config

@@ -18,12 +18,11 @@ from krea2_core.captioning.captioner import CaptionContext, Captioner, make_capt
 from krea2_core.captioning.llm import ChatLLM, LocalChatLLM
 from krea2_core.captioning.ocr import OcrError, OcrResult, RapidOcrEngine
 from krea2_core.captioning.rewriter import rewrite_many
-from krea2_core.config import AnalysisConfig, CaptioningConfig
+from krea2_core.config import CaptioningConfig
 from krea2_core.text import content_words
-from krea2_core.data.images import BadImage, analysis_copy, read_bytes
+from krea2_core.data.images import BadImage, load_image
 
 Item = tuple[str, str, str]  # (id, uri, EXIF JSON)
-_MAX_PIXELS = AnalysisConfig().max_pixels
 
 
 def _lines_json(ocr: OcrResult | None) -> str:
@@ -68,8 +67,7 @@ class CaptionWorker:
         pending: list[tuple[int, Image.Image, CaptionContext]] = []
         for image_id, uri, exif in shard:
             try:
-                pixels, _ = analysis_copy(read_bytes(uri), side=self.config.ocr.max_side, max_pixels=_MAX_PIXELS)
-                image = Image.fromarray(pixels)
+                image = load_image(uri, side=self.config.ocr.max_side)
                 ocr = self.ocr.read(image)
             except (BadImage, OSError, OcrError) as err:
                 rows.append(_row(image_id, None, error=f"{type(err).__name__}: {err}"))

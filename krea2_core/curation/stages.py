@@ -7,24 +7,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm.auto import tqdm
 
 from krea2_core.artifacts import Manifest
 from krea2_core.captioning.stages import CAPTIONS_FILE
-from krea2_core.config import AnalysisConfig, EmbedderConfig, SemanticCurationConfig
+from krea2_core.config import EmbedderConfig, SemanticCurationConfig
 from krea2_core.curation.embedders import make_embedder, read_embeddings, write_embeddings
 from krea2_core.curation.plots import cluster_size_plot, tag_count_plot
 from krea2_core.curation.sae import reconstruction_fvu, save_sae
 from krea2_core.curation.selection import Candidates, select_for_midtraining
-from krea2_core.data.images import BadImage, analysis_copy, read_bytes
+from krea2_core.data.images import BadImage, load_image
 from krea2_core.data.schemas import Captions, Verdicts, read_table
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
 
 EMBEDDINGS_FILE = "embeddings.parquet"
 FAILED_FILE = "failed.parquet"
-_DECODE = AnalysisConfig()
+_EMBED_SIDE = 256  # embedders resize to ~224 px: a 256 px decode is enough (and JPEGs decode that small)
 
 
 def _kept(curated: Path, stage: str) -> pd.DataFrame:
@@ -32,11 +31,6 @@ def _kept(curated: Path, stage: str) -> pd.DataFrame:
     if not path.parent.is_dir():
         raise ValueError(f"{curated} has no resolution stage {stage!r}; it has {sorted(p.name for p in curated.iterdir() if p.is_dir())}")
     return read_table(path, Verdicts)
-
-
-def _load(uri: str) -> Image.Image:
-    pixels, _ = analysis_copy(read_bytes(uri), side=_DECODE.side, max_pixels=_DECODE.max_pixels)
-    return Image.fromarray(pixels)
 
 
 def run_embedding(curated: Path, stage: str, config: EmbedderConfig, *, parent_run_id: str = "") -> tuple[Path, Manifest]:
@@ -51,7 +45,7 @@ def run_embedding(curated: Path, stage: str, config: EmbedderConfig, *, parent_r
             batch_ids, images = [], []
             for row_id, uri in rows[start:start + config.batch_size]:
                 try:
-                    images.append(_load(uri))
+                    images.append(load_image(uri, side=_EMBED_SIDE))
                     batch_ids.append(row_id)
                 except (BadImage, OSError) as err:
                     failed.append({"id": row_id, "uri": uri, "error": str(err)})

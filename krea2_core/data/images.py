@@ -92,6 +92,13 @@ def probe(fp: IO[bytes]) -> Header:
     return Header(width=width, height=height, format=image.format or "", exif=_exif(image))
 
 
+def load_image(uri: str, side: int, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> Image.Image:
+    """The image at ``uri`` as an RGB PIL image with long side at most ``side`` (see ``analysis_copy``);
+    the default pixel limit is PIL's, which is also ``AnalysisConfig.max_pixels``'s default."""
+    pixels, _ = analysis_copy(read_bytes(uri), side=side, max_pixels=max_pixels)
+    return Image.fromarray(pixels)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB copy of ``image``; transparent pixels become white (as a trainer and the models see them), not
     whatever colour they hide."""
