@@ -384,6 +384,248 @@ class WorldPoolConfig(_Strict):
                  "duplicates and colour variants need at least as many scenes as their sum")
 
 
+# --------------------------------------------------------------------------- model and pretraining
+
+
+@dataclass
+class DiTConfig(_Strict):
+    """The single-stream DiT. The first block of fields are diffusers' ``Krea2Transformer2DModel`` arguments
+    (same names, so a checkpoint and its config map 1:1); the rest are ablation switches whose defaults are
+    the Krea 2 architecture (any non-default switch changes the state dict)."""
+
+    in_channels: int = 48  # autoencoder channels * patch_size**2
+    num_layers: int = 6
+    attention_head_dim: int = 32
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    intermediate_size: int = 704
+    timestep_embed_dim: int = 64
+    text_hidden_dim: int = 384
+    num_text_layers: int = 3
+    text_num_attention_heads: int = 6
+    text_num_key_value_heads: int = 6
+    text_intermediate_size: int = 768
+    num_layerwise_text_blocks: int = 1
+    num_refiner_text_blocks: int = 1
+    axes_dims_rope: list[int] = field(default_factory=lambda: [8, 12, 12])
+    rope_theta: float = 1000.0
+    norm_eps: float = 1e-5
+    # ablations (report section "Architecture")
+    attention: Literal["gqa", "mha"] = "gqa"  # mha ignores num_key_value_heads
+    attn_gate: bool = True  # sigmoid output gate
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    modulation: Literal["shared_bias", "adaln_mlp"] = "shared_bias"  # adaln_mlp: per-block MLP (DiT/MMDiT style)
+    time_tokens: int = 0  # > 0: the timestep also enters as this many in-context tokens
+    rope: Literal["3axis", "2axis", "none"] = "3axis"  # 2axis: (h, w) only, text at 0
+
+    def __post_init__(self) -> None:
+        for name in ("in_channels", "num_layers", "attention_head_dim", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "timestep_embed_dim", "text_hidden_dim", "num_text_layers",
+                     "text_num_attention_heads", "text_num_key_value_heads", "text_intermediate_size"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.num_attention_heads % self.num_key_value_heads == 0,
+                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                 f"({self.num_key_value_heads})")
+        _require(self.text_hidden_dim % self.text_num_attention_heads == 0,
+                 f"text_hidden_dim ({self.text_hidden_dim}) must be divisible by text_num_attention_heads "
+                 f"({self.text_num_attention_heads})")
+        _require(len(self.axes_dims_rope) == 3 and sum(self.axes_dims_rope) == self.attention_head_dim
+                 and all(d % 2 == 0 for d in self.axes_dims_rope),
+                 f"axes_dims_rope must be 3 even sizes summing to attention_head_dim ({self.attention_head_dim}), "
+                 f"got {self.axes_dims_rope}")
+        _require(self.time_tokens >= 0, f"time_tokens must be >= 0, got {self.time_tokens}")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.attention_head_dim * self.num_attention_heads
+
+
+@dataclass
+class AutoencoderConfig(_Strict):
+    """``pixel``: space-to-depth of RGB by ``downsample`` (no weights; tiny runs). ``qwen_image`` / ``flux2``:
+    diffusers AutoencoderKLQwenImage / AutoencoderKLFlux2 by hub id or local path."""
+
+    kind: Literal["pixel", "qwen_image", "flux2"] = "pixel"
+    model_id: str = ""
+    downsample: int = 4  # pixel only; the VAEs downsample by 8
+    patch_size: int = 1  # latent patch folded into each token
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.kind == "pixel" or bool(self.model_id), f"model_id is required when kind is {self.kind!r}")
+        _require(self.downsample >= 1, f"downsample must be >= 1, got {self.downsample}")
+        _require(self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}")
+
+
+@dataclass
+class TextEncoderConfig(_Strict):
+    """``minilm``: the offline MiniLM-L6 from PyPI (tiny); ``hf``: a transformers model by id (Qwen3-VL).
+    ``layers`` are hidden-state indices (0 = embeddings) stacked per token for the DiT's layer fusion."""
+
+    kind: Literal["minilm", "hf"] = "minilm"
+    model_id: str = ""
+    layers: list[int] = field(default_factory=lambda: [2, 4, 6])
+    max_tokens: int = 64
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.kind != "hf" or bool(self.model_id), "model_id is required when kind is 'hf'")
+        _require(len(self.layers) >= 1 and all(i >= 0 for i in self.layers),
+                 f"layers must be a non-empty list of indices >= 0, got {self.layers}")
+        _require(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass
+class OptimizerConfig(_Strict):
+    """AdamW, or Muon on the hidden 2-D weights (first/last layers, norms, biases and tables stay on AdamW)."""
+
+    kind: Literal["adamw", "muon"] = "adamw"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    muon_momentum: float = 0.95
+
+    def __post_init__(self) -> None:
+        _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+                 f"betas must be two values in [0, 1), got {self.betas}")
+        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
+
+
+@dataclass
+class TrainParallelConfig(_Strict):
+    """How one training stage is spread: torchrun processes (Flyte Elastic), FSDP2 over data-parallel ranks,
+    tensor parallel inside each group of ``tp`` ranks, activation checkpointing, compile, dtype."""
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    nnodes: int = 1
+    nproc_per_node: int = 2
+    fsdp: bool = True
+    tp: int = 1
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    compile: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self) -> None:
+        _require(self.nnodes >= 1 and self.nproc_per_node >= 1, "nnodes and nproc_per_node must be >= 1")
+        _require(self.tp >= 1 and (self.nnodes * self.nproc_per_node) % self.tp == 0,
+                 f"tp ({self.tp}) must divide the world size ({self.nnodes * self.nproc_per_node})")
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
+@dataclass
+class RepaConfig(_Strict):
+    """iREPA: align an early block's image tokens (conv projector) with a frozen encoder's spatially
+    normalised patch features, during the first ``epochs`` of the first stage only."""
+
+    encoder: Literal["efficientnet_lite0", "hf"] = "efficientnet_lite0"
+    model_id: str = ""  # for hf, e.g. a DINOv3 id
+    block: int = 2  # 1-based index of the DiT block whose output is aligned
+    weight: float = 0.5
+    epochs: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.encoder != "hf" or bool(self.model_id), "model_id is required when encoder is 'hf'")
+        _require(self.block >= 1, f"block must be >= 1, got {self.block}")
+        _require(self.weight >= 0 and self.epochs >= 0, "weight and epochs must be >= 0")
+
+
+@dataclass
+class PretrainStageConfig(_Strict):
+    """One resolution stage (its name is the report's: 256, 512, 1024; ``resolution`` is the real pixel size)."""
+
+    resolution: int
+    steps: int
+    global_batch: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # WSD: the last fraction of steps decays linearly to 0
+    timestep_shift: float = 1.0  # shifted logit-normal; grows with resolution
+    float8: Literal["none", "tensorwise", "rowwise"] = "none"
+    repa: bool = False  # iREPA during this stage's first RepaConfig.epochs
+    pma_checkpoints: int = 4  # average of the last K checkpoints (1 = no merging)
+    pma_interval: int = 25  # steps between the checkpoints that PMA averages
+    checkpoint_every_s: float = 120.0
+    val_every: int = 50
+
+    def __post_init__(self) -> None:
+        _require(self.resolution >= 16, f"resolution must be >= 16, got {self.resolution}")
+        _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _require(self.global_batch >= 1, f"global_batch must be >= 1, got {self.global_batch}")
+        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+        _require(0.0 <= self.decay_fraction <= 1.0, f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        _require(self.timestep_shift > 0, f"timestep_shift must be > 0, got {self.timestep_shift}")
+        _require(self.pma_checkpoints >= 1 and self.pma_interval >= 1, "pma_checkpoints and pma_interval must be >= 1")
+        _require(self.checkpoint_every_s > 0, f"checkpoint_every_s must be > 0, got {self.checkpoint_every_s}")
+        _require(self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}")
+
+
+@dataclass
+class EvalConfig(_Strict):
+    """Held-out world prompts sampled with the Euler sampler and scored by the world's checker."""
+
+    n_prompts: int = 24
+    seed: int = 10_000  # apart from the pool's seeds
+    steps: int = 20
+    cfg_scale: float = 4.0
+    shift: float = 1.0  # inference shift stays constant across resolutions (report)
+    grid_size: int = 8  # images in the logged sample grid
+
+    def __post_init__(self) -> None:
+        _require(self.n_prompts >= 1 and self.steps >= 1, "n_prompts and steps must be >= 1")
+        _require(self.cfg_scale >= 1.0, f"cfg_scale must be >= 1, got {self.cfg_scale}")
+
+
+@dataclass
+class PretrainConfig(_Strict):
+    model: DiTConfig = field(default_factory=DiTConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    parallel: TrainParallelConfig = field(default_factory=TrainParallelConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stages: dict[str, PretrainStageConfig] = field(default_factory=lambda: _tiny_pretrain_stages())
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.333, 2.0])  # width / height
+    caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(set(self.stages) <= {"256", "512", "1024"} and bool(self.stages),
+                 f"stages must be a non-empty subset of 256, 512, 1024, got {sorted(self.stages)}")
+        _require(all(a > 0 for a in self.aspect_ratios) and bool(self.aspect_ratios),
+                 f"aspect_ratios must be positive, got {self.aspect_ratios}")
+        _require(0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        _require(self.model.num_text_layers == len(self.text_encoder.layers),
+                 f"model.num_text_layers ({self.model.num_text_layers}) must equal the number of tapped "
+                 f"text_encoder.layers ({len(self.text_encoder.layers)})")
+        _require(self.repa.block <= self.model.num_layers,
+                 f"repa.block ({self.repa.block}) must be <= model.num_layers ({self.model.num_layers})")
+        ae = self.autoencoder
+        channels = (3 * ae.downsample**2 if ae.kind == "pixel" else {"qwen_image": 16, "flux2": 32}[ae.kind])
+        _require(self.model.in_channels == channels * ae.patch_size**2,
+                 f"model.in_channels ({self.model.in_channels}) must equal the autoencoder's channels x "
+                 f"patch_size^2 ({channels} x {ae.patch_size}^2)")
+        for name, stage in self.stages.items():
+            _require(stage.global_batch % self.parallel.world_size == 0,
+                     f"stages.{name}.global_batch ({stage.global_batch}) must be divisible by the world size "
+                     f"({self.parallel.world_size})")
+
+
+def _tiny_pretrain_stages() -> dict[str, PretrainStageConfig]:
+    # 32/64/128 px stand for 256/512/1024; the shift grows with resolution, iREPA only in the first stage
+    return {
+        "256": PretrainStageConfig(resolution=32, steps=300, global_batch=32, lr=1e-3, timestep_shift=1.0,
+                                   repa=True),
+        "512": PretrainStageConfig(resolution=64, steps=120, global_batch=16, lr=5e-4, timestep_shift=2.0),
+        "1024": PretrainStageConfig(resolution=128, steps=40, global_batch=8, lr=2e-4, timestep_shift=3.0),
+    }
+
+
 # --------------------------------------------------------------------------- pipeline
 
 
@@ -394,6 +636,7 @@ class PipelineConfig(_Strict):
     curation: CurationConfig = field(default_factory=lambda: CurationConfig(stages=_stages(32, 64, 128)))
     captioning: CaptioningConfig = field(default_factory=CaptioningConfig)
     semantic: SemanticCurationConfig = field(default_factory=SemanticCurationConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 def _stages(s256: int, s512: int, s1024: int) -> dict[str, StageFilters]:
