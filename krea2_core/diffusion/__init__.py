@@ -1,0 +1,1 @@
+"""Rectified flow: timestep sampling, noising, the velocity loss, and samplers."""
