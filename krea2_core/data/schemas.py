@@ -139,3 +139,26 @@ class Captions(pa.DataFrameModel):
     class Config:
         strict = True
         coerce = True
+
+
+class Packed(pa.DataFrameModel):
+    """One global batch of a packed training shard: rows of one aspect bucket, in training order
+    (``sample_index`` = batch_index * global_batch + row); ``pixels`` are PNG bytes of the cropped image."""
+
+    sample_index: Series[int] = pa.Field(ge=0, unique=True)
+    batch_index: Series[int] = pa.Field(ge=0)
+    id: Series[str] = pa.Field(unique=True)
+    width: Series[int] = pa.Field(ge=1)
+    height: Series[int] = pa.Field(ge=1)
+    pixels: Series[object]
+    long: Series[str]
+    medium: Series[str]
+    short: Series[str]
+
+    @pa.dataframe_check
+    def one_bucket_per_batch(cls, df: pd.DataFrame) -> bool:
+        return bool((df.groupby("batch_index")[["width", "height"]].nunique() <= 1).all().all())
+
+    class Config:
+        strict = True
+        coerce = True

@@ -1,0 +1,207 @@
+"""Packing one resolution stage for training: every kept, captioned image is cropped to its aspect bucket
+ahead of time, and the rows are laid out in global batches in the exact order training reads them.
+
+Layout of a ``packed`` artifact:
+- ``shards/shard-00000.parquet`` ...: one row group per global batch (all rows of one bucket), a few batches
+  per shard; columns as in ``schemas.Packed``, ``pixels`` are lossless PNG bytes of the cropped image.
+- ``index.json``: batch and sample counts, the buckets with their batch counts, each shard's batch range.
+- ``dropped.parquet``: every kept row that was not packed, with the reason (no caption, unreadable image,
+  remainder of a bucket that does not fill a global batch).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from krea2_core.artifacts import Manifest, read_manifest
+from krea2_core.captioning.stages import CAPTIONS_FILE
+from krea2_core.config import ParallelConfig, PretrainConfig
+from krea2_core.data.buckets import assign_bucket, bucket_sizes, resize_crop
+from krea2_core.data.images import BadImage, load_image
+from krea2_core.data.schemas import Captions, Packed, Verdicts, read_table, validate
+from krea2_core.models.autoencoders import pixel_multiple
+from krea2_core.parallel import map_shards
+from krea2_core.stages import StageOutput, execute_stage
+from krea2_core.tracking import StageRun
+
+SHARDS_DIR = "shards"
+INDEX_FILE = "index.json"
+DROPPED_FILE = "dropped.parquet"
+_DECODED_FILE = ".decoded.arrow"  # scratch inside the staging dir, removed before publishing
+_CHUNK = 4096  # images per map_shards call: the driver holds one chunk's PNGs at a time
+_PNG_LEVEL = 1  # zlib level: packing runs once, so speed wins over a few percent of size
+_SERIAL = ParallelConfig(backend="serial")
+
+Row = tuple[str, str, int, int]  # id, uri, width, height (oriented, from scoring)
+Prepared = tuple[int, bytes, str, str]  # bucket number (-1: failed), PNG bytes, reason, detail
+
+
+def _decode_side(width: int, height: int, bucket: tuple[int, int]) -> int:
+    """Long side to decode at: twice what covering the bucket needs (JPEGs then decode at reduced scale
+    and the final Lanczos still has margin to anti-alias), never more than the original."""
+    cover = max(bucket[0] / width, bucket[1] / height)
+    return min(max(width, height), math.ceil(2 * cover * max(width, height)))
+
+
+def _prepare(rows: Sequence[Row], buckets: list[tuple[int, int]]) -> list[Prepared]:
+    prepared = []
+    for _, uri, width, height in rows:
+        bucket = assign_bucket(width, height, buckets)
+        try:
+            image = resize_crop(load_image(uri, side=_decode_side(width, height, bucket)), bucket)
+        except BadImage as err:
+            prepared.append((-1, b"", err.reason, err.detail))
+            continue
+        except OSError as err:  # missing file, unreachable URI
+            prepared.append((-1, b"", "unreadable", f"{type(err).__name__}: {err}"))
+            continue
+        png = io.BytesIO()
+        image.save(png, format="PNG", compress_level=_PNG_LEVEL)
+        prepared.append((buckets.index(bucket), png.getvalue(), "", ""))
+    return prepared
+
+
+def _decode_all(rows: list[Row], buckets: list[tuple[int, int]], path: Path, parallel: ParallelConfig) -> pd.DataFrame:
+    """Crop every row to its bucket. The PNGs go to an Arrow file at ``path`` (row k = rows[k]), so memory
+    holds one chunk of them; returns (bucket number or -1, reason, detail) per row."""
+    prepare = functools.partial(_prepare, buckets=buckets)
+    meta: list[tuple[int, str, str]] = []
+    schema = pa.schema([("pixels", pa.binary())])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for start in range(0, len(rows), _CHUNK):
+            chunk = map_shards(prepare, rows[start:start + _CHUNK], parallel, desc=f"crop {start}/{len(rows)}")
+            writer.write_batch(pa.record_batch([pa.array([png for _, png, _, _ in chunk], pa.binary())], schema=schema))
+            meta += [(bucket, reason, detail) for bucket, _, reason, detail in chunk]
+    return pd.DataFrame(meta, columns=["bucket", "reason", "detail"])
+
+
+def _plan(buckets_of: np.ndarray, n_buckets: int, global_batch: int,
+          rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+    """Global batches (row numbers) of one bucket each, in a seeded order, and the unbatched remainder."""
+    usable = np.flatnonzero(buckets_of >= 0)
+    order = usable[rng.permutation(len(usable))]
+    batches, remainder = [], []
+    for bucket in range(n_buckets):
+        members = order[buckets_of[order] == bucket]
+        full = len(members) // global_batch * global_batch
+        batches += np.split(members[:full], full // global_batch) if full else []
+        remainder.append(members[full:])
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches, np.concatenate(remainder)
+
+
+def pack_stage(kept: pd.DataFrame, captions: pd.DataFrame, *, resolution: int, aspect_ratios: list[float],
+               multiple: int, global_batch: int, seed: int, out_dir: Path, parallel: ParallelConfig = _SERIAL,
+               batches_per_shard: int = 8) -> dict[str, int]:
+    """Pack ``kept`` (id, uri, width, height) with ``captions`` (id, long, medium, short) into ``out_dir``.
+
+    The result depends only on the rows and the arguments (not on row order or ``parallel``). Returns
+    counts: packed samples, batches, shards, batches per bucket, dropped rows per reason.
+    """
+    if global_batch < 1 or batches_per_shard < 1:
+        raise ValueError(f"global_batch and batches_per_shard must be >= 1, got {global_batch}, {batches_per_shard}")
+    buckets = bucket_sizes(resolution, aspect_ratios, multiple)
+    rows = (kept[["id", "uri", "width", "height"]]
+            .merge(captions[["id", "long", "medium", "short"]], on="id", how="left", validate="one_to_one")
+            .sort_values("id", ignore_index=True))
+    missing = rows["long"].isna() | (rows["long"] == "")
+    dropped = [rows.loc[missing, ["id", "uri"]].assign(reason="no_caption", detail="")]
+    rows = rows[~missing].reset_index(drop=True)
+
+    decoded_path = out_dir / _DECODED_FILE
+    items = list(zip(rows["id"], rows["uri"], rows["width"].astype(int), rows["height"].astype(int), strict=True))
+    meta = _decode_all(items, buckets, decoded_path, parallel)
+    buckets_of = meta["bucket"].to_numpy(np.int64)
+    failed = buckets_of < 0
+    dropped.append(pd.concat([rows.loc[failed, ["id", "uri"]], meta.loc[failed, ["reason", "detail"]]], axis=1))
+    batches, remainder = _plan(buckets_of, len(buckets), global_batch, np.random.default_rng(seed))
+    dropped.append(rows.loc[remainder, ["id", "uri"]].assign(
+        reason="remainder", detail=f"bucket does not fill a global batch of {global_batch}"))
+    if not batches:
+        raise ValueError(f"no bucket of {buckets} has {global_batch} usable images (a global batch): "
+                         f"{int((~failed).sum())} usable of {len(kept)} kept")
+
+    sizes = [buckets[buckets_of[batch[0]]] for batch in batches]
+    shards = _write_shards(rows, batches, sizes, decoded_path, batches_per_shard, out_dir)
+    decoded_path.unlink()
+    dropped_frame = pd.concat(dropped, ignore_index=True).sort_values("id", ignore_index=True)
+    dropped_frame.to_parquet(out_dir / DROPPED_FILE, index=False)
+
+    index = {"resolution": resolution, "seed": seed, "global_batch": global_batch, "n_batches": len(batches),
+             "n_samples": len(batches) * global_batch,
+             "buckets": [{"width": w, "height": h, "batches": sizes.count((w, h))} for w, h in buckets],
+             "shards": shards}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    reasons = dropped_frame["reason"].value_counts()
+    return {"kept": len(kept), "packed": index["n_samples"], "batches": len(batches), "shards": len(shards),
+            "dropped": len(dropped_frame), **{f"dropped.{k}": int(v) for k, v in reasons.items()},
+            **{f"bucket.{w}x{h}": sizes.count((w, h)) for w, h in buckets}}
+
+
+def _write_shards(rows: pd.DataFrame, batches: list[np.ndarray], sizes: list[tuple[int, int]], decoded_path: Path,
+                  batches_per_shard: int, out_dir: Path) -> list[dict[str, object]]:
+    (out_dir / SHARDS_DIR).mkdir()
+    shards = []
+    with pa.memory_map(str(decoded_path)) as source:
+        pixels = pa.ipc.open_file(source).read_all().column("pixels")  # zero-copy: pages in on take()
+        for shard, first in enumerate(tqdm(range(0, len(batches), batches_per_shard), desc="write shards")):
+            name = f"{SHARDS_DIR}/shard-{shard:05d}.parquet"
+            last = min(first + batches_per_shard, len(batches))
+            writer = None
+            for batch_index in range(first, last):
+                frame = _batch_frame(rows, batches[batch_index], batch_index, sizes[batch_index], pixels)
+                table = pa.Table.from_pandas(validate(frame, Packed, f"{name} batch {batch_index}"), preserve_index=False)
+                writer = writer or pq.ParquetWriter(out_dir / name, table.schema)
+                writer.write_table(table, row_group_size=len(table))  # one row group per global batch
+            writer.close()
+            shards.append({"file": name, "first_batch": first, "n_batches": last - first})
+    return shards
+
+
+def _batch_frame(rows: pd.DataFrame, members: np.ndarray, batch_index: int, size: tuple[int, int],
+                 pixels: pa.ChunkedArray) -> pd.DataFrame:
+    picked, n = rows.iloc[members], len(members)
+    return pd.DataFrame({
+        "sample_index": batch_index * n + np.arange(n, dtype=np.int64),
+        "batch_index": np.full(n, batch_index, dtype=np.int64),
+        "id": picked["id"].to_numpy(),
+        "width": np.full(n, size[0], dtype=np.int64),
+        "height": np.full(n, size[1], dtype=np.int64),
+        "pixels": pixels.take(pa.array(members)).to_pylist(),
+        "long": picked["long"].to_numpy(), "medium": picked["medium"].to_numpy(), "short": picked["short"].to_numpy(),
+    })
+
+
+def run_packing(curated: Path, captions: Path, stage: str, config: PretrainConfig, *, parent_run_id: str = "",
+                root: Path | None = None, parallel: ParallelConfig = _SERIAL) -> tuple[Path, Manifest]:
+    """Pack resolution stage ``stage`` of a ``curated`` artifact with its ``captions`` (a ``packed`` artifact).
+
+    The artifact key holds only what changes the packed bytes (not ``parallel``, nor training settings)."""
+    read_manifest(curated, kind="curated")
+    read_manifest(captions, kind="captions")
+    if stage not in config.stages:
+        raise ValueError(f"stage {stage!r} is not a pretraining stage of this config; it has {sorted(config.stages)}")
+    settings = {"stage": stage, "resolution": config.stages[stage].resolution, "aspect_ratios": config.aspect_ratios,
+                "multiple": pixel_multiple(config.autoencoder), "global_batch": config.stages[stage].global_batch,
+                "seed": config.seed}
+
+    def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+        kept = read_table(inputs["curated"] / stage / "kept.parquet", Verdicts)
+        texts = read_table(inputs["captions"] / CAPTIONS_FILE, Captions)
+        counts = pack_stage(kept, texts, **{k: v for k, v in settings.items() if k != "stage"}, out_dir=staging,
+                            parallel=parallel)
+        return StageOutput(counts=counts, metrics={"packed_fraction": counts["packed"] / max(1, counts["kept"])})
+
+    return execute_stage(f"pack_{stage}", "packed", body, config=settings, inputs={"curated": curated, "captions": captions},
+                         parent_run_id=parent_run_id, root=root)
