@@ -1,0 +1,1 @@
+"""Model training: progressive-resolution pretraining, iREPA alignment, checkpoints, schedules and evaluation."""
