@@ -92,8 +92,7 @@ def _prune(directory: Path, keep: int, protect: set[int]) -> None:
     for leftover in directory.glob(f"step-*{TMP_SUFFIX}"):  # crashed saves: no other save is in flight now
         shutil.rmtree(leftover)
     checkpoints = list_checkpoints(directory)
-    kept = {step for step, path in checkpoints if _has_state(path)}
-    kept = set(sorted(kept)[-keep:])
+    kept = set([step for step, path in checkpoints if _has_state(path)][-keep:])
     for step, path in checkpoints:
         if step in kept:
             continue

@@ -63,22 +63,20 @@ def _channel_stats(values: list[float] | tuple[float, ...], device: torch.device
 
 
 class EfficientNetPatchEncoder:
-    """The stride-16 map of EfficientNet-Lite0 (end of stage 5, 112 channels), with the head and the stride-32
-    stages dropped. Why this stage: the DiT's token grid is 8x8 for the tiny 32px stage (16x16 at 256px with an
-    8x VAE and 2x2 patches); the stride-16 map of an image upscaled to the network's 224px is 14x14, so it is
-    area-downsampled (or barely upsampled) to the grid, whereas the 1280-d stride-32 map is 7x7 and would have to
-    be upsampled, inventing spatial structure that iREPA is all about. Stage 5 is also 11 of 16 blocks deep, past
-    the low-level edge detectors. Images bigger than 224px keep their native resolution (grid = size / 16)."""
+    """The stride-16 map of EfficientNet-Lite0 (end of stage 5, 112 channels); the stride-32 stages and the head
+    are dropped. Why this stage: images are fed at their own size, or upscaled to ~224px (the training size) when
+    smaller, so a 256px image gives a 16x16 map, exactly the 256px stage's token grid (8x VAE, 2x2 patches), and a
+    tiny 32px image gives 14x14, area-downsampled to its 8x8 grid. The 1280-d stride-32 map would be 8x8 / 7x7 and
+    need upsampling, which invents the spatial structure iREPA is about. Stage 5 is also 11 of 16 blocks deep,
+    past the low-level edge detectors."""
 
     name = "efficientnet_lite0"
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
         net = load_efficientnet_lite0()
-        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6()).to(self.device)
-        self.blocks = nn.Sequential(*net._blocks[:_EFFNET_BLOCKS]).to(self.device)
-        self.stem.requires_grad_(False).eval()
-        self.blocks.requires_grad_(False).eval()
+        self.net = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6(), *net._blocks[:_EFFNET_BLOCKS])
+        self.net.to(self.device).requires_grad_(False).eval()
         self.dim: int = net._blocks[_EFFNET_BLOCKS - 1]._bn2.num_features
         self._mean = _channel_stats(INPUT_MEAN, self.device)
         self._std = _channel_stats(INPUT_STD, self.device)
@@ -86,8 +84,7 @@ class EfficientNetPatchEncoder:
     @torch.no_grad()  # not inference_mode: the targets enter the autograd graph of the loss as constants
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         gh, gw = _patch_grid(*pixels.shape[-2:], _EFFNET_STRIDE, (INPUT_SIZE // _EFFNET_STRIDE) ** 2)
-        x = _prepare(pixels, (gh * _EFFNET_STRIDE, gw * _EFFNET_STRIDE), self._mean, self._std)
-        return self.blocks(self.stem(x)).float()
+        return self.net(_prepare(pixels, (gh * _EFFNET_STRIDE, gw * _EFFNET_STRIDE), self._mean, self._std)).float()
 
 
 def _patchify(x: torch.Tensor, patch: int) -> torch.Tensor:

@@ -38,31 +38,39 @@ def build_model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 3))
 
 
-def build_optimizer(model: nn.Module) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    return optimizer, LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 4))
+def build_optimizers(model: nn.Module, muon: bool = False) -> tuple[list[torch.optim.Optimizer], list[LambdaLR]]:
+    """AdamW on everything, or (as the Muon preset does) Muon on the hidden matrix and AdamW on the rest."""
+    if muon:
+        rest = [p for name, p in model.named_parameters() if name != "2.weight"]
+        optimizers = [torch.optim.Muon([model[2].weight], lr=2e-2, nesterov=True, adjust_lr_fn="match_rms_adamw"),
+                      torch.optim.AdamW(rest, lr=1e-2, weight_decay=0.1)]
+    else:
+        optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)]
+    return optimizers, [LambdaLR(o, lambda step: min(1.0, (step + 1) / 4)) for o in optimizers]
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, steps: range, rank: int = 0) -> None:
+def train(model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[LambdaLR], steps: range,
+          rank: int = 0) -> None:
     for step in steps:
         g = torch.Generator().manual_seed(1000 * step + rank)
         x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
         F.mse_loss(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def full_state(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Gathered model + optimizer state keyed by parameter name (same keys plain or FSDP): tensors, other values."""
     flat = {f"model.{k}": v for k, v in get_model_state_dict(model, options=_FULL).items()}
-    flat.update({f"optim.{k}": v for k, v in get_optimizer_state_dict(model, optimizer, options=_FULL).items()})
+    flat.update({f"optim.{k}": v for k, v in get_optimizer_state_dict(model, optimizers, options=_FULL).items()})
     # cloned: a replicated tensor (AdamW's step) comes back as the optimizer's own, which later steps update in place
     tensors = {k: v.clone() for k, v in flat.items() if isinstance(v, torch.Tensor)}
     return tensors, {k: v for k, v in flat.items() if not isinstance(v, torch.Tensor)}
 
 
-def _sharded(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, LambdaLR]:
+def _sharded(seed: int) -> tuple[nn.Module, list[torch.optim.Optimizer], list[LambdaLR]]:
     from torch.distributed.fsdp import fully_shard
 
     model = build_model(seed)
@@ -70,7 +78,7 @@ def _sharded(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, LambdaLR]:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
     fully_shard(model)
-    return model, *build_optimizer(model)
+    return model, *build_optimizers(model)
 
 
 def _timer_decisions(rank: int) -> list[bool]:
@@ -87,20 +95,20 @@ def main(directory: Path) -> None:
     """Resume the world-size-1 checkpoint in ``directory / WS1`` on 2 ranks, train on, save into ``WS2``."""
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    model, optimizer, scheduler = _sharded(seed=1)  # the single-process side starts from seed 0
+    model, optimizers, schedulers = _sharded(seed=1)  # the single-process side starts from seed 0
     side: dict[str, Any] = {"timer": _timer_decisions(rank)}
     path = latest_checkpoint(directory / WS1)
-    side["extra"] = load_checkpoint(path, model=model, optimizers=[optimizer], schedulers=[scheduler])
-    loaded, side["loaded"] = full_state(model, optimizer)
-    side["loaded_scheduler"] = scheduler.state_dict()
+    side["extra"] = load_checkpoint(path, model=model, optimizers=optimizers, schedulers=schedulers)
+    loaded, side["loaded"] = full_state(model, optimizers)
+    side["loaded_scheduler"] = schedulers[0].state_dict()
     fresh, _, _ = _sharded(seed=2)
     load_weights(path, fresh)
     weights_only = get_model_state_dict(fresh, options=_FULL)
-    train(model, optimizer, scheduler, range(SAVED_STEPS, 2 * SAVED_STEPS), rank)
-    save_checkpoint(directory / WS2, step=2 * SAVED_STEPS, model=model, optimizers=[optimizer],
-                    schedulers=[scheduler], extra={"cursor": 22}, model_config=MODEL_CONFIG, keep=1)
-    saved, side["saved"] = full_state(model, optimizer)
-    side["saved_scheduler"] = scheduler.state_dict()
+    train(model, optimizers, schedulers, range(SAVED_STEPS, 2 * SAVED_STEPS), rank)
+    save_checkpoint(directory / WS2, step=2 * SAVED_STEPS, model=model, optimizers=optimizers, schedulers=schedulers,
+                    extra={"cursor": 22}, model_config=MODEL_CONFIG, keep=1)
+    saved, side["saved"] = full_state(model, optimizers)
+    side["saved_scheduler"] = schedulers[0].state_dict()
     if rank == 0:
         save_file({f"{name}.{k}": v for name, part in (("loaded", loaded), ("weights_only", weights_only),
                                                         ("saved", saved)) for k, v in part.items()},
