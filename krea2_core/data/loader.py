@@ -11,6 +11,8 @@ from __future__ import annotations
 import bisect
 import io
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +26,12 @@ from PIL import Image
 from krea2_core.captioning.rewriter import sample_caption
 from krea2_core.config import CaptioningConfig
 from krea2_core.data.packing import INDEX_FILE
+
+_DECODE_THREADS = min(8, os.cpu_count() or 1)  # PIL releases the GIL while it inflates a PNG
+
+
+def _decode(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
 @dataclass
@@ -61,6 +69,7 @@ class PackedLoader:
         self._first_batches = [shard["first_batch"] for shard in self._shards]
         self._open: tuple[str, pq.ParquetFile] | None = None
         self._cached: tuple[int, pa.Table] | None = None
+        self._pool = ThreadPoolExecutor(_DECODE_THREADS)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.iter_from(0)
@@ -76,9 +85,10 @@ class PackedLoader:
             raise ValueError(f"step must be >= 0, got {step}")
         epoch, batch_index = divmod(step, self.n_batches)
         rows = self._rows(batch_index).to_pydict()
-        pixels = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in rows["pixels"]])
+        pixels = torch.from_numpy(np.stack(list(self._pool.map(_decode, rows["pixels"]))))
         return Batch(step=step, sample_index=torch.tensor(rows["sample_index"], dtype=torch.int64), ids=rows["id"],
-                     pixels=torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0),
+                     # uint8 made channels-first before the float conversion: 2x faster than converting the view
+                     pixels=pixels.permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0),
                      captions=[self._caption(rows, i, epoch) for i in range(len(rows["id"]))])
 
     def _caption(self, rows: dict[str, list], i: int, epoch: int) -> str:
