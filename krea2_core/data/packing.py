@@ -115,9 +115,11 @@ def pack_stage(kept: pd.DataFrame, captions: pd.DataFrame, *, resolution: int, a
     rows = (kept[["id", "uri", "width", "height"]]
             .merge(captions[["id", "long", "medium", "short"]], on="id", how="left", validate="one_to_one")
             .sort_values("id", ignore_index=True))
-    missing = rows["long"].isna() | (rows["long"] == "")
-    dropped = [rows.loc[missing, ["id", "uri"]].assign(reason="no_caption", detail="")]
-    rows = rows[~missing].reset_index(drop=True)
+    no_caption = rows["long"].isna() | (rows["long"] == "")
+    no_size = ~((rows["width"].fillna(0) > 0) & (rows["height"].fillna(0) > 0))  # never measured
+    dropped = [rows.loc[no_caption, ["id", "uri"]].assign(reason="no_caption", detail=""),
+               rows.loc[no_size & ~no_caption, ["id", "uri"]].assign(reason="no_size", detail="")]
+    rows = rows[~no_caption & ~no_size].reset_index(drop=True)
 
     decoded_path = out_dir / _DECODED_FILE
     items = list(zip(rows["id"], rows["uri"], rows["width"].astype(int), rows["height"].astype(int), strict=True))

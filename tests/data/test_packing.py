@@ -71,7 +71,7 @@ def _image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, pd.DataFrame]:
     """31 good images (11 wide, 12 square incl. transparent PNGs and JPEGs, 8 tall), a corrupt file, a missing
-    file and an image without a caption: kept rows (id, uri, width, height) and their captions."""
+    file, an image without a caption and one without a size: kept rows (id, uri, width, height), captions."""
     folder = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
     rows = []
@@ -88,7 +88,8 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, pd.
     rows += [("corrupt", str(folder / "corrupt.jpg"), 64, 64), ("missing", str(folder / "gone.png"), 64, 64)]
     _image(rng, 64, 64).save(folder / "uncaptioned.png")
     rows.append(("uncaptioned", str(folder / "uncaptioned.png"), 64, 64))
-    kept = pd.DataFrame(rows, columns=["id", "uri", "width", "height"])
+    rows.append(("unmeasured", str(folder / "uncaptioned.png"), None, None))
+    kept = pd.DataFrame(rows, columns=["id", "uri", "width", "height"]).astype({"width": "Int64", "height": "Int64"})
     ids = [r[0] for r in rows if r[0] != "uncaptioned"]
     captions = pd.DataFrame({"id": ids, "long": [f"long {i}" for i in ids], "medium": [f"medium {i}" for i in ids],
                              "short": [f"short {i}" for i in ids]})
@@ -112,11 +113,13 @@ def test_every_kept_image_is_packed_once_or_dropped_with_a_reason(sources, tmp_p
     assert set(packed["id"]) | set(dropped["id"]) == set(kept["id"])
     reasons = dropped.set_index("id")["reason"]
     assert reasons["uncaptioned"] == "no_caption" and reasons["missing"] == "unreadable"
+    assert reasons["unmeasured"] == "no_size"
     assert reasons["corrupt"] in ("broken_file", "not_an_image")
     # 11 wide, 12 square, 8 tall in batches of 4: remainders 3 + 0 + 0
     assert (reasons == "remainder").sum() == 3
-    assert counts == {"kept": 34, "packed": 28, "batches": 7, "shards": 4, "dropped": 6, "dropped.remainder": 3,
-                      "dropped.no_caption": 1, "dropped.unreadable": 1, f"dropped.{reasons['corrupt']}": 1,
+    assert counts == {"kept": 35, "packed": 28, "batches": 7, "shards": 4, "dropped": 7, "dropped.remainder": 3,
+                      "dropped.no_caption": 1, "dropped.no_size": 1, "dropped.unreadable": 1,
+                      f"dropped.{reasons['corrupt']}": 1,
                       "bucket.24x48": 2, "bucket.32x32": 3, "bucket.48x24": 2}
     assert (packed.set_index("id")["long"] == "long " + packed.set_index("id").index).all()
 
