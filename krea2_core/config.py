@@ -335,17 +335,10 @@ class CaptioningConfig(_Strict):
     rewriter: RewriterConfig = field(default_factory=RewriterConfig)
     shard_size: int = 32  # images per resumable shard
     gpu_fraction: float = 0.0  # per Ray actor when models run on GPU (several actors share one GPU)
-    # how often training draws each caption length: mostly long, short and medium always in the mix
-    long_ratio: float = 0.7
-    medium_ratio: float = 0.15
-    short_ratio: float = 0.15
 
     def __post_init__(self) -> None:
         _require(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
         _require(0.0 <= self.gpu_fraction <= 1.0, f"gpu_fraction must be in [0, 1], got {self.gpu_fraction}")
-        ratios = (self.long_ratio, self.medium_ratio, self.short_ratio)
-        _require(all(r >= 0 for r in ratios) and abs(sum(ratios) - 1.0) < 1e-9,
-                 f"long_ratio, medium_ratio and short_ratio must be >= 0 and sum to 1, got {ratios}")
 
 
 # --------------------------------------------------------------------------- verifiable world
@@ -591,6 +584,9 @@ class PretrainConfig(_Strict):
     eval: EvalConfig = field(default_factory=EvalConfig)
     stages: dict[str, PretrainStageConfig] = field(default_factory=lambda: _tiny_pretrain_stages())
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.333, 2.0])  # width / height
+    # how often a training step draws each caption length (long, medium, short): mostly long, short and
+    # medium always in the mix
+    caption_ratios: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
     seed: int = 0
 
@@ -599,6 +595,9 @@ class PretrainConfig(_Strict):
                  f"stages must be a non-empty subset of 256, 512, 1024, got {sorted(self.stages)}")
         _require(all(a > 0 for a in self.aspect_ratios) and bool(self.aspect_ratios),
                  f"aspect_ratios must be positive, got {self.aspect_ratios}")
+        _require(len(self.caption_ratios) == 3 and all(r >= 0 for r in self.caption_ratios)
+                 and abs(sum(self.caption_ratios) - 1.0) < 1e-9,
+                 f"caption_ratios (long, medium, short) must be 3 values >= 0 that sum to 1, got {self.caption_ratios}")
         _require(0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         _require(self.model.num_text_layers == len(self.text_encoder.layers),
                  f"model.num_text_layers ({self.model.num_text_layers}) must equal the number of tapped "
@@ -610,10 +609,11 @@ class PretrainConfig(_Strict):
         _require(self.model.in_channels == channels * ae.patch_size**2,
                  f"model.in_channels ({self.model.in_channels}) must equal the autoencoder's channels x "
                  f"patch_size^2 ({channels} x {ae.patch_size}^2)")
+        dp = self.parallel.world_size // self.parallel.tp
         for name, stage in self.stages.items():
-            _require(stage.global_batch % self.parallel.world_size == 0,
-                     f"stages.{name}.global_batch ({stage.global_batch}) must be divisible by the world size "
-                     f"({self.parallel.world_size})")
+            _require(stage.global_batch % dp == 0,
+                     f"stages.{name}.global_batch ({stage.global_batch}) must be divisible by the data-parallel "
+                     f"size ({dp} = world size / tp)")
 
 
 def _tiny_pretrain_stages() -> dict[str, PretrainStageConfig]:
@@ -658,6 +658,43 @@ def _gpu_captioning() -> CaptioningConfig:
         shard_size=256, gpu_fraction=0.25)
 
 
+def _gpu_pretraining(nnodes: int, gpus_per_node: int, tp: int, model: DiTConfig, text_model: str,
+                     vae: str) -> PretrainConfig:
+    # Real 256/512/1024 px on Qwen3-VL text features (12 tapped layers) and the Qwen Image VAE (16 channels,
+    # /8, 2x2 patches), bf16 + FSDP2 (+ TP), float8 tensorwise at 256 and rowwise at 512 (report), bf16 at 1024.
+    stages = {
+        "256": PretrainStageConfig(resolution=256, steps=200_000, global_batch=2048, lr=3e-4, warmup_steps=2000,
+                                   timestep_shift=1.0, float8="tensorwise", repa=True, pma_interval=2000,
+                                   checkpoint_every_s=1800, val_every=2000),
+        "512": PretrainStageConfig(resolution=512, steps=100_000, global_batch=1024, lr=2e-4, warmup_steps=1000,
+                                   timestep_shift=2.0, float8="rowwise", pma_interval=2000, checkpoint_every_s=1800,
+                                   val_every=2000),
+        "1024": PretrainStageConfig(resolution=1024, steps=50_000, global_batch=512, lr=1e-4, warmup_steps=500,
+                                    timestep_shift=3.0, pma_interval=1000, checkpoint_every_s=1800, val_every=1000),
+    }
+    return PretrainConfig(
+        model=model,
+        autoencoder=AutoencoderConfig(kind="qwen_image", model_id=vae, patch_size=2, device="cuda"),
+        text_encoder=TextEncoderConfig(kind="hf", model_id=text_model, layers=[3, 6, 9, 12, 15, 18, 21, 24, 27, 30,
+                                                                               33, 36], max_tokens=256,
+                                       device="cuda"),
+        parallel=TrainParallelConfig(device="cuda", nnodes=nnodes, nproc_per_node=gpus_per_node, tp=tp,
+                                     activation_checkpointing="selective", compile=True, dtype="bfloat16"),
+        repa=RepaConfig(encoder="hf", model_id="facebook/dinov3-vitb16-pretrain-lvd1689m", block=8),
+        stages=stages,
+    )
+
+
+# Krea 2 at diffusers' default size (hidden 6144, 28 blocks) and a ~1B model of the same shape for one GPU.
+_FULL_DIT = DiTConfig(in_channels=64, num_layers=28, attention_head_dim=128, num_attention_heads=48,
+                      num_key_value_heads=12, intermediate_size=16384, timestep_embed_dim=256, text_hidden_dim=2560,
+                      num_text_layers=12, text_num_attention_heads=20, text_num_key_value_heads=20,
+                      text_intermediate_size=6912, num_layerwise_text_blocks=2, num_refiner_text_blocks=2,
+                      axes_dims_rope=[32, 48, 48])
+_SMALL_DIT = dataclasses.replace(_FULL_DIT, num_layers=16, num_attention_heads=16, num_key_value_heads=4,
+                                 intermediate_size=5632)
+
+
 def preset(name: str) -> PipelineConfig:
     """The built-in preset ``tiny`` (CPU, minutes), ``small`` (one GPU) or ``full`` (cluster)."""
     if name == "tiny":
@@ -670,6 +707,7 @@ def preset(name: str) -> PipelineConfig:
                                   n_near_duplicates=400, n_color_variants=200, n_per_defect=50),
             curation=CurationConfig(stages=_stages(256, 512, 1024), parallel=ParallelConfig(num_cpus=8)),
             captioning=_gpu_captioning(),
+            pretrain=_gpu_pretraining(1, 1, 1, _SMALL_DIT, "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen-Image"),
         )
     if name == "full":
         return PipelineConfig(
@@ -679,6 +717,7 @@ def preset(name: str) -> PipelineConfig:
             curation=CurationConfig(stages=_stages(256, 512, 1024),
                                     parallel=ParallelConfig(num_cpus=64, shard_size=512)),
             captioning=_gpu_captioning(),
+            pretrain=_gpu_pretraining(8, 8, 2, _FULL_DIT, "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen-Image"),
         )
     raise ConfigError(f"unknown preset {name!r}; choose one of: tiny, small, full")
 

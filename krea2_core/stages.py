@@ -37,6 +37,14 @@ def output_root() -> Path:
     return Path(os.environ.get("KREA2_OUTPUT_ROOT", "krea2-outputs")).resolve()
 
 
+def stage_location(stage: str, kind: str, *, config: Any, manifests: dict[str, Manifest], root: Path
+                   ) -> tuple[Path, Path]:
+    """(artifact directory, scratch directory) of a stage run: the same for every process that computes it,
+    so the ranks of a distributed stage share checkpoints in the scratch directory."""
+    key = artifact_key({"stage": stage, "config": config}, manifests)
+    return root / "artifacts" / kind / key, work_dir(root, kind, key)
+
+
 def execute_stage(stage: str, kind: str, body: StageBody, *, config: Any, inputs: dict[str, Path] | None = None,
                   parent_run_id: str = "", root: Path | None = None) -> tuple[Path, Manifest]:
     """Run ``body`` and publish its output under ``<root>/artifacts/<kind>/<key>``.
@@ -47,9 +55,7 @@ def execute_stage(stage: str, kind: str, body: StageBody, *, config: Any, inputs
     root = root or output_root()
     inputs = {name: Path(path) for name, path in (inputs or {}).items()}
     manifests = {name: read_manifest(path) for name, path in inputs.items()}
-    key = artifact_key({"stage": stage, "config": config}, manifests)
-    out = root / "artifacts" / kind / key
-    scratch = work_dir(root, kind, key)
+    out, scratch = stage_location(stage, kind, config=config, manifests=manifests, root=root)
     scratch.mkdir(parents=True, exist_ok=True)
     with stage_run(stage, output_root=root, parent_run_id=parent_run_id, config=config,
                    inputs={name: (inputs[name], manifests[name]) for name in inputs}, work_dir=scratch) as run:

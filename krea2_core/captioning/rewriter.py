@@ -2,19 +2,18 @@
 
 Limits are enforced after generation (a small LLM does not count words): over-long text is cut at a word
 boundary and flagged ``<variant>_truncated``; empty or failed generations get a deterministic fallback
-from the long caption, flagged ``<variant>_fallback``. ``sample_caption`` is the training sampler's choice.
+from the long caption, flagged ``<variant>_fallback``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 
 from krea2_core.captioning.llm import ChatLLM, Generated, Messages
-from krea2_core.config import CaptioningConfig, RewriterConfig
+from krea2_core.config import RewriterConfig
 from krea2_core.text import content_words
 
 VARIANTS = ("short", "medium", "tags", "conversational")
@@ -146,10 +145,3 @@ def rewrite_many(captions: Sequence[str], llm: ChatLLM, config: RewriterConfig,
 
 def rewrite(long_caption: str, llm: ChatLLM, config: RewriterConfig) -> Variants:
     return rewrite_many([long_caption], llm, config)[0]
-
-
-def sample_caption(variants_row: Mapping[str, str], rng: np.random.Generator, config: CaptioningConfig) -> str:
-    """The caption a training step sees: mostly ``long``, with ``medium`` and ``short`` always in the mix
-    (``config`` validated its ratios)."""
-    ratios = (config.long_ratio, config.medium_ratio, config.short_ratio)
-    return variants_row[("long", "medium", "short")[rng.choice(3, p=ratios)]]

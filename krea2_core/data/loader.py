@@ -23,10 +23,9 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from krea2_core.captioning.rewriter import sample_caption
-from krea2_core.config import CaptioningConfig
 from krea2_core.data.packing import INDEX_FILE
 
+_VARIANTS = ("long", "medium", "short")
 _DECODE_THREADS = min(8, os.cpu_count() or 1)  # PIL releases the GIL while it inflates a PNG
 
 
@@ -60,8 +59,10 @@ class PackedLoader:
                              f"world size ({world_size})")
         if not 0.0 <= caption_dropout <= 1.0 or seed < 0:
             raise ValueError(f"caption_dropout must be in [0, 1] and seed >= 0, got {caption_dropout}, {seed}")
-        long, medium, short = caption_ratios
-        self._ratios = CaptioningConfig(long_ratio=long, medium_ratio=medium, short_ratio=short)  # validates them
+        if len(caption_ratios) != 3 or min(caption_ratios) < 0 or abs(sum(caption_ratios) - 1.0) > 1e-9:
+            raise ValueError(f"caption_ratios (long, medium, short) must be 3 values >= 0 that sum to 1, "
+                             f"got {caption_ratios}")
+        self._ratios = np.asarray(caption_ratios, dtype=float)
         self.rank, self.world_size = rank, world_size
         self.local_batch = self.global_batch // world_size
         self.caption_dropout, self.seed = caption_dropout, seed
@@ -93,7 +94,7 @@ class PackedLoader:
 
     def _caption(self, rows: dict[str, list], i: int, epoch: int) -> str:
         rng = np.random.default_rng([self.seed, epoch, rows["sample_index"][i]])
-        caption = sample_caption({k: rows[k][i] for k in ("long", "medium", "short")}, rng, self._ratios)
+        caption = rows[_VARIANTS[rng.choice(3, p=self._ratios)]][i]
         return "" if rng.random() < self.caption_dropout else caption
 
     def _rows(self, batch_index: int) -> pa.Table:

@@ -5,8 +5,9 @@ from krea2_core.tracking.runs import (
     configure_tracking,
     end_pipeline_run,
     lineage,
+    run_metrics,
     start_pipeline_run,
     stage_run,
 )
 
-__all__ = ["StageRun", "configure_tracking", "end_pipeline_run", "lineage", "start_pipeline_run", "stage_run"]
+__all__ = ["StageRun", "configure_tracking", "end_pipeline_run", "lineage", "run_metrics", "start_pipeline_run", "stage_run"]

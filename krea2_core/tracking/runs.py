@@ -108,6 +108,12 @@ def end_pipeline_run(output_root: str | os.PathLike[str], run_id: str, final_run
     return stage_runs
 
 
+def run_metrics(output_root: str | os.PathLike[str], run_id: str) -> dict[str, float]:
+    """The latest value of every metric of a run."""
+    configure_tracking(output_root)
+    return dict(MlflowClient().get_run(run_id).data.metrics)
+
+
 @dataclass
 class StageRun:
     run_id: str
@@ -115,6 +121,9 @@ class StageRun:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_image(self, image: Any, artifact_file: str) -> None:
+        mlflow.log_image(image, artifact_file=artifact_file)
 
     def log_output(self, path: str | os.PathLike[str], manifest: Manifest) -> None:
         """Log an output artifact directory (copied when small, else only its manifest) and its digest."""

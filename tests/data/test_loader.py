@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from krea2_core.config import ConfigError
 from krea2_core.data.loader import Batch, PackedLoader
 from krea2_core.data.packing import INDEX_FILE, pack_stage
 
@@ -114,7 +113,7 @@ def test_bad_inputs_fail_clearly(packed: Path, tmp_path: Path) -> None:
         _loader(packed, rank=0, world_size=3)
     with pytest.raises(ValueError, match="rank must be in"):
         _loader(packed, rank=2, world_size=2)
-    with pytest.raises(ConfigError, match="sum to 1"):
+    with pytest.raises(ValueError, match="sum to 1"):
         _loader(packed, caption_ratios=(0.5, 0.5, 0.5))
     with pytest.raises(ValueError, match="caption_dropout"):
         _loader(packed, caption_dropout=1.5)
