@@ -62,7 +62,7 @@ def test_inline_yaml_and_preset_switch() -> None:
         ({"pretrain": {"text_encoder": {"layers": [1, 2]}}}, "model.num_text_layers (3) must equal the number of tapped"),
         ({"pretrain": {"stages": {"256": {"global_batch": 7}}}}, "stages.256.global_batch (7) must be divisible by the"),
         ({"pretrain": {"stages": {"256": {"warmup_steps": 500}}}}, "pretrain.stages.256: warmup_steps must be in [0, steps)"),
-        ({"pretrain": {"stages": {"2048": {"resolution": 64, "steps": 10}}}}, "stages must be a non-empty subset"),
+        ({"pretrain": {"stages": {"2048": {"resolution": 64, "steps": 100}}}}, "stages must be a non-empty subset"),
         ({"pretrain": {"autoencoder": {"kind": "flux2"}}}, "model_id is required when kind is 'flux2'"),
         ({"pretrain": {"parallel": {"tp": 3}}}, "pretrain.parallel: tp (3) must divide the world size (2)"),
         ({"pretrain": {"optimizer": {"betas": [0.9]}}}, "betas must be two values in [0, 1)"),
