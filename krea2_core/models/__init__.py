@@ -1,0 +1,1 @@
+"""Models: the Krea 2 DiT and its parts."""
