@@ -38,10 +38,6 @@ class DistEnv:
     local_rank: int
     device: torch.device
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def init_distributed(device: str) -> DistEnv:
     """Join the torchrun job described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): gloo on
@@ -103,10 +99,11 @@ def apply_float8(model: nn.Module, recipe: str) -> list[str]:
     if recipe == "none":
         return []
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # slow import: only when used
+    from torchao.float8.float8_linear import Float8Linear
 
     convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
                                module_filter_fn=_float8_eligible)
-    return [name for name, module in model.named_modules() if type(module).__name__ == "Float8Linear"]
+    return [name for name, module in model.named_modules() if isinstance(module, Float8Linear)]
 
 
 # Per transformer block. The attention and MLP inputs become replicated DTensors once (attention is called as
@@ -160,7 +157,7 @@ _SAVED_OPS = {
     torch.ops.aten.addmm.default,
     torch.ops.aten.bmm.default,
     torch.ops.aten._scaled_mm.default,  # float8 matmul
-    torch.ops.aten.max.default,  # float8 amax: its scale must not be recomputed from recomputed inputs
+    torch.ops.aten.max.default,  # float8 amax: a full pass over the tensor for a scalar result
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
@@ -234,8 +231,9 @@ def parallelize(model: nn.Module, config: TrainParallelConfig, env: DistEnv, flo
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     """Scale all grads so their global L2 norm is at most ``max_norm``; returns the norm before clipping, the same
     float on every rank (inf/nan when a grad is not finite; then nothing is scaled)."""
-    # torch's clip_grad_norm_ stacks per-grad norms into one tensor, which fails when grads live on different meshes
-    # (TP+FSDP grads on the 2-D mesh, FSDP-only grads on the dp mesh): reduce each (mesh, placement) group on its own.
+    # torch's clip_grad_norm_ fails under tensor parallelism: it mixes plain and DTensor grads (TP alone) or stacks
+    # norms from different meshes (TP grads on the 2-D mesh, the others on the dp mesh under FSDP). Reduce each
+    # (mesh, placements) group on its own instead: one all-reduce per group.
     groups: dict[object, list[torch.Tensor]] = {}
     for p in model.parameters():
         if p.grad is not None:
