@@ -192,6 +192,10 @@ def apply_compile(model: nn.Module) -> None:
         block.forward = torch.compile(block.forward, fullgraph=True)
 
 
+# training-only heads attached to the model and called by the trainer on its outputs (iREPA's projector)
+_HEADS_CALLED_OUTSIDE_FORWARD = ("repa_projector",)
+
+
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, dtype: str) -> None:
     """FSDP2 over ``dp_mesh``: each text-fusion block, each transformer block, then the root (the embedders and final
     layer). bfloat16 computes with bf16 copies of the fp32 master weights and reduces grads in fp32; module inputs
@@ -204,6 +208,9 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, dtype: str) -> None:
     for block in blocks:
         # The last block's parameters are needed again right at the start of backward: keep them gathered.
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=block is not blocks[-1])
+    for head in _HEADS_CALLED_OUTSIDE_FORWARD:
+        if hasattr(model, head):  # its own unit: gathered when it is called, its grads reduced in its backward
+            fully_shard(getattr(model, head), mesh=dp_mesh, mp_policy=mp)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
 
 

@@ -1,0 +1,273 @@
+"""Progressive-resolution pretraining: one resolution stage (256, 512 or 1024) per call.
+
+Every rank of a torchrun / Flyte Elastic launch calls ``run_pretrain_stage``. Rank 0 owns the MLflow run and
+publishes the artifact; all ranks train and checkpoint into the stage's scratch directory, which survives a
+killed attempt, so a re-run resumes from the newest checkpoint and retraces the same loss curve: every random
+draw comes from a generator seeded by (seed, step, rank) and the loader replays any step exactly.
+
+Artifact (kind ``checkpoint``), a diffusers model directory plus training records:
+``diffusion_pytorch_model.safetensors`` (PMA merge of the last K checkpoints) and ``config.json``, so
+``Krea2Transformer2DModel.from_pretrained(artifact)`` loads it (ablation switches, when not at their defaults,
+sit under ``"krea2"`` and diffusers cannot run them); ``train_state/`` (DCP: model, optimizer, scheduler of the
+final step); ``metrics.jsonl`` (the loss curve); ``samples.png`` (held-out prompts).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from krea2_core.artifacts import read_manifest, to_plain
+from krea2_core.config import DiTConfig, PretrainConfig, PretrainStageConfig
+from krea2_core.data.loader import PackedLoader
+from krea2_core.diffusion.flow import add_noise, flow_loss, sample_timesteps, validation_loss
+from krea2_core.diffusion.text_to_image import TextToImage
+from krea2_core.models.autoencoders import load_autoencoder
+from krea2_core.models.dit import Krea2DiT
+from krea2_core.models.text_encoders import load_text_encoder
+from krea2_core.stages import StageOutput, execute_stage, output_root, stage_location
+from krea2_core.tracking import StageRun
+from krea2_core.training import checkpoint as ckpt
+from krea2_core.training.optim import build_optimizers
+from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, init_distributed, parallelize
+from krea2_core.training.pma import merge_safetensors
+from krea2_core.training.repa import IRepaProjector, load_patch_encoder, repa_active, repa_loss
+from krea2_core.training.schedules import wsd_scheduler
+from krea2_core.training.throughput import peak_flops, train_flops_per_image
+from krea2_core.training.world_eval import evaluate, held_out_prompts, image_grid
+from krea2_core.world.captions import sample_prompts
+from krea2_core.world.render import render
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+_PROJECTOR = "repa_projector"
+
+
+def diffusers_config(model: DiTConfig) -> dict[str, Any]:
+    """``config.json`` for diffusers: its Krea2Transformer2DModel arguments, our ablation switches under "krea2"."""
+    from diffusers import Krea2Transformer2DModel
+
+    names = inspect.signature(Krea2Transformer2DModel.__init__).parameters
+    plain = to_plain(model)
+    return {"_class_name": "Krea2Transformer2DModel", **{k: v for k, v in plain.items() if k in names},
+            "krea2": {k: v for k, v in plain.items() if k not in names}}
+
+
+def stage_view(config: PretrainConfig, stage: str) -> dict[str, Any]:
+    """The part of the config one stage depends on (its cache key): other stages' settings are left out, so
+    changing the 1024 stage does not re-run the 256 stage."""
+    plain = to_plain(config)
+    plain["stages"] = {stage: plain["stages"][stage]}
+    return plain
+
+
+def run_pretrain_stage(packed: Path, init: Path | None, stage: str, config: PretrainConfig,
+                       parent_run_id: str = "", root: Path | None = None) -> Path | None:
+    """Train ``stage`` on its packed shards, from ``init`` (the previous stage's checkpoint artifact) or from
+    scratch. Returns the checkpoint artifact on rank 0, None on the other ranks."""
+    if stage not in config.stages:
+        raise ValueError(f"stage {stage!r} is not configured; configured stages: {sorted(config.stages)}")
+    env = init_distributed(config.parallel.device)
+    try:
+        if env.world_size != config.parallel.world_size:
+            raise RuntimeError(f"launched with {env.world_size} processes but parallel.nnodes x nproc_per_node is "
+                               f"{config.parallel.world_size}: the launch and the config must agree")
+        root = root or output_root()
+        inputs = {"packed": Path(packed), **({"init": Path(init)} if init else {})}
+        view = stage_view(config, stage)
+        if env.rank == 0:
+            def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+                return _train(env, paths, stage, config, run.work_dir, staging, run)
+            out, _ = execute_stage(f"pretrain_{stage}", "checkpoint", body, config=view, inputs=inputs,
+                                   parent_run_id=parent_run_id, root=root)
+            return out
+        manifests = {name: read_manifest(path) for name, path in inputs.items()}
+        _, scratch = stage_location(f"pretrain_{stage}", "checkpoint", config=view, manifests=manifests, root=root)
+        _train(env, inputs, stage, config, scratch, None, None)
+        return None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _new_model(config: PretrainConfig, init: Path | None, device: torch.device) -> Krea2DiT:
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = Krea2DiT(config.model)
+    if init is not None:
+        ckpt.load_weights(init / WEIGHTS_FILE, model)
+    return model.to(device)
+
+
+def _pipe(model: torch.nn.Module, config: PretrainConfig, device: torch.device) -> TextToImage:
+    return TextToImage(model, load_autoencoder(config.autoencoder, device),
+                       load_text_encoder(config.text_encoder, device), config.autoencoder.patch_size)
+
+
+def _noise_and_timesteps(tokens: torch.Tensor, sample_index: torch.Tensor, *, seed: int, step: int, shift: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and timestep of each sample drawn from its own generator, seeded by (seed, step, sample index): a
+    step replays exactly after a resume, and at any world size (ranks hold slices of the same global batch)."""
+    noise, t = [], []
+    for index in sample_index.tolist():
+        g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + index)
+        noise.append(torch.randn(tokens.shape[1:], generator=g))
+        t.append(sample_timesteps(1, shift=shift, generator=g))
+    return torch.stack(noise).to(tokens.device, tokens.dtype), torch.cat(t).to(tokens.device)
+
+
+def _global_mean(value: torch.Tensor) -> float:
+    """A loss averaged over all ranks (each holds the mean of its slice of the global batch)."""
+    value = value.detach().float().clone()
+    if dist.is_initialized():
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value.item()
+
+
+class _MetricsLog:
+    """metrics.jsonl in the scratch dir (cut back to the resumed step, so a resumed curve has no repeats),
+    mirrored to MLflow on rank 0."""
+
+    def __init__(self, path: Path, start: int, run: StageRun | None) -> None:
+        self.path, self.run = path, run
+        if run is None:
+            return
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start] \
+            if path.exists() else []
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if self.run is None:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.run.log_metrics(metrics, step=step)
+
+
+def _validation_set(pipe: TextToImage, config: PretrainConfig, resolution: int) -> tuple[torch.Tensor, ...]:
+    """Held-out world scenes (never in the pool) at the stage resolution, with their captions, fixed noise."""
+    rng = np.random.default_rng(config.eval.seed + 1)
+    pairs = sample_prompts(rng, config.eval.n_prompts, resolution, resolution)
+    pixels = torch.stack([torch.from_numpy(np.asarray(render(scene))).permute(2, 0, 1)
+                          for _, scene in pairs]).float() / 127.5 - 1
+    tokens, grid, text, mask = pipe.encode(pixels, [prompt.text for prompt, _ in pairs])
+    noise = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(config.seed)).to(tokens.device)
+    return tokens, grid, text, mask, noise
+
+
+def _validation_loss(pipe: TextToImage, val: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    tokens, grid, text, mask, noise = val
+    losses = validation_loss(lambda x, t: pipe.velocity(x, t, grid, text, mask), tokens, noise)
+    return {"val_loss": sum(losses.values()) / len(losses), **{f"val_loss.t{t:.1f}": v for t, v in losses.items()}}
+
+
+def _prompt_following(pipe: TextToImage, config: PretrainConfig, resolution: int, run: StageRun, prefix: str,
+                      step: int, grid_file: Path | None) -> dict[str, float]:
+    prompts = held_out_prompts(config.eval, resolution)
+    result, images = evaluate(lambda texts: pipe.generate(
+        texts, width=resolution, height=resolution, steps=config.eval.steps, cfg_scale=config.eval.cfg_scale,
+        shift=config.eval.shift, seed=config.eval.seed), prompts)
+    metrics = result.metrics(prefix)
+    run.log_metrics(metrics, step=step)
+    grid = image_grid(images[:config.eval.grid_size])
+    run.log_image(grid, f"samples/{prefix}_step{step:06d}.png")
+    if grid_file is not None:
+        grid.save(grid_file)
+    return metrics
+
+
+def _train(env: DistEnv, inputs: dict[str, Path], stage: str, config: PretrainConfig, scratch: Path,
+           staging: Path | None, run: StageRun | None) -> StageOutput:
+    stage_cfg: PretrainStageConfig = config.stages[stage]
+    init = inputs.get("init")
+    model = _new_model(config, init, env.device)
+    projector, encoder = None, None
+    if stage_cfg.repa:
+        encoder = load_patch_encoder(config.repa, env.device)
+        projector = IRepaProjector(config.model.hidden_size, encoder.dim).to(env.device)
+        model.add_module(_PROJECTOR, projector)  # sharded and checkpointed with the model, not in its weights file
+    model = parallelize(model, config.parallel, env, stage_cfg.float8)
+    pipe = _pipe(model, config, env.device)
+    dp_rank, dp_size = data_parallel_rank(env, config.parallel.tp)
+    loader = PackedLoader(inputs["packed"], rank=dp_rank, world_size=dp_size, caption_ratios=config.caption_ratios,
+                          caption_dropout=config.caption_dropout, seed=config.seed)
+    optimizers = build_optimizers(model, config.optimizer, stage_cfg.lr)
+    schedulers = [wsd_scheduler(o, total_steps=stage_cfg.steps, warmup_steps=stage_cfg.warmup_steps,
+                                decay_fraction=stage_cfg.decay_fraction) for o in optimizers]
+    checkpoints = scratch / "checkpoints"
+    latest = ckpt.latest_checkpoint(checkpoints)
+    start = 0 if latest is None else int(
+        ckpt.load_checkpoint(latest, model=model, optimizers=optimizers, schedulers=schedulers)["step"])
+    log = _MetricsLog(scratch / METRICS_FILE, start, run)
+    if run is not None and start == 0 and init is None:
+        # the baseline every later number is compared with: the same model before any training
+        _prompt_following(_pipe(_new_model(config, None, env.device), config, env.device), config,
+                          stage_cfg.resolution, run, "eval.untrained", 0, None)
+    val = _validation_set(pipe, config, stage_cfg.resolution)
+    pma_steps = sorted(s for s in (stage_cfg.steps - i * stage_cfg.pma_interval
+                                   for i in range(stage_cfg.pma_checkpoints)) if s > 0)
+    flops_per_image = train_flops_per_image(config.model, config.autoencoder, stage_cfg.resolution,
+                                            config.text_encoder.max_tokens)
+    timer = ckpt.CheckpointTimer(stage_cfg.checkpoint_every_s)
+    model.train()
+    for step in tqdm(range(start, stage_cfg.steps), initial=start, total=stage_cfg.steps, desc=f"pretrain {stage}",
+                     disable=env.rank != 0, mininterval=5):
+        t0 = time.perf_counter()
+        batch = loader.batch(step)
+        tokens, grid, text, mask = pipe.encode(batch.pixels, batch.captions)
+        noise, t = _noise_and_timesteps(tokens, batch.sample_index, seed=config.seed, step=step,
+                                        shift=stage_cfg.timestep_shift)
+        aligned = encoder is not None and repa_active(step, steps_per_epoch=loader.n_batches, epochs=config.repa.epochs)
+        out = pipe.velocity(add_noise(tokens, noise, t), t, grid, text, mask,
+                            return_block=config.repa.block if aligned else None)
+        velocity = out[0] if aligned else out
+        loss = flow_loss(velocity, tokens, noise)
+        metrics = {"loss": _global_mean(loss)}
+        if aligned:
+            alignment = repa_loss(out[1], grid, encoder.encode(batch.pixels.to(env.device)), projector)
+            metrics["loss.repa"] = _global_mean(alignment)
+            loss = loss + config.repa.weight * alignment
+        loss.backward()
+        metrics["grad_norm"] = clip_grad_norm(model, config.optimizer.grad_clip)
+        for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        images_per_s = stage_cfg.global_batch / (time.perf_counter() - t0)
+        metrics.update(lr=schedulers[0].get_last_lr()[0], images_per_s=images_per_s,
+                       mfu=images_per_s * flops_per_image / (peak_flops(env.device) * env.world_size))
+        done = step + 1
+        if done % stage_cfg.val_every == 0 or done == stage_cfg.steps:
+            model.eval()
+            metrics.update(_validation_loss(pipe, val))
+            model.train()
+        log.write(done, metrics)
+        if done in pma_steps or timer.due():
+            ckpt.save_checkpoint(checkpoints, step=done, model=model, optimizers=optimizers, schedulers=schedulers,
+                                 extra={"step": done}, model_config=to_plain(config.model), keep=2,
+                                 protect=set(pma_steps))
+    if staging is None or run is None:
+        return StageOutput(counts={})
+    merge_safetensors([checkpoints / ckpt.step_dir_name(s) / ckpt.WEIGHTS_FILE for s in pma_steps],
+                      staging / WEIGHTS_FILE, drop_prefix=f"{_PROJECTOR}.")
+    (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(config.model), indent=2))
+    shutil.copytree(checkpoints / ckpt.step_dir_name(stage_cfg.steps) / ckpt.STATE_DIR, staging / "train_state")
+    shutil.copy(scratch / METRICS_FILE, staging / METRICS_FILE)
+    merged = _pipe(_new_model(config, staging, env.device), config, env.device)
+    metrics = _prompt_following(merged, config, stage_cfg.resolution, run, "eval", stage_cfg.steps,
+                                staging / "samples.png")
+    metrics.update({f"final.{k}": v for k, v in _validation_loss(merged, _validation_set(
+        merged, config, stage_cfg.resolution)).items()})
+    return StageOutput(counts={"steps": stage_cfg.steps, "merged_checkpoints": len(pma_steps),
+                               "parameters": sum(p.numel() for p in Krea2DiT(config.model).parameters())},
+                       metrics=metrics)
