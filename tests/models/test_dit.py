@@ -89,6 +89,19 @@ def test_matches_diffusers_outputs_and_gradients(pair, mask: bool) -> None:
         torch.testing.assert_close(our_inputs[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_bf16_autocast_stays_close_to_float32(pair) -> None:
+    reference, ours = pair
+    x = inputs(mask=True)
+    with torch.no_grad():
+        exact = reference(**x).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours_bf16, reference_bf16 = ours(**x), reference(**x).sample
+    assert ours_bf16.dtype == torch.bfloat16
+    scale = exact.abs().max()
+    assert (ours_bf16.float() - exact).abs().max() < 0.02 * scale
+    assert (ours_bf16.float() - exact).abs().max() <= 1.5 * (reference_bf16.float() - exact).abs().max()
+
+
 def test_padding_mask_hides_padded_text(pair) -> None:
     _, ours = pair
     x = inputs(mask=True)
