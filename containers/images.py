@@ -23,3 +23,15 @@ DATA_IMAGE = ImageSpec(
     apt_packages=["mate-backgrounds", "lomiri-wallpapers-16.04"],
     env={"RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true"},
 )
+
+# GPU image for the training stages (Flyte Elastic / torchrun workers): the same Python dependencies with the
+# CUDA build of the pinned torch (its wheels bring the CUDA runtime; nodes provide the driver).
+# ``containers/Dockerfile.train`` is the same image for a plain ``docker build``.
+TRAIN_IMAGE = ImageSpec(
+    name="krea2-train",
+    registry=os.environ.get("KREA2_IMAGE_REGISTRY", "localhost:30000"),
+    python_version="3.11",
+    packages=_DEPENDENCIES,
+    pip_extra_index_url=["https://download.pytorch.org/whl/cu128"],
+    env={"MLFLOW_DISABLE_TELEMETRY": "true", "NCCL_ASYNC_ERROR_HANDLING": "1"},
+)

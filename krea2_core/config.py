@@ -616,6 +616,23 @@ class PretrainConfig(_Strict):
                      f"size ({dp} = world size / tp)")
 
 
+@dataclass
+class PackingConfig(_Strict):
+    """Everything one stage's packed shards depend on, and nothing else: the packing task is cached on it, so a
+    training setting (steps, lr, ...) never re-packs."""
+
+    stage: Literal["256", "512", "1024"]
+    resolution: int
+    aspect_ratios: list[float]
+    multiple: int  # image sides are multiples of this (autoencoder downsample x patch size)
+    global_batch: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        _require(self.resolution >= 16 and self.multiple >= 1 and self.global_batch >= 1,
+                 "resolution must be >= 16, multiple and global_batch >= 1")
+
+
 def _tiny_pretrain_stages() -> dict[str, PretrainStageConfig]:
     # 32/64/128 px stand for 256/512/1024; the shift grows with resolution, iREPA only in the first stage
     return {
@@ -722,11 +739,11 @@ def preset(name: str) -> PipelineConfig:
     raise ConfigError(f"unknown preset {name!r}; choose one of: tiny, small, full")
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -757,5 +774,5 @@ def load_config(preset_name: str = "tiny", overrides: str | Path | dict[str, Any
         raise ConfigError(f"config overrides must be a mapping, got {type(data).__name__}")
     if data.get("preset", preset_name) != preset_name:
         base = preset(data["preset"]).to_dict()
-    return PipelineConfig.from_dict(_deep_merge(base, data))
+    return PipelineConfig.from_dict(deep_merge(base, data))
 

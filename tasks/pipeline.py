@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from flytekit import task
 from flytekit.types.directory import FlyteDirectory
@@ -11,7 +12,7 @@ from containers.images import DATA_IMAGE
 from krea2_core.artifacts import read_manifest
 from krea2_core.config import PipelineConfig, load_config
 from krea2_core.stages import output_root
-from krea2_core.tracking import end_pipeline_run, start_pipeline_run
+from krea2_core.tracking import end_pipeline_run, run_metrics, start_pipeline_run
 from tasks.common import from_flyte_dir
 
 
@@ -27,13 +28,30 @@ def start_pipeline(config: PipelineConfig) -> str:
     return start_pipeline_run(output_root(), config.preset, config)
 
 
+def pretraining_summary(root: Path, stage_runs: dict[str, str]) -> list[str]:
+    """Held-out prompt-following (world checker) before training and after each resolution stage."""
+    lines = []
+    for stage in ("256", "512", "1024"):
+        run_id = stage_runs.get(f"pretrain_{stage}")
+        if run_id is None:
+            continue
+        metrics = run_metrics(root, run_id)
+        if "eval.untrained.score" in metrics:
+            lines.append(f"    untrained     : prompt-following {metrics['eval.untrained.score']:.3f}")
+        lines.append(f"    after {stage:>5} : prompt-following {metrics.get('eval.score', float('nan')):.3f}, "
+                     f"final loss {metrics.get('loss', float('nan')):.4f}")
+    return lines
+
+
 @task(container_image=DATA_IMAGE)
-def finish_pipeline(parent_run_id: str, curated: FlyteDirectory, midtrain: FlyteDirectory) -> str:
+def finish_pipeline(parent_run_id: str, curated: FlyteDirectory, midtrain: FlyteDirectory,
+                    pretrained: FlyteDirectory) -> str:
     """Close the parent run, linking every stage run behind the outputs, and say where things are."""
     root = output_root()
     curated_path, midtrain_path = from_flyte_dir(curated), from_flyte_dir(midtrain)
-    final = read_manifest(midtrain_path, kind="midtrain_selection")
-    stage_runs = end_pipeline_run(root, parent_run_id, [final.mlflow_run_id])
+    pretrained_path = from_flyte_dir(pretrained)
+    finals = [read_manifest(midtrain_path, kind="midtrain_selection"), read_manifest(pretrained_path, kind="checkpoint")]
+    stage_runs = end_pipeline_run(root, parent_run_id, [m.mlflow_run_id for m in finals])
     summary = json.loads((curated_path / "summary.json").read_text())
     selection = json.loads((midtrain_path / "summary.json").read_text())
     lines = [
@@ -45,6 +63,8 @@ def finish_pipeline(parent_run_id: str, curated: FlyteDirectory, midtrain: Flyte
         f"    sampled {selection['sampled']} of {selection['input']} ({selection['added_for_coverage']} added for "
         f"entity coverage; {selection['concepts_in_input']} concepts, {selection['concepts_lost']} lost); "
         f"plots: cluster_sizes.png, tag_counts.png",
+        f"  pretrained   : {pretrained_path} (a diffusers Krea2Transformer2DModel directory + train state)",
+        *pretraining_summary(root, stage_runs),
         f"  MLflow       : parent run {parent_run_id}; stage runs {stage_runs}",
         f"  browse with  : mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}",
     ]

@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from mlflow.tracking import MlflowClient
 
+from krea2_core.config import deep_merge
 from krea2_core.tracking import configure_tracking
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +27,22 @@ semantic:
   kmeans: {levels: [6, 2]}
 curation:
   parallel: {shard_size: 16}
+pretrain:  # a 2-block model, a few steps per stage: the real code path, on 2 torchrun ranks
+  model: {num_layers: 2, num_attention_heads: 2, num_key_value_heads: 1, intermediate_size: 128,
+          text_intermediate_size: 256}
+  text_encoder: {max_tokens: 32}
+  eval: {n_prompts: 4, steps: 3}
+  aspect_ratios: [1.0]
+  stages:
+    "256": {steps: 4, global_batch: 8, warmup_steps: 1, pma_checkpoints: 2, pma_interval: 2}
+    "512": {steps: 2, global_batch: 8, warmup_steps: 0, pma_checkpoints: 1}
+    "1024": {steps: 2, global_batch: 4, warmup_steps: 0, pma_checkpoints: 1}
 """
+
+
+def _with(base: str, **changes: dict) -> str:
+    """``base`` YAML with ``changes`` merged in (the way the pipeline merges overrides into a preset)."""
+    return yaml.safe_dump(deep_merge(yaml.safe_load(base), changes))
 
 
 def _pyflyte(home: Path, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -53,8 +70,9 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     assert first.returncode == 0, first.stderr[-3000:]
     assert "krea2 pipeline finished" in first.stdout
     runs = _stage_runs(root)
+    training = tuple(f"{kind}_{stage}" for stage in ("256", "512", "1024") for kind in ("pack", "pretrain"))
     stages = ("world_pool", "ingest", "scoring", "selection", "scene_captions", "captioning", "embedding",
-              "semantic_selection")
+              "semantic_selection", *training)
     assert {stage: len(ids) for stage, ids in runs.items()} == dict.fromkeys(stages, 1)
 
     second = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(small))
@@ -62,19 +80,28 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     assert _stage_runs(root) == runs  # every stage was a cache hit: no new stage run
 
     changed = tmp_path / "changed.yaml"
-    changed.write_text(SMALL + '  stages:\n    "512": {min_side: 100}\n')
+    changed.write_text(_with(SMALL, curation={"stages": {"512": {"min_side": 100}}}))
     third = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(changed))
     assert third.returncode == 0, third.stderr[-3000:]
     after = _stage_runs(root)
     # selection and what is downstream of it re-run; everything upstream comes from the cache
-    downstream = {"selection", "captioning", "embedding", "semantic_selection"}
+    downstream = {"selection", "captioning", "embedding", "semantic_selection", *training}
     assert {stage: len(ids) for stage, ids in after.items()} == {s: 1 + (s in downstream) for s in stages}
+
+    # a training setting of the last resolution stage re-runs that stage only (each stage is cached on its own
+    # part of the config; packing on what changes the packed bytes)
+    longer = tmp_path / "longer.yaml"
+    longer.write_text(_with(changed.read_text(), pretrain={"stages": {"1024": {"steps": 3}}}))
+    fourth = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(longer))
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert {stage: len(ids) for stage, ids in _stage_runs(root).items()} == {
+        s: 1 + (s in downstream) + (s == "pretrain_1024") for s in stages}
 
     # the newest parent run links the stage runs it used, including the cached ones
     client = MlflowClient()
     parents = client.search_runs([configure_tracking(root)], filter_string="tags.`krea2.kind` = 'pipeline'",
                                  order_by=["start_time DESC"])
-    assert len(parents) == 3 and all(p.info.status == "FINISHED" for p in parents)
+    assert len(parents) == 4 and all(p.info.status == "FINISHED" for p in parents)
     tags = parents[0].data.tags
     assert {k.removeprefix("krea2.stage_run.") for k in tags if k.startswith("krea2.stage_run.")} == set(stages)
     assert tags["krea2.stage_run.scoring"] == runs["scoring"][0]

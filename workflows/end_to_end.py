@@ -4,7 +4,8 @@
     pyflyte run workflows/end_to_end.py krea2_pipeline --preset small --config my_overrides.yaml
 
 Stages so far: world pool -> curation (ingest, scoring, per-resolution selection) -> captioning (OCR, long
-captions, rewrites; world images keep their scene-graph captions) -> semantic curation (midtraining selection).
+captions, rewrites; world images keep their scene-graph captions) -> semantic curation (midtraining selection)
+-> pretraining 256 -> 512 -> 1024 px (packing per stage, then training from the previous stage's checkpoint).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tasks.curation import build_world_pool, ingest
 from tasks.pipeline import finish_pipeline, resolve_config, start_pipeline
 from tasks.semantic import caption_on_device, scene_captions
 from workflows.curation import curate_raw_pool
+from workflows.pretraining import pretraining
 from workflows.semantic_curation import semantic_curation
 
 
@@ -29,4 +31,6 @@ def krea2_pipeline(preset: str = "tiny", config: str = "") -> str:
     captions = caption_on_device(curated=curated, scenes=scenes, config=cfg.captioning, parallel=cfg.curation.parallel,
                                  parent_run_id=parent_run_id)
     midtrain = semantic_curation(curated=curated, captions=captions, config=cfg.semantic, parent_run_id=parent_run_id)
-    return finish_pipeline(parent_run_id=parent_run_id, curated=curated, midtrain=midtrain)
+    pretrained = pretraining(curated=curated, captions=captions, config=cfg.pretrain, parallel=cfg.curation.parallel,
+                             parent_run_id=parent_run_id)
+    return finish_pipeline(parent_run_id=parent_run_id, curated=curated, midtrain=midtrain, pretrained=pretrained)

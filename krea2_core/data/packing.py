@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from krea2_core.artifacts import Manifest, read_manifest
 from krea2_core.captioning.stages import CAPTIONS_FILE
-from krea2_core.config import ParallelConfig, PretrainConfig
+from krea2_core.config import PackingConfig, ParallelConfig, PretrainConfig
 from krea2_core.data.buckets import assign_bucket, bucket_sizes, resize_crop
 from krea2_core.data.images import BadImage, load_image
 from krea2_core.data.schemas import Captions, Packed, Verdicts, read_table, validate
@@ -185,25 +185,29 @@ def _batch_frame(rows: pd.DataFrame, members: np.ndarray, batch_index: int, size
     })
 
 
-def run_packing(curated: Path, captions: Path, stage: str, config: PretrainConfig, *, parent_run_id: str = "",
-                root: Path | None = None, parallel: ParallelConfig = _SERIAL) -> tuple[Path, Manifest]:
-    """Pack resolution stage ``stage`` of a ``curated`` artifact with its ``captions`` (a ``packed`` artifact).
-
-    The artifact key holds only what changes the packed bytes (not ``parallel``, nor training settings)."""
-    read_manifest(curated, kind="curated")
-    read_manifest(captions, kind="captions")
+def packing_config(config: PretrainConfig, stage: str) -> PackingConfig:
+    """The part of a pretraining config that stage ``stage``'s packed shards depend on."""
     if stage not in config.stages:
         raise ValueError(f"stage {stage!r} is not a pretraining stage of this config; it has {sorted(config.stages)}")
-    settings = {"stage": stage, "resolution": config.stages[stage].resolution, "aspect_ratios": config.aspect_ratios,
-                "multiple": pixel_multiple(config.autoencoder), "global_batch": config.stages[stage].global_batch,
-                "seed": config.seed}
+    return PackingConfig(stage=stage, resolution=config.stages[stage].resolution, aspect_ratios=config.aspect_ratios,
+                         multiple=pixel_multiple(config.autoencoder), global_batch=config.stages[stage].global_batch,
+                         seed=config.seed)
+
+
+def run_packing(curated: Path, captions: Path, packing: PackingConfig, *, parent_run_id: str = "",
+                root: Path | None = None, parallel: ParallelConfig = _SERIAL) -> tuple[Path, Manifest]:
+    """Pack resolution stage ``packing.stage`` of a ``curated`` artifact with its ``captions`` (a ``packed``
+    artifact). ``parallel`` is not part of the artifact key: it does not change the packed bytes."""
+    read_manifest(curated, kind="curated")
+    read_manifest(captions, kind="captions")
 
     def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        kept = read_table(inputs["curated"] / stage / "kept.parquet", Verdicts)
+        kept = read_table(inputs["curated"] / packing.stage / "kept.parquet", Verdicts)
         texts = read_table(inputs["captions"] / CAPTIONS_FILE, Captions)
-        counts = pack_stage(kept, texts, **{k: v for k, v in settings.items() if k != "stage"}, out_dir=staging,
-                            parallel=parallel)
+        counts = pack_stage(kept, texts, resolution=packing.resolution, aspect_ratios=packing.aspect_ratios,
+                            multiple=packing.multiple, global_batch=packing.global_batch, seed=packing.seed,
+                            out_dir=staging, parallel=parallel)
         return StageOutput(counts=counts, metrics={"packed_fraction": counts["packed"] / max(1, counts["kept"])})
 
-    return execute_stage(f"pack_{stage}", "packed", body, config=settings, inputs={"curated": curated, "captions": captions},
-                         parent_run_id=parent_run_id, root=root)
+    return execute_stage(f"pack_{packing.stage}", "packed", body, config=packing,
+                         inputs={"curated": curated, "captions": captions}, parent_run_id=parent_run_id, root=root)

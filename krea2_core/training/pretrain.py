@@ -158,7 +158,7 @@ def _validation_set(pipe: TextToImage, config: PretrainConfig, resolution: int) 
     """Held-out world scenes (never in the pool) at the stage resolution, with their captions, fixed noise."""
     rng = np.random.default_rng(config.eval.seed + 1)
     pairs = sample_prompts(rng, config.eval.n_prompts, resolution, resolution)
-    pixels = torch.stack([torch.from_numpy(np.asarray(render(scene))).permute(2, 0, 1)
+    pixels = torch.stack([torch.from_numpy(np.array(render(scene))).permute(2, 0, 1)
                           for _, scene in pairs]).float() / 127.5 - 1
     tokens, grid, text, mask = pipe.encode(pixels, [prompt.text for prompt, _ in pairs])
     noise = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(config.seed)).to(tokens.device)

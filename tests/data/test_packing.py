@@ -3,6 +3,8 @@ exactly one bucket each, the layout is deterministic, and the stage publishes a 
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import json
 from pathlib import Path
@@ -17,7 +19,7 @@ from krea2_core.artifacts import ArtifactError
 from krea2_core.config import AutoencoderConfig, DiTConfig, ParallelConfig, PretrainConfig, PretrainStageConfig
 from krea2_core.data.buckets import assign_bucket, bucket_sizes, resize_crop
 from krea2_core.data.images import load_image
-from krea2_core.data.packing import DROPPED_FILE, INDEX_FILE, pack_stage, run_packing
+from krea2_core.data.packing import DROPPED_FILE, INDEX_FILE, pack_stage, packing_config, run_packing
 from krea2_core.data.schemas import Captions, Verdicts, write_table
 from krea2_core.models.autoencoders import pixel_multiple
 from krea2_core.stages import StageOutput, execute_stage
@@ -203,14 +205,16 @@ def test_run_packing_publishes_a_packed_artifact(sources, isolated_outputs: Path
                             aspect_ratios=[0.5, 1.0, 2.0], autoencoder=AutoencoderConfig(downsample=4, patch_size=2),
                             model=DiTConfig(in_channels=192))
     assert pixel_multiple(config.autoencoder) == 8
-    path, manifest = run_packing(curated, texts, "256", config)
+    path, manifest = run_packing(curated, texts, packing_config(config, "256"))
     assert manifest.kind == "packed" and manifest.counts["packed"] == 28 and manifest.counts["dropped.no_caption"] == 1
     assert (path / INDEX_FILE).is_file() and not list(path.glob(".decoded*"))
-    assert run_packing(curated, texts, "256", config)[0] == path  # content-addressed: same inputs, same place
+    # content-addressed on what changes the bytes: same inputs, same place, whatever the training settings
+    longer = dataclasses.replace(config, stages={"256": dataclasses.replace(config.stages["256"], steps=50, lr=0.1)})
+    assert run_packing(curated, texts, packing_config(longer, "256"))[0] == path
     with pytest.raises(ArtifactError, match="expected 'curated'"):
-        run_packing(texts, texts, "256", config)
+        run_packing(texts, texts, packing_config(config, "256"))
     with pytest.raises(ValueError, match="not a pretraining stage"):
-        run_packing(curated, texts, "512", config)
+        packing_config(config, "512")
 
 
 @pytest.mark.slow
