@@ -59,11 +59,38 @@ def _stages() -> dict[str, StageSpec]:
                                         lambda p, i, parent: run_semantic_selection(i["curated"], i["embeddings"],
                                                                                     i["captions"], p.semantic,
                                                                                     parent_run_id=parent)),
+        **{name: spec for stage in PRETRAIN_STAGES for name, spec in _pretraining(stage).items()},
     }
 
 
+def _pretraining(stage: str) -> dict[str, StageSpec]:
+    """``pack_<stage>`` and ``pretrain_<stage>``, whose configs are what those stages record in their manifests."""
+    from krea2_core.data.packing import packing_config, run_packing
+    from krea2_core.training.launch import launch_local
+    from krea2_core.training.pretrain import run_pretrain_stage, stage_view
+
+    def train(p: PipelineConfig, i: dict[str, Path], parent: str) -> tuple[Path, Manifest]:
+        # on pretrain.parallel.nproc_per_node local processes, like the Flyte Elastic task; rank 0's artifact
+        path = launch_local(p.pretrain.parallel, run_pretrain_stage, i["packed"], i.get("init"), stage, p.pretrain,
+                            parent)
+        return path, read_manifest(path)
+
+    inputs = {"packed": f"pack_{stage}"}
+    if stage != PRETRAIN_STAGES[0]:
+        inputs["init"] = f"pretrain_{PRETRAIN_STAGES[PRETRAIN_STAGES.index(stage) - 1]}"
+    return {
+        f"pack_{stage}": StageSpec({"curated": "selection", "captions": "captioning"},
+                                   lambda p: packing_config(p.pretrain, stage),
+                                   lambda p, i, parent: run_packing(i["curated"], i["captions"],
+                                                                    packing_config(p.pretrain, stage),
+                                                                    parallel=p.curation.parallel, parent_run_id=parent)),
+        f"pretrain_{stage}": StageSpec(inputs, lambda p: stage_view(p.pretrain, stage), train),
+    }
+
+
+PRETRAIN_STAGES = ("256", "512", "1024")  # progressive resolution: each stage starts from the previous one
 STAGE_ORDER = ("world_pool", "ingest", "scoring", "selection", "scene_captions", "captioning", "embedding",
-               "semantic_selection")
+               "semantic_selection", *(f"{kind}_{stage}" for stage in PRETRAIN_STAGES for kind in ("pack", "pretrain")))
 
 
 class RerunError(ValueError):

@@ -5,20 +5,54 @@ from __future__ import annotations
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
+from safetensors.torch import save_file
 
-from krea2_core.config import PipelineConfig, load_config
+from krea2_core.artifacts import Manifest, read_manifest
+from krea2_core.captioning.stages import run_scene_captions
+from krea2_core.cli import main
+from krea2_core.config import PipelineConfig, deep_merge, load_config
 from krea2_core.data import stages as data
+from krea2_core.data.packing import packing_config, run_packing
+from krea2_core.data.schemas import Captions, Verdicts, read_table, write_table
+from krea2_core.models.dit import Krea2DiT
 from krea2_core.rerun import RerunError, plan, rerun
-from krea2_core.tracking import end_pipeline_run, start_pipeline_run
+from krea2_core.stages import StageOutput, execute_stage
+from krea2_core.tracking import StageRun, configure_tracking, end_pipeline_run, start_pipeline_run
+from krea2_core.training.pretrain import WEIGHTS_FILE, stage_view
 
 SMALL = {
     "world": {"n_scenes": 12, "n_exact_duplicates": 2, "n_near_duplicates": 2, "n_color_variants": 1,
               "n_per_defect": 1, "real_image_dirs": ["skimage"], "max_real_images": 3},
     "curation": {"parallel": {"backend": "serial"}},
+    # a 2-block model, one step per stage, on the tiny preset's 2 local processes
+    "pretrain": {"model": {"num_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                           "intermediate_size": 128, "text_intermediate_size": 256},
+                 "text_encoder": {"max_tokens": 32}, "eval": {"n_prompts": 1, "steps": 1, "grid_size": 1},
+                 "aspect_ratios": [1.0],
+                 "stages": {stage: {"steps": 1, "global_batch": 4, "warmup_steps": 0, "pma_checkpoints": 1}
+                            for stage in ("256", "512", "1024")}},
 }
+PRETRAIN_STAGES = ("256", "512", "1024")
+
+
+def _config(**changes: Any) -> PipelineConfig:
+    return load_config("tiny", deep_merge(SMALL, changes))
+
+
+def _curate(config: PipelineConfig, parent: str) -> tuple[dict[str, Path], Manifest]:
+    """The first four stages, run for real: their artifacts and the selection manifest."""
+    world, _ = data.run_world_pool(config.world, parent_run_id=parent)
+    raw_pool, _ = data.run_ingest(world, config.curation.parallel, parent_run_id=parent)
+    scores, _ = data.run_scoring(raw_pool, config.curation.analysis, config.curation.parallel, parent_run_id=parent)
+    curated, manifest = data.run_selection(raw_pool, scores, config.curation.stages, config.curation.dedup,
+                                           parent_run_id=parent)
+    return {"world_pool": world, "raw_pool": raw_pool, "scores": scores, "curated": curated}, manifest
 
 
 @pytest.fixture
@@ -26,13 +60,67 @@ def recorded(isolated_outputs: Path) -> tuple[str, PipelineConfig, dict[str, Pat
     """A pipeline run of the first four stages, as krea2_pipeline records it."""
     config = load_config("tiny", SMALL)
     parent = start_pipeline_run(isolated_outputs, "tiny", config)
-    world, _ = data.run_world_pool(config.world, parent_run_id=parent)
-    raw_pool, _ = data.run_ingest(world, config.curation.parallel, parent_run_id=parent)
-    scores, _ = data.run_scoring(raw_pool, config.curation.analysis, config.curation.parallel, parent_run_id=parent)
-    curated, manifest = data.run_selection(raw_pool, scores, config.curation.stages, config.curation.dedup,
-                                           parent_run_id=parent)
+    paths, manifest = _curate(config, parent)
     end_pipeline_run(isolated_outputs, parent, [manifest.mlflow_run_id])
-    return parent, config, {"raw_pool": raw_pool, "scores": scores, "curated": curated}
+    return parent, config, paths
+
+
+def _fixed_captions(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+    """The captions artifact with one fixed caption per kept image: OCR and the LLMs would take minutes."""
+    kept = pd.concat([read_table(path / "kept.parquet", Verdicts) for path in inputs["curated"].iterdir()
+                      if (path / "kept.parquet").is_file()]).drop_duplicates("id")
+    frame = pd.DataFrame({"id": kept["id"], "ocr_text": "", "ocr_lines": "[]", "text_density": 0.0,
+                          "long": "a red circle on a blue background", "medium": "a red circle", "short": "a circle",
+                          "tags": "circle", "conversational": "", "source": "scene_graph", "flags": "", "error": None})
+    write_table(frame, staging / "captions.parquet", Captions)
+    return StageOutput({"images": len(frame)})
+
+
+def _untrained(config: PipelineConfig) -> Any:
+    """A checkpoint artifact body that writes the initial weights instead of training (the rerun trains for real)."""
+    def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+        save_file(Krea2DiT(config.pretrain.model).state_dict(), staging / WEIGHTS_FILE)
+        return StageOutput({"steps": 0})
+    return body
+
+
+@pytest.fixture(scope="module")
+def pretrained_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, PipelineConfig, dict[str, Path]]:
+    """A pipeline run through pretrain_1024 as krea2_pipeline records it, in its own output root (built once): curation
+    and packing for real, captioning and training fabricated with the configs those stages record (the rerun test
+    trains one for real)."""
+    root = tmp_path_factory.mktemp("pretrained") / "krea2-outputs"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KREA2_OUTPUT_ROOT", str(root))
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        config = load_config("tiny", SMALL)
+        parent = start_pipeline_run(root, "tiny", config)
+        paths, _ = _curate(config, parent)
+        scenes, _ = run_scene_captions(paths["world_pool"], paths["raw_pool"], parent_run_id=parent)
+        paths["captions"], _ = execute_stage("captioning", "captions", _fixed_captions,
+                                             config={"captioning": config.captioning},
+                                             inputs={"curated": paths["curated"], "scene_captions": scenes},
+                                             parent_run_id=parent)
+        init: dict[str, Path] = {}
+        for stage in PRETRAIN_STAGES:
+            paths[f"pack_{stage}"], _ = run_packing(paths["curated"], paths["captions"],
+                                                    packing_config(config.pretrain, stage), parent_run_id=parent)
+            paths[f"pretrain_{stage}"], manifest = execute_stage(
+                f"pretrain_{stage}", "checkpoint", _untrained(config), config=stage_view(config.pretrain, stage),
+                inputs={"packed": paths[f"pack_{stage}"], **init}, parent_run_id=parent)
+            init = {"init": paths[f"pretrain_{stage}"]}
+        end_pipeline_run(root, parent, [manifest.mlflow_run_id])
+    return root, parent, config, paths
+
+
+@pytest.fixture
+def pretrained(pretrained_store: tuple[Path, str, PipelineConfig, dict[str, Path]], monkeypatch: pytest.MonkeyPatch
+               ) -> tuple[str, PipelineConfig, dict[str, Path]]:
+    """The recorded pretraining run, with this test's outputs and MLflow store pointed at its root."""
+    root, parent, config, paths = pretrained_store
+    monkeypatch.setenv("KREA2_OUTPUT_ROOT", str(root))
+    configure_tracking(root)
+    return parent, config, paths
 
 
 def _why(steps: list[tuple[str, bool, str]]) -> dict[str, str]:
@@ -78,3 +166,71 @@ def test_rerun_errors_name_the_problem(recorded: tuple[str, PipelineConfig, dict
     shutil.rmtree(paths["scores"])
     with pytest.raises(RerunError, match=r"the output of run \w+ \(scoring\) is gone"):
         rerun("selection", parent, config)
+
+
+CURATION = ("world_pool", "ingest", "scoring", "selection", "scene_captions", "captioning")
+CACHED = "cached cached: same config and inputs"
+
+
+def test_dry_run_of_the_pretraining_stages(pretrained: tuple[str, PipelineConfig, dict[str, Path]], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    parent, config, _ = pretrained
+    steps = _why(plan(parent, config))
+    assert list(steps) == [*CURATION, *(f"{kind}_{s}" for s in PRETRAIN_STAGES for kind in ("pack", "pretrain"))]
+    assert set(steps.values()) == {CACHED}
+
+    # a training setting of the last stage re-runs that stage only: packing and earlier stages are cached
+    longer = _why(plan(parent, _config(pretrain={"stages": {"1024": {"steps": 3}}})))
+    assert longer == {**dict.fromkeys(longer, CACHED), "pretrain_1024": "RE-RUN config changed: stages.1024.steps"}
+
+    # a training setting of the first stage re-runs its training and the stages initialised from it
+    lr = _why(plan(parent, _config(pretrain={"stages": {"256": {"lr": 3e-4}}})))
+    assert {stage: why for stage, why in lr.items() if why != CACHED} == {
+        "pretrain_256": "RE-RUN config changed: stages.256.lr",
+        "pretrain_512": "RE-RUN input from re-run stage(s): pretrain_256",
+        "pretrain_1024": "RE-RUN input from re-run stage(s): pretrain_512"}
+
+    # aspect ratios change the packed bytes of every stage, so everything from packing on re-runs
+    aspects = _why(plan(parent, _config(pretrain={"aspect_ratios": [0.5, 1.0, 2.0]})))
+    assert {stage: aspects[stage] for stage in CURATION} == dict.fromkeys(CURATION, CACHED)
+    for stage in PRETRAIN_STAGES:
+        assert aspects[f"pack_{stage}"] == "RE-RUN config changed: aspect_ratios"
+        assert aspects[f"pretrain_{stage}"] == "RE-RUN config changed: aspect_ratios"  # and its packed input
+
+    # a curation change re-runs packing through its inputs
+    threshold = _why(plan(parent, _config(curation={"stages": {"512": {"min_side": 100}}})))
+    assert threshold["pack_256"] == "RE-RUN input from re-run stage(s): captioning, selection"
+    assert threshold["pretrain_256"] == "RE-RUN input from re-run stage(s): pack_256"
+
+    # the command line: krea2 rerun pretrain_512 --from-run <id> --config <yaml> --dry-run
+    overrides = tmp_path / "longer.yaml"
+    overrides.write_text(yaml.safe_dump(deep_merge(SMALL, {"pretrain": {"stages": {"512": {"steps": 2}}}})))
+    assert main(["rerun", "pretrain_512", "--from-run", parent, "--config", str(overrides), "--dry-run"]) == 0
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in capsys.readouterr().out.splitlines()}
+    assert lines["pack_512"].startswith("cached") and lines["pretrain_256"].startswith("cached")
+    assert lines["pretrain_512"] == "RE-RUN  config changed: stages.512.steps"
+    assert lines["pretrain_1024"] == "RE-RUN  input from re-run stage(s): pretrain_512"
+
+
+def test_rerun_trains_a_stage_on_its_recorded_inputs(pretrained: tuple[str, PipelineConfig, dict[str, Path]]) -> None:
+    """pretrain_512 again, for real, on the tiny preset's 2 local processes: from the recorded packed shards and
+    256 checkpoint, with a manifest whose config the dry run reads back as unchanged."""
+    parent, _, paths = pretrained
+    changed = _config(pretrain={"stages": {"512": {"steps": 2}}})
+    assert changed.pretrain.parallel.nproc_per_node == 2
+    path, manifest = rerun("pretrain_512", parent, changed)
+    assert path != paths["pretrain_512"] and (path / WEIGHTS_FILE).is_file()
+    assert read_manifest(path, kind="checkpoint") == manifest and manifest.counts["steps"] == 2
+    # each of the 2 ranks wrote its shard of the final training state
+    assert len(list((path / "train_state").glob("*.distcp"))) == 2
+
+    client = MlflowClient()
+    recorded = {stage: client.get_run(client.get_run(parent).data.tags[f"krea2.stage_run.{stage}"])
+                for stage in ("pack_512", "pretrain_256")}
+    new = client.get_run(manifest.mlflow_run_id)
+    assert new.data.tags["krea2.upstream.packed"] == recorded["pack_512"].info.run_id
+    assert new.data.tags["krea2.upstream.init"] == recorded["pretrain_256"].info.run_id
+    assert new.data.params["stages.512.steps"] == "2" and "stages.256.steps" not in new.data.params
+    steps = _why(plan(manifest.mlflow_run_id, changed))
+    assert list(steps)[-3:] == ["pretrain_256", "pack_512", "pretrain_512"]
+    assert set(steps.values()) == {CACHED}
