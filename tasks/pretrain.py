@@ -23,9 +23,11 @@ from krea2_core.data.packing import packing_config, run_packing
 from krea2_core.training.pretrain import run_pretrain_stage
 from tasks.common import CACHE, from_flyte_dir, to_flyte_dir
 
-TRAIN_LAUNCH = Elastic(nnodes=int(os.environ.get("KREA2_TRAIN_NNODES", "1")),
-                       nproc_per_node=int(os.environ.get("KREA2_TRAIN_NPROC_PER_NODE", "2")))
-_GPUS = os.environ.get("KREA2_TRAIN_GPUS_PER_NODE", "0")
+_LAUNCH_ENV = {name: os.environ.get(name, default) for name, default in (
+    ("KREA2_TRAIN_NNODES", "1"), ("KREA2_TRAIN_NPROC_PER_NODE", "2"), ("KREA2_TRAIN_GPUS_PER_NODE", "0"))}
+TRAIN_LAUNCH = Elastic(nnodes=int(_LAUNCH_ENV["KREA2_TRAIN_NNODES"]),
+                       nproc_per_node=int(_LAUNCH_ENV["KREA2_TRAIN_NPROC_PER_NODE"]))
+_GPUS = _LAUNCH_ENV["KREA2_TRAIN_GPUS_PER_NODE"]
 
 
 @task(container_image=DATA_IMAGE)
@@ -51,7 +53,9 @@ def pack_images(curated: FlyteDirectory, captions: FlyteDirectory, packing: Pack
     return to_flyte_dir(path)
 
 
-@task(task_config=TRAIN_LAUNCH, cache=CACHE, container_image=TRAIN_IMAGE,
+# The launch shape goes into the task's environment too: the pod re-imports this module, and flytekit starts
+# torchrun from that import.
+@task(task_config=TRAIN_LAUNCH, cache=CACHE, container_image=TRAIN_IMAGE, environment=_LAUNCH_ENV,
       requests=Resources(cpu="2", mem="8Gi", gpu=_GPUS) if _GPUS != "0" else Resources(cpu="2", mem="8Gi"))
 def pretrain_stage(packed: FlyteDirectory, init: Optional[FlyteDirectory], stage: str, config: PretrainConfig,
                    parent_run_id: str = "") -> FlyteDirectory:

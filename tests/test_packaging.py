@@ -381,9 +381,6 @@ def test_multi_node_launch_shape_is_a_pytorchjob(packages: dict[str, Package]) -
         assert multi.tasks[name] == default.tasks[name], name
 
 
-@pytest.mark.xfail(strict=True, reason="tasks/pretrain.py reads the launch shape from $KREA2_TRAIN_* when it is "
-                   "imported, but does not put it into the task's environment: in the pod, tasks.pretrain is imported "
-                   "again without it and Elastic launches 1 node x 2 processes whatever was registered")
 def test_launch_shape_reaches_the_pod(packages: dict[str, Package]) -> None:
     """The pod runs ``pyflyte-execute``, which imports tasks.pretrain again to find the task; its Elastic launch
     (nnodes, nproc_per_node) comes from that import, so the registered shape must be in the container's env."""

@@ -22,6 +22,7 @@ class TextToImage:
     autoencoder: Autoencoder
     text_encoder: TextEncoder
     patch_size: int
+    compute_dtype: torch.dtype = torch.float32  # bfloat16: the DiT runs under autocast (weights stay float32)
 
     @property
     def device(self) -> torch.device:
@@ -39,7 +40,8 @@ class TextToImage:
     def velocity(self, tokens: torch.Tensor, t: torch.Tensor, grid: tuple[int, int], text: torch.Tensor,
                  mask: torch.Tensor, *, return_block: int | None = None):  # noqa: ANN201 - tensor or pair
         positions = position_ids(text.shape[1], grid[0], grid[1]).to(tokens.device)
-        return self.model(tokens, text, t, positions, mask, return_block=return_block)
+        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16):
+            return self.model(tokens, text, t, positions, mask, return_block=return_block)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, width: int, height: int, steps: int, cfg_scale: float,

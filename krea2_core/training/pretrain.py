@@ -110,7 +110,8 @@ def _new_model(config: PretrainConfig, init: Path | None, device: torch.device) 
 
 def _pipe(model: torch.nn.Module, config: PretrainConfig, device: torch.device) -> TextToImage:
     return TextToImage(model, load_autoencoder(config.autoencoder, device),
-                       load_text_encoder(config.text_encoder, device), config.autoencoder.patch_size)
+                       load_text_encoder(config.text_encoder, device), config.autoencoder.patch_size,
+                       getattr(torch, config.parallel.dtype))
 
 
 def _noise_and_timesteps(tokens: torch.Tensor, sample_index: torch.Tensor, *, seed: int, step: int, shift: float
@@ -234,7 +235,7 @@ def _train(env: DistEnv, inputs: dict[str, Path], stage: str, config: PretrainCo
         loss = flow_loss(velocity, tokens, noise)
         metrics = {"loss": _global_mean(loss)}
         if aligned:
-            alignment = repa_loss(out[1], grid, encoder.encode(batch.pixels.to(env.device)), projector)
+            alignment = repa_loss(out[1].float(), grid, encoder.encode(batch.pixels.to(env.device)), projector)
             metrics["loss.repa"] = _global_mean(alignment)
             loss = loss + config.repa.weight * alignment
         loss.backward()
