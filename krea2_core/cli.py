@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     curate.add_argument("--config", default="", help="YAML overrides (file or inline)")
     curate.set_defaults(run=_curate)
     again = commands.add_parser("rerun", help="run one stage again on the inputs a recorded run used")
-    again.add_argument("stage", help="stage name, e.g. selection, embedding, semantic_selection")
+    again.add_argument("stage", help="stage name, e.g. selection, semantic_selection, pack_512, pretrain_1024")
     again.add_argument("--from-run", required=True, help="a pipeline run or any stage run downstream of the stage")
     again.add_argument("--preset", default="tiny", choices=["tiny", "small", "full"])
     again.add_argument("--config", default="", help="YAML overrides (file or inline)")

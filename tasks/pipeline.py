@@ -63,7 +63,8 @@ def finish_pipeline(parent_run_id: str, curated: FlyteDirectory, midtrain: Flyte
         f"    sampled {selection['sampled']} of {selection['input']} ({selection['added_for_coverage']} added for "
         f"entity coverage; {selection['concepts_in_input']} concepts, {selection['concepts_lost']} lost); "
         f"plots: cluster_sizes.png, tag_counts.png",
-        f"  pretrained   : {pretrained_path} (a diffusers Krea2Transformer2DModel directory + train state)",
+        f"  pretrained   : {pretrained_path} (a diffusers Krea2Transformer2DModel directory, train state, "
+        f"samples.png)",
         *pretraining_summary(root, stage_runs),
         f"  MLflow       : parent run {parent_run_id}; stage runs {stage_runs}",
         f"  browse with  : mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}",

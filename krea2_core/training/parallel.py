@@ -209,8 +209,8 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, dtype: str) -> None:
         # The last block's parameters are needed again right at the start of backward: keep them gathered.
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=block is not blocks[-1])
     for head in _HEADS_CALLED_OUTSIDE_FORWARD:
-        if hasattr(model, head):  # its own unit: gathered when it is called, its grads reduced in its backward
-            fully_shard(getattr(model, head), mesh=dp_mesh, mp_policy=mp)
+        if hasattr(model, head):  # its own fp32 unit: gathered when it is called, its grads reduced in its backward
+            fully_shard(getattr(model, head), mesh=dp_mesh)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
 
 

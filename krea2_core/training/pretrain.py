@@ -246,7 +246,7 @@ def _train(env: DistEnv, inputs: dict[str, Path], stage: str, config: PretrainCo
             scheduler.step()
         images_per_s = stage_cfg.global_batch / (time.perf_counter() - t0)
         metrics.update(lr=schedulers[0].get_last_lr()[0], images_per_s=images_per_s,
-                       mfu=images_per_s * flops_per_image / (peak_flops(env.device) * env.world_size))
+                       mfu=images_per_s * flops_per_image / (peak_flops(env.device, pipe.compute_dtype) * env.world_size))
         done = step + 1
         if done % stage_cfg.val_every == 0 or done == stage_cfg.steps:
             model.eval()
