@@ -56,7 +56,7 @@ def test_inline_yaml_and_preset_switch() -> None:
         ({"captioning": {"captioner": {"kind": "gan"}}}, "captioning.captioner.kind: must be one of ['vlm', 'text_llm']"),
         ({"world": {"weights": {"shape": {}}}}, "world: weights: unknown scene attribute 'shape'"),
         ({"pretrain": {"caption_ratios": [0.7, 0.2, 0.2]}}, "pretrain: caption_ratios (long, medium, short) must be 3"),
-        ({"pretrain": {"model": {"num_key_value_heads": 3}}}, "pretrain.model: num_attention_heads (8) must be a multiple"),
+        ({"pretrain": {"model": {"num_key_value_heads": 4}}}, "pretrain.model: num_attention_heads (6) must be a multiple"),
         ({"pretrain": {"model": {"axes_dims_rope": [8, 8, 8]}}}, "axes_dims_rope must be 3 even sizes summing to"),
         ({"pretrain": {"model": {"in_channels": 12}}}, "pretrain: model.in_channels (12) must equal the autoencoder's"),
         ({"pretrain": {"text_encoder": {"layers": [1, 2]}}}, "model.num_text_layers (3) must equal the number of tapped"),
