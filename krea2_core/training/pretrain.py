@@ -14,6 +14,7 @@ final step); ``metrics.jsonl`` (the loss curve); ``samples.png`` (held-out promp
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import shutil
@@ -42,7 +43,7 @@ from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_
 from krea2_core.training.pma import merge_safetensors
 from krea2_core.training.repa import IRepaProjector, load_patch_encoder, repa_active, repa_loss
 from krea2_core.training.schedules import wsd_scheduler
-from krea2_core.training.throughput import peak_flops, train_flops_per_image
+from krea2_core.training.throughput import dit_parameters, peak_flops, train_flops_per_image
 from krea2_core.training.world_eval import evaluate, held_out_prompts, image_grid
 from krea2_core.world.captions import sample_prompts
 from krea2_core.world.render import render
@@ -212,7 +213,7 @@ def _train(env: DistEnv, inputs: dict[str, Path], stage: str, config: PretrainCo
     log = _MetricsLog(scratch / METRICS_FILE, start, run)
     if run is not None and start == 0 and init is None:
         # the baseline every later number is compared with: the same model before any training
-        _prompt_following(_pipe(_new_model(config, None, env.device), config, env.device), config,
+        _prompt_following(dataclasses.replace(pipe, model=_new_model(config, None, env.device)), config,
                           stage_cfg.resolution, run, "eval.untrained", 0, None)
     val = _validation_set(pipe, config, stage_cfg.resolution)
     pma_steps = sorted(s for s in (stage_cfg.steps - i * stage_cfg.pma_interval
@@ -264,11 +265,11 @@ def _train(env: DistEnv, inputs: dict[str, Path], stage: str, config: PretrainCo
     (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(config.model), indent=2))
     shutil.copytree(checkpoints / ckpt.step_dir_name(stage_cfg.steps) / ckpt.STATE_DIR, staging / "train_state")
     shutil.copy(scratch / METRICS_FILE, staging / METRICS_FILE)
-    merged = _pipe(_new_model(config, staging, env.device), config, env.device)
+    # the merged weights, evaluated with the frozen autoencoder and text encoder already loaded
+    merged = dataclasses.replace(pipe, model=_new_model(config, staging, env.device))
     metrics = _prompt_following(merged, config, stage_cfg.resolution, run, "eval", stage_cfg.steps,
                                 staging / "samples.png")
-    metrics.update({f"final.{k}": v for k, v in _validation_loss(merged, _validation_set(
-        merged, config, stage_cfg.resolution)).items()})
+    metrics.update({f"final.{k}": v for k, v in _validation_loss(merged, val).items()})
     return StageOutput(counts={"steps": stage_cfg.steps, "merged_checkpoints": len(pma_steps),
-                               "parameters": sum(p.numel() for p in Krea2DiT(config.model).parameters())},
+                               "parameters": dit_parameters(config.model)},
                        metrics=metrics)

@@ -153,3 +153,13 @@ def test_two_ranks_with_fsdp_follow_the_single_process_curve(packed: Path, tmp_p
     two.parallel.dtype, two.parallel.nproc_per_node = "float32", 2
     out = launch_local(two.parallel, run_pretrain_stage, packed, None, "256", two, "", tmp_path / "two")
     assert np.allclose(losses(out), losses(single), rtol=1e-4, atol=1e-6)
+
+
+def test_bad_stage_or_launch_shape_fails_before_training(packed: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="stage '2048' is not configured"):
+        run_pretrain_stage(packed, None, "2048", pretrain_config(), root=tmp_path)
+    two_ranks = pretrain_config()
+    two_ranks.parallel.nproc_per_node = 2
+    with pytest.raises(RuntimeError, match="launched with 1 processes but parallel.nnodes x nproc_per_node is 2"):
+        run_pretrain_stage(packed, None, "256", two_ranks, root=tmp_path)
+    assert not (tmp_path / "artifacts").exists()  # nothing published, nothing half-written
