@@ -558,6 +558,34 @@ class PretrainStageConfig(_Strict):
 
 
 @dataclass
+class SceneDomainConfig(_Strict):
+    """A slice of the verifiable world as ``world.sample_scene`` arguments: which scenes held-out evaluation
+    prompts and the world's SFT domain sets are drawn from (the defaults are the whole world)."""
+
+    max_shapes: int = 3
+    text_prob: float = 0.3
+    # "kind" / "color" / "size" / "background" -> option -> relative weight (missing options weigh 1)
+    weights: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from krea2_core.world.scene import BACKGROUNDS, COLORS, KINDS, SIZES
+
+        _require(1 <= self.max_shapes <= 9, f"max_shapes must be in 1..9, got {self.max_shapes}")
+        _require(0.0 <= self.text_prob <= 1.0, f"text_prob must be in [0, 1], got {self.text_prob}")
+        options = {"kind": KINDS, "color": COLORS, "size": tuple(SIZES), "background": tuple(BACKGROUNDS)}
+        for attribute, weights in self.weights.items():
+            _require(attribute in options, f"weights: unknown attribute {attribute!r}; use {sorted(options)}")
+            unknown = set(weights) - set(options[attribute])
+            _require(not unknown, f"weights.{attribute}: unknown options {sorted(unknown)}; use {options[attribute]}")
+            _require(all(w >= 0 for w in weights.values()), f"weights.{attribute} must be >= 0")
+            _require(sum(float(weights.get(o, 1.0)) for o in options[attribute]) > 0,
+                     f"weights.{attribute} leave no option with a positive weight")
+
+    def sample_kwargs(self) -> dict[str, Any]:
+        return {"max_shapes": self.max_shapes, "text_prob": self.text_prob, "weights": self.weights}
+
+
+@dataclass
 class EvalConfig(_Strict):
     """Held-out world prompts sampled with the Euler sampler and scored by the world's checker."""
 
@@ -567,6 +595,7 @@ class EvalConfig(_Strict):
     cfg_scale: float = 4.0
     shift: float = 1.0  # inference shift stays constant across resolutions (report)
     grid_size: int = 8  # images in the logged sample grid
+    scenes: SceneDomainConfig = field(default_factory=SceneDomainConfig)
 
     def __post_init__(self) -> None:
         _require(self.n_prompts >= 1 and self.steps >= 1, "n_prompts and steps must be >= 1")
@@ -633,6 +662,212 @@ class PackingConfig(_Strict):
                  "resolution must be >= 16, multiple and global_batch >= 1")
 
 
+# --------------------------------------------------------------------------- post-training
+
+
+@dataclass
+class MidtrainDomain(_Strict):
+    """One top-down domain of the midtraining mix: images of these sources whose long caption names one of these
+    words (an empty list matches everything), at this share of the mix."""
+
+    share: float
+    sources: list[str] = field(default_factory=list)
+    keywords: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.share <= 1.0, f"share must be in (0, 1], got {self.share}")
+
+
+@dataclass
+class MidtrainConfig(_Strict):
+    """Midtraining: the last pretraining checkpoint continues at the preset's highest resolution on a mix whose
+    domains/sources are chosen first (``domains``, in order) and filled from the semantic-curation sample."""
+
+    domains: dict[str, MidtrainDomain] = field(default_factory=lambda: {
+        "text_rendering": MidtrainDomain(share=0.3, keywords=["word", "text", "reads", "letters"]),
+        "world": MidtrainDomain(share=0.7, sources=["world"]),
+    })
+    n_images: int = 128
+    stage: PretrainStageConfig = field(default_factory=lambda: PretrainStageConfig(
+        resolution=128, steps=24, global_batch=8, lr=1e-4, warmup_steps=4, timestep_shift=3.0, pma_checkpoints=3,
+        pma_interval=6, val_every=24))
+
+    def __post_init__(self) -> None:
+        _require(bool(self.domains), "midtraining needs at least one domain")
+        total = sum(d.share for d in self.domains.values())
+        _require(abs(total - 1.0) < 1e-6, f"domain shares must sum to 1, got {total}")
+        _require(self.n_images >= self.stage.global_batch,
+                 f"n_images ({self.n_images}) must fill at least one global batch ({self.stage.global_batch})")
+
+
+@dataclass
+class SFTDomainConfig(_Strict):
+    """One small, hand-curated domain set. On the world it is rendered from ``scenes`` (perfect images of one
+    visual domain); its held-out evaluation prompts come from the same slice."""
+
+    scenes: SceneDomainConfig
+    n_images: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.n_images >= 1, f"n_images must be >= 1, got {self.n_images}")
+
+
+def _warm_and_cool() -> dict[str, SFTDomainConfig]:
+    # two domains with disjoint palettes and backgrounds: what one SFT teaches, the other does not
+    big = {"large": 2.0, "medium": 1.0, "small": 0.0}
+    return {
+        "warm": SFTDomainConfig(seed=1, scenes=SceneDomainConfig(max_shapes=2, text_prob=0.0, weights={
+            "color": {c: float(c in ("red", "orange", "yellow")) for c in
+                      ("red", "orange", "yellow", "green", "cyan", "blue", "purple")},
+            "background": {"beige gradient": 1.0, "grey sand": 0.0, "light blue sky gradient": 0.0,
+                           "pale green stripes": 0.0, "lavender haze": 0.0}, "size": big})),
+        "cool": SFTDomainConfig(seed=2, scenes=SceneDomainConfig(max_shapes=2, text_prob=0.0, weights={
+            "color": {c: float(c in ("cyan", "blue", "purple")) for c in
+                      ("red", "orange", "yellow", "green", "cyan", "blue", "purple")},
+            "background": {"beige gradient": 0.0, "grey sand": 0.0, "light blue sky gradient": 1.0,
+                           "pale green stripes": 0.0, "lavender haze": 0.0}, "size": big})),
+    }
+
+
+@dataclass
+class SFTConfig(_Strict):
+    """Supervised finetuning: one checkpoint per domain, from the midtraining checkpoint, with one recipe."""
+
+    domains: dict[str, SFTDomainConfig] = field(default_factory=_warm_and_cool)
+    stage: PretrainStageConfig = field(default_factory=lambda: PretrainStageConfig(
+        resolution=64, steps=40, global_batch=8, lr=2e-4, warmup_steps=4, decay_fraction=0.3, timestep_shift=2.0,
+        pma_checkpoints=2, pma_interval=10, val_every=20))
+    eval_prompts: int = 12  # held-out prompts per domain
+
+    def __post_init__(self) -> None:
+        _require(len(self.domains) >= 1, "SFT needs at least one domain")
+        for name, domain in self.domains.items():
+            _require(domain.n_images >= self.stage.global_batch,
+                     f"domains.{name}.n_images ({domain.n_images}) must fill a global batch ({self.stage.global_batch})")
+
+
+@dataclass
+class MergeConfig(_Strict):
+    """Merging the domain SFT checkpoints into one generalist (weights are per domain; missing ones weigh 1)."""
+
+    method: Literal["uniform", "weighted", "task_arithmetic", "ties"] = "ties"
+    weights: dict[str, float] = field(default_factory=dict)
+    density: float = 0.5  # ties: fraction of each task vector's entries kept (largest magnitudes)
+    scale: float = 1.0  # task_arithmetic / ties: multiplier of the merged task vector added to the base
+    compare: bool = True  # also evaluate the other methods (logged; the artifact holds ``method``)
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.density <= 1.0, f"density must be in (0, 1], got {self.density}")
+        _require(self.scale > 0, f"scale must be > 0, got {self.scale}")
+        _require(all(w >= 0 for w in self.weights.values()), f"weights must be >= 0, got {self.weights}")
+
+
+@dataclass
+class SamplerConfig(_Strict):
+    """How one side of a preference pair is sampled: which checkpoint (``policy`` is the model being optimised,
+    ``previous`` an earlier, weaker one) and which sampler settings."""
+
+    checkpoint: Literal["policy", "previous"] = "policy"
+    steps: int = 12
+    cfg_scale: float = 4.0
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1 and self.cfg_scale >= 1.0, "steps must be >= 1 and cfg_scale >= 1")
+
+
+@dataclass
+class PairsConfig(_Strict):
+    """Synthetic preference pairs (delta-learning style): the policy's own sample against an opponent from a
+    weaker checkpoint or sampler; ``off_policy_fraction`` of pairs use two off-policy samples."""
+
+    n_prompts: int = 96
+    policy: SamplerConfig = field(default_factory=SamplerConfig)
+    opponents: list[SamplerConfig] = field(default_factory=lambda: [
+        SamplerConfig(checkpoint="previous"), SamplerConfig(steps=4, cfg_scale=1.5), SamplerConfig()])
+    off_policy_fraction: float = 0.2
+    min_margin: float = 0.05  # oracle score difference below which a pair is a tie (skipped)
+    seed: int = 20_000  # prompts apart from the pool and the evaluation prompts
+
+    def __post_init__(self) -> None:
+        _require(self.n_prompts >= 1, f"n_prompts must be >= 1, got {self.n_prompts}")
+        _require(self.policy.checkpoint == "policy", "pairs.policy must sample the policy checkpoint")
+        _require(bool(self.opponents), "pairs.opponents needs at least one sampler")
+        _require(0.0 <= self.off_policy_fraction < 0.5,
+                 f"off_policy_fraction must be in [0, 0.5) (most pairs are on-policy), got {self.off_policy_fraction}")
+        _require(self.min_margin >= 0, f"min_margin must be >= 0, got {self.min_margin}")
+
+
+@dataclass
+class PreferenceLossConfig(_Strict):
+    """Diffusion-DPO, or STPO = DPO with a capped margin and hinges that stop the winner's and the loser's
+    likelihood falling below the reference's (formula in krea2_core/post/preference_loss.py)."""
+
+    kind: Literal["dpo", "stpo"] = "stpo"
+    beta: float = 2000.0
+    winner_weight: float = 1.0  # STPO: hinge on the winner's likelihood falling
+    loser_weight: float = 0.5  # STPO: hinge on the loser's likelihood falling further than loser_tolerance
+    loser_tolerance: float = 0.002  # STPO: in flow-MSE units
+    max_margin: float = 5.0  # STPO: the DPO logit stops pushing once beta * margin exceeds this
+
+    def __post_init__(self) -> None:
+        _require(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        _require(min(self.winner_weight, self.loser_weight, self.loser_tolerance) >= 0 and self.max_margin > 0,
+                 "winner_weight, loser_weight, loser_tolerance must be >= 0 and max_margin > 0")
+
+
+@dataclass
+class PreferenceStageConfig(_Strict):
+    """One preference-optimisation stage: synthetic pairs first, then calibration on human annotations."""
+
+    steps: int
+    global_batch: int = 8  # pairs per step
+    lr: float = 2e-5
+    warmup_steps: int = 2
+    log_every: int = 5
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1 and self.global_batch >= 1 and self.lr > 0, "steps, global_batch, lr must be > 0")
+        _require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+
+
+@dataclass
+class PreferenceConfig(_Strict):
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    loss: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
+    synthetic: PreferenceStageConfig = field(default_factory=lambda: PreferenceStageConfig(steps=60))
+    calibration: PreferenceStageConfig = field(default_factory=lambda: PreferenceStageConfig(steps=20, lr=1e-5))
+    annotations: str = ""  # human-annotation table (Parquet, schema Annotations); "" = simulated annotators
+    simulated_annotations: int = 32  # pairs the simulated annotators label when ``annotations`` is ""
+    simulated_label_noise: float = 0.1  # probability a simulated annotator picks the worse image
+    eval_prompts: int = 16  # held-out prompts for the preferred-rate over the reference
+    timestep_shift: float = 2.0  # of the training timesteps: the SFT stage's at the same resolution
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.simulated_label_noise < 0.5,
+                 f"simulated_label_noise must be in [0, 0.5), got {self.simulated_label_noise}")
+        _require(self.simulated_annotations >= 1 and self.eval_prompts >= 1,
+                 "simulated_annotations and eval_prompts must be >= 1")
+        _require(self.timestep_shift > 0, f"timestep_shift must be > 0, got {self.timestep_shift}")
+
+
+@dataclass
+class PostTrainConfig(_Strict):
+    """Midtraining -> SFT per domain + merging -> preference optimisation. The model, autoencoder, text encoder,
+    parallelism and evaluation settings are pretraining's; ``resolution`` is where SFT and PO run (the tiny
+    preset uses 64 px, below its 128 px top stage, to fit a 2-core CPU budget)."""
+
+    resolution: int = 64
+    midtrain: MidtrainConfig = field(default_factory=MidtrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.sft.stage.resolution == self.resolution,
+                 f"sft.stage.resolution ({self.sft.stage.resolution}) must equal resolution ({self.resolution})")
+
+
 def _tiny_pretrain_stages() -> dict[str, PretrainStageConfig]:
     # 32/64/128 px stand for 256/512/1024; the shift grows with resolution, iREPA only in the first stage;
     # about 8 minutes on 2 cores in all
@@ -663,6 +898,20 @@ class PipelineConfig(_Strict):
     captioning: CaptioningConfig = field(default_factory=CaptioningConfig)
     semantic: SemanticCurationConfig = field(default_factory=SemanticCurationConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    post: PostTrainConfig = field(default_factory=PostTrainConfig)
+
+    def __post_init__(self) -> None:
+        top = max(self.pretrain.stages.values(), key=lambda stage: stage.resolution).resolution
+        _require(self.post.midtrain.stage.resolution == top,
+                 f"post.midtrain.stage.resolution ({self.post.midtrain.stage.resolution}) must be the highest "
+                 f"pretraining resolution ({top})")
+        dp = self.pretrain.parallel.world_size // self.pretrain.parallel.tp
+        for name, batch in (("midtrain", self.post.midtrain.stage.global_batch),
+                            ("sft", self.post.sft.stage.global_batch),
+                            ("preference.synthetic", self.post.preference.synthetic.global_batch),
+                            ("preference.calibration", self.post.preference.calibration.global_batch)):
+            _require(batch % dp == 0, f"post.{name} global_batch ({batch}) must be divisible by the data-parallel "
+                                      f"size ({dp})")
 
 
 def _stages(s256: int, s512: int, s1024: int) -> dict[str, StageFilters]:
@@ -711,6 +960,29 @@ def _gpu_pretraining(nnodes: int, gpus_per_node: int, tp: int, model: DiTConfig,
     )
 
 
+def _gpu_post_training() -> PostTrainConfig:
+    # Everything at 1024 px: midtraining continues the 1024 stage's recipe at a lower lr; SFT is short (small,
+    # high-quality domain sets); PO pairs at scale.
+    return PostTrainConfig(
+        resolution=1024,
+        midtrain=MidtrainConfig(n_images=2_000_000, stage=PretrainStageConfig(
+            resolution=1024, steps=20_000, global_batch=512, lr=5e-5, warmup_steps=200, timestep_shift=3.0,
+            pma_interval=1000, checkpoint_every_s=1800, val_every=1000)),
+        sft=SFTConfig(domains={name: dataclasses.replace(d, n_images=20_000) for name, d in _warm_and_cool().items()},
+                      stage=PretrainStageConfig(resolution=1024, steps=2000, global_batch=128, lr=1e-5,
+                                                warmup_steps=100, timestep_shift=3.0, pma_interval=200,
+                                                checkpoint_every_s=1800, val_every=200),
+                      eval_prompts=64),
+        preference=PreferenceConfig(
+            pairs=PairsConfig(n_prompts=50_000, policy=SamplerConfig(steps=50),
+                              opponents=[SamplerConfig(checkpoint="previous", steps=50), SamplerConfig(steps=8),
+                                         SamplerConfig(steps=50)]),
+            synthetic=PreferenceStageConfig(steps=4000, global_batch=256, lr=1e-6, warmup_steps=100, log_every=20),
+            calibration=PreferenceStageConfig(steps=500, global_batch=64, lr=5e-7, warmup_steps=20, log_every=10),
+            eval_prompts=256, timestep_shift=3.0),
+    )
+
+
 # Krea 2 at diffusers' default size (hidden 6144, 28 blocks) and a ~1B model of the same shape for one GPU.
 _FULL_DIT = DiTConfig(in_channels=64, num_layers=28, attention_head_dim=128, num_attention_heads=48,
                       num_key_value_heads=12, intermediate_size=16384, timestep_embed_dim=256, text_hidden_dim=2560,
@@ -734,6 +1006,7 @@ def preset(name: str) -> PipelineConfig:
             curation=CurationConfig(stages=_stages(256, 512, 1024), parallel=ParallelConfig(num_cpus=8)),
             captioning=_gpu_captioning(),
             pretrain=_gpu_pretraining(1, 1, 1, _SMALL_DIT, "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen-Image"),
+            post=_gpu_post_training(),
         )
     if name == "full":
         return PipelineConfig(
@@ -744,6 +1017,7 @@ def preset(name: str) -> PipelineConfig:
                                     parallel=ParallelConfig(num_cpus=64, shard_size=512)),
             captioning=_gpu_captioning(),
             pretrain=_gpu_pretraining(8, 8, 2, _FULL_DIT, "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen-Image"),
+            post=_gpu_post_training(),
         )
     raise ConfigError(f"unknown preset {name!r}; choose one of: tiny, small, full")
 

@@ -28,7 +28,8 @@ class StageSpec:
 
 
 @functools.cache
-def _stages() -> dict[str, StageSpec]:
+def _stages(domains: tuple[str, ...] = ()) -> dict[str, StageSpec]:
+    """Every stage's spec; ``domains`` are the configured SFT domains (one data and one SFT stage each)."""
     from krea2_core.captioning.stages import run_captioning, run_scene_captions
     from krea2_core.curation.stages import run_embedding, run_semantic_selection, semantic_selection_config
     from krea2_core.data import stages as data
@@ -60,6 +61,7 @@ def _stages() -> dict[str, StageSpec]:
                                                                                     i["captions"], p.semantic,
                                                                                     parent_run_id=parent)),
         **{name: spec for stage in PRETRAIN_STAGES for name, spec in _pretraining(stage).items()},
+        **_post_training(domains),
     }
 
 
@@ -88,9 +90,87 @@ def _pretraining(stage: str) -> dict[str, StageSpec]:
     }
 
 
+def _post_training(domains: tuple[str, ...]) -> dict[str, StageSpec]:
+    """Midtraining, SFT per domain, merging and the preference stages, with the configs their manifests record."""
+    from krea2_core.post.annotations import annotation_view, run_annotation_pairs
+    from krea2_core.post.merge import merge_view, run_merge
+    from krea2_core.post.midtrain import midtrain_packing_view, run_midtrain_packing
+    from krea2_core.post.pairs import generation_view, run_pair_generation
+    from krea2_core.post.preference import preference_view, run_preference_stage
+    from krea2_core.post.sft import domain_eval, run_sft_data, sft_data_view
+    from krea2_core.training.pretrain import run_training_stage, training_view
+
+    def launched(function: Callable[..., Path | None], *args: Callable[[PipelineConfig], Any]
+                 ) -> Callable[[PipelineConfig, dict[str, Path], str], tuple[Path, Manifest]]:
+        """A training stage on pretrain.parallel's local processes, like its Flyte Elastic task: ``function``
+        (its inputs first, then ``args`` evaluated on the pipeline config, then the parent run)."""
+        def run(p: PipelineConfig, i: dict[str, Path], parent: str) -> tuple[Path, Manifest]:
+            from krea2_core.training.launch import launch_local
+
+            path = launch_local(p.pretrain.parallel, function, *i.values(), *(arg(p) for arg in args), parent)
+            return path, read_manifest(path)
+        return run
+
+    specs = {
+        "pack_midtrain": StageSpec(
+            {"curated": "selection", "captions": "captioning", "selection": "semantic_selection"},
+            lambda p: midtrain_packing_view(p.pretrain, p.post.midtrain),
+            lambda p, i, parent: run_midtrain_packing(i["curated"], i["captions"], i["selection"], p.pretrain,
+                                                      p.post.midtrain, parent_run_id=parent)),
+        "midtrain": StageSpec({"packed": "pack_midtrain", "init": f"pretrain_{PRETRAIN_STAGES[-1]}"},
+                              lambda p: training_view(p.pretrain, p.post.midtrain.stage),
+                              launched(run_training_stage, lambda p: "midtrain", lambda p: p.post.midtrain.stage,
+                                       lambda p: p.pretrain)),
+        "merge": StageSpec({"base": "midtrain", **{f"sft.{d}": f"sft_{d}" for d in domains}},
+                           lambda p: merge_view(p.post, p.pretrain),
+                           lambda p, i, parent: run_merge(i["base"], {d: i[f"sft.{d}"] for d in domains}, p.post,
+                                                          p.pretrain, parent_run_id=parent)),
+        "preference_pairs": StageSpec(
+            {"policy": "merge", "previous": "midtrain"},
+            lambda p: generation_view(p.post.preference, p.pretrain, p.post.resolution),
+            lambda p, i, parent: run_pair_generation(i["policy"], i["previous"], p.post.preference, p.pretrain,
+                                                     p.post.resolution, parent_run_id=parent)),
+        "preference_annotations": StageSpec(
+            {"policy": "preference_synthetic", "previous": "midtrain"},
+            lambda p: annotation_view(p.post.preference, p.pretrain, p.post.resolution, annotations=_table(p)),
+            lambda p, i, parent: run_annotation_pairs(_table(p), i["policy"], i["previous"], p.post.preference,
+                                                      p.pretrain, p.post.resolution, parent_run_id=parent)),
+    }
+    for name, init in (("synthetic", "merge"), ("calibration", "preference_synthetic")):
+        pairs = "preference_pairs" if name == "synthetic" else "preference_annotations"
+        specs[f"preference_{name}"] = StageSpec(
+            {"pairs": pairs, "init": init},
+            lambda p, n=name: preference_view(n, p.post.preference, p.pretrain, p.post.resolution),
+            launched(run_preference_stage, lambda p, n=name: n, lambda p: p.post.preference, lambda p: p.pretrain,
+                     lambda p: p.post.resolution))
+    for d in domains:
+        specs[f"sft_data_{d}"] = StageSpec(
+            {}, lambda p, d=d: sft_data_view(p.post.sft.domains[d], p.pretrain, p.post.sft),
+            lambda p, i, parent, d=d: run_sft_data(d, p.post.sft.domains[d], p.pretrain, p.post.sft,
+                                                   parent_run_id=parent))
+        specs[f"sft_{d}"] = StageSpec(
+            {"packed": f"sft_data_{d}", "init": "midtrain"},
+            lambda p, d=d: training_view(domain_eval(p.pretrain, p.post.sft.domains[d], p.post.sft), p.post.sft.stage),
+            launched(run_training_stage, lambda p, d=d: f"sft_{d}", lambda p: p.post.sft.stage,
+                     lambda p, d=d: domain_eval(p.pretrain, p.post.sft.domains[d], p.post.sft)))
+    return specs
+
+
+def _table(p: PipelineConfig) -> Path | None:
+    """The human-annotation table of the preference calibration, None for simulated annotators."""
+    return Path(p.post.preference.annotations) if p.post.preference.annotations else None
+
+
 PRETRAIN_STAGES = ("256", "512", "1024")  # progressive resolution: each stage starts from the previous one
 STAGE_ORDER = ("world_pool", "ingest", "scoring", "selection", "scene_captions", "captioning", "embedding",
                "semantic_selection", *(f"{kind}_{stage}" for stage in PRETRAIN_STAGES for kind in ("pack", "pretrain")))
+
+
+def stage_order(domains: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Every stage in pipeline order, with the SFT stages of ``domains``."""
+    return (*STAGE_ORDER, "pack_midtrain", "midtrain", *(f"sft_data_{d}" for d in domains),
+            *(f"sft_{d}" for d in domains), "merge", "preference_pairs", "preference_synthetic",
+            "preference_annotations", "preference_calibration")
 
 
 class RerunError(ValueError):
@@ -117,11 +197,11 @@ def _output(run: Run) -> Path:
     return Path(uri)
 
 
-def resolve_inputs(stage: str, runs: dict[str, Run]) -> dict[str, Path]:
+def resolve_inputs(stage: str, runs: dict[str, Run], domains: tuple[str, ...] = ()) -> dict[str, Path]:
     """Artifact directories the recorded run of ``stage`` consumed, from its upstream tags."""
-    specs = _stages()
+    specs = _stages(domains)
     if stage not in specs:
-        raise RerunError(f"unknown stage {stage!r}; stages: {list(STAGE_ORDER)}")
+        raise RerunError(f"unknown stage {stage!r}; stages: {list(stage_order(domains))}")
     if stage not in runs:
         raise RerunError(f"stage {stage!r} is not in this run's lineage; it has {sorted(runs)}")
     tags = runs[stage].data.tags
@@ -136,8 +216,9 @@ def resolve_inputs(stage: str, runs: dict[str, Run]) -> dict[str, Path]:
 
 def rerun(stage: str, run_id: str, config: PipelineConfig, parent_run_id: str = "") -> tuple[Path, Manifest]:
     """Run ``stage`` again with ``config`` on the inputs its recorded run used."""
-    inputs = resolve_inputs(stage, stage_runs(run_id))
-    return _stages()[stage].run(config, inputs, parent_run_id)
+    domains = tuple(config.post.sft.domains)
+    inputs = resolve_inputs(stage, stage_runs(run_id), domains)
+    return _stages(domains)[stage].run(config, inputs, parent_run_id)
 
 
 def _changed_keys(recorded: Any, wanted: Any, prefix: str = "") -> list[str]:
@@ -150,10 +231,11 @@ def _changed_keys(recorded: Any, wanted: Any, prefix: str = "") -> list[str]:
 def plan(run_id: str, config: PipelineConfig) -> list[tuple[str, bool, str]]:
     """(stage, re-runs?, why) for every stage behind ``run_id``, in pipeline order, under ``config``."""
     runs = stage_runs(run_id)
-    specs = _stages()
+    domains = tuple(config.post.sft.domains)
+    specs = _stages(domains)
     reruns: set[str] = set()
     steps = []
-    for stage in (s for s in STAGE_ORDER if s in runs):
+    for stage in (s for s in stage_order(domains) if s in runs):
         recorded = read_manifest(_output(runs[stage])).config
         changed = _changed_keys(recorded, to_plain(specs[stage].config_of(config)))
         upstream = sorted({producer for producer in specs[stage].inputs.values() if producer in reruns})

@@ -162,3 +162,56 @@ class Packed(pa.DataFrameModel):
     class Config:
         strict = True
         coerce = True
+
+
+class PreferencePairs(pa.DataFrameModel):
+    """Judged preference pairs, one per row: ``winner`` and ``loser`` are lossless PNG bytes of one size
+    (``width`` x ``height``); ``rubric`` is the prompt's JSON list of world requirements ("[]" if none);
+    ``*_source`` name the checkpoint and sampler that made each image; ``on_policy`` is true when at least one
+    image came from the policy being optimised; scores are the oracle's (null for human labels)."""
+
+    pair_id: Series[str] = pa.Field(unique=True, str_length={"min_value": 1})
+    prompt: Series[str]
+    rubric: Series[str]
+    width: Series[int] = pa.Field(ge=1)
+    height: Series[int] = pa.Field(ge=1)
+    winner: Series[object]
+    loser: Series[object]
+    winner_source: Series[str]
+    loser_source: Series[str]
+    on_policy: Series[bool]
+    winner_score: Series[float] = pa.Field(nullable=True)
+    loser_score: Series[float] = pa.Field(nullable=True)
+    origin: Series[str] = pa.Field(isin=["synthetic", "human", "simulated"])
+
+    class Config:
+        strict = True
+        coerce = True
+
+
+class Annotations(pa.DataFrameModel):
+    """A human-annotation table: which of two images of one prompt the annotator prefers. ``image_a`` and
+    ``image_b`` are file paths (relative paths are relative to the table's directory)."""
+
+    pair_id: Series[str] = pa.Field(unique=True, str_length={"min_value": 1})
+    prompt: Series[str]
+    image_a: Series[str] = pa.Field(str_length={"min_value": 1})
+    image_b: Series[str] = pa.Field(str_length={"min_value": 1})
+    choice: Series[str] = pa.Field(isin=["a", "b", "tie"])
+    annotator: Series[str]
+
+    class Config:
+        strict = True
+        coerce = True
+
+
+class Skipped(pa.DataFrameModel):
+    """Rows a stage recorded and did not use, with the rule they broke."""
+
+    pair_id: Series[str]
+    reason: Series[str]
+    detail: Series[str]
+
+    class Config:
+        strict = True
+        coerce = True

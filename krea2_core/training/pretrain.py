@@ -1,6 +1,7 @@
-"""Progressive-resolution pretraining: one resolution stage (256, 512 or 1024) per call.
+"""Flow-matching training stages: progressive-resolution pretraining (256, 512 or 1024), and midtraining and
+domain SFT, which run the same trainer on other data with their own recipe.
 
-Every rank of a torchrun / Flyte Elastic launch calls ``run_pretrain_stage``. Rank 0 owns the MLflow run and
+Every rank of a torchrun / Flyte Elastic launch calls ``run_training_stage``. Rank 0 owns the MLflow run and
 publishes the artifact; all ranks train and checkpoint into the stage's scratch directory, which survives a
 killed attempt, so a re-run resumes from the newest checkpoint and retraces the same loss curve: every random
 draw comes from a generator seeded by (seed, step, rank) and the loader replays any step exactly.
@@ -64,44 +65,63 @@ def diffusers_config(model: DiTConfig) -> dict[str, Any]:
             "krea2": {k: v for k, v in plain.items() if k not in names}}
 
 
-def stage_view(config: PretrainConfig, stage: str) -> dict[str, Any]:
-    """The part of the config one stage depends on (its cache key): other stages' settings are left out, so
-    changing the 1024 stage does not re-run the 256 stage."""
+def training_view(config: PretrainConfig, stage: PretrainStageConfig) -> dict[str, Any]:
+    """What one training stage depends on (its cache key): the shared settings and this stage's recipe, not the
+    other stages' (changing the 1024 stage does not re-run the 256 stage)."""
     plain = to_plain(config)
-    plain["stages"] = {stage: plain["stages"][stage]}
-    return plain
+    del plain["stages"]
+    return {**plain, "stage": to_plain(stage)}
+
+
+def stage_view(config: PretrainConfig, stage: str) -> dict[str, Any]:
+    """``training_view`` of the pretraining stage named ``stage``."""
+    return training_view(config, config.stages[stage])
 
 
 def run_pretrain_stage(packed: Path, init: Path | None, stage: str, config: PretrainConfig,
                        parent_run_id: str = "", root: Path | None = None) -> Path | None:
-    """Train ``stage`` on its packed shards, from ``init`` (the previous stage's checkpoint artifact) or from
-    scratch. Returns the checkpoint artifact on rank 0, None on the other ranks."""
+    """Train resolution stage ``stage`` on its packed shards, from ``init`` (the previous stage's checkpoint
+    artifact) or from scratch. Returns the checkpoint artifact on rank 0, None on the other ranks."""
     if stage not in config.stages:
         raise ValueError(f"stage {stage!r} is not configured; configured stages: {sorted(config.stages)}")
+    return run_training_stage(packed, init, f"pretrain_{stage}", config.stages[stage], config,
+                              parent_run_id=parent_run_id, root=root)
+
+
+def run_training_stage(packed: Path, init: Path | None, name: str, stage: PretrainStageConfig,
+                       config: PretrainConfig, parent_run_id: str = "", root: Path | None = None) -> Path | None:
+    """Flow-matching training of ``config.model`` on packed shards with the recipe ``stage``: a pretraining
+    resolution stage, midtraining or a domain SFT (they differ in data, recipe and ``config.eval`` prompts).
+    Every rank calls it; returns the checkpoint artifact on rank 0, None on the other ranks."""
     env = init_distributed(config.parallel.device)
     try:
         if env.world_size != config.parallel.world_size:
             raise RuntimeError(f"launched with {env.world_size} processes but parallel.nnodes x nproc_per_node is "
                                f"{config.parallel.world_size}: the launch and the config must agree")
+        dp = env.world_size // config.parallel.tp
+        if stage.global_batch % dp:
+            raise ValueError(f"{name}: global_batch ({stage.global_batch}) must be divisible by the data-parallel "
+                             f"size ({dp})")
         root = root or output_root()
         inputs = {"packed": Path(packed), **({"init": Path(init)} if init else {})}
-        view = stage_view(config, stage)
+        view = training_view(config, stage)
         if env.rank == 0:
             def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-                return _train(env, paths, stage, config, run.work_dir, staging, run)
-            out, _ = execute_stage(f"pretrain_{stage}", "checkpoint", body, config=view, inputs=inputs,
+                return _train(env, paths, name, stage, config, run.work_dir, staging, run)
+            out, _ = execute_stage(name, "checkpoint", body, config=view, inputs=inputs,
                                    parent_run_id=parent_run_id, root=root)
             return out
-        manifests = {name: read_manifest(path) for name, path in inputs.items()}
-        _, scratch = stage_location(f"pretrain_{stage}", "checkpoint", config=view, manifests=manifests, root=root)
-        _train(env, inputs, stage, config, scratch, None, None)
+        manifests = {key: read_manifest(path) for key, path in inputs.items()}
+        _, scratch = stage_location(name, "checkpoint", config=view, manifests=manifests, root=root)
+        _train(env, inputs, name, stage, config, scratch, None, None)
         return None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _new_model(config: PretrainConfig, init: Path | None, device: torch.device) -> Krea2DiT:
+def new_model(config: PretrainConfig, init: Path | None, device: torch.device) -> Krea2DiT:
+    """The DiT of ``config``: weights from a checkpoint artifact ``init``, else the seeded initialisation."""
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = Krea2DiT(config.model)
     if init is not None:
@@ -109,7 +129,8 @@ def _new_model(config: PretrainConfig, init: Path | None, device: torch.device) 
     return model.to(device)
 
 
-def _pipe(model: torch.nn.Module, config: PretrainConfig, device: torch.device) -> TextToImage:
+def text_to_image(model: torch.nn.Module, config: PretrainConfig, device: torch.device) -> TextToImage:
+    """``model`` with the config's frozen autoencoder and text encoder."""
     return TextToImage(model, load_autoencoder(config.autoencoder, device),
                        load_text_encoder(config.text_encoder, device), config.autoencoder.patch_size,
                        getattr(torch, config.parallel.dtype))
@@ -159,7 +180,7 @@ class _MetricsLog:
 def _validation_set(pipe: TextToImage, config: PretrainConfig, resolution: int) -> tuple[torch.Tensor, ...]:
     """Held-out world scenes (never in the pool) at the stage resolution, with their captions, fixed noise."""
     rng = np.random.default_rng(config.eval.seed + 1)
-    pairs = sample_prompts(rng, config.eval.n_prompts, resolution, resolution)
+    pairs = sample_prompts(rng, config.eval.n_prompts, resolution, resolution, **config.eval.scenes.sample_kwargs())
     pixels = torch.stack([torch.from_numpy(np.array(render(scene))).permute(2, 0, 1)
                           for _, scene in pairs]).float() / 127.5 - 1
     tokens, grid, text, mask = pipe.encode(pixels, [prompt.text for prompt, _ in pairs])
@@ -188,18 +209,17 @@ def _prompt_following(pipe: TextToImage, config: PretrainConfig, resolution: int
     return metrics
 
 
-def _train(env: DistEnv, inputs: dict[str, Path], stage: str, config: PretrainConfig, scratch: Path,
-           staging: Path | None, run: StageRun | None) -> StageOutput:
-    stage_cfg: PretrainStageConfig = config.stages[stage]
+def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: PretrainStageConfig, config: PretrainConfig,
+           scratch: Path, staging: Path | None, run: StageRun | None) -> StageOutput:
     init = inputs.get("init")
-    model = _new_model(config, init, env.device)
+    model = new_model(config, init, env.device)
     projector, encoder = None, None
     if stage_cfg.repa:
         encoder = load_patch_encoder(config.repa, env.device)
         projector = IRepaProjector(config.model.hidden_size, encoder.dim).to(env.device)
         model.add_module(_PROJECTOR, projector)  # sharded and checkpointed with the model, not in its weights file
     model = parallelize(model, config.parallel, env, stage_cfg.float8)
-    pipe = _pipe(model, config, env.device)
+    pipe = text_to_image(model, config, env.device)
     dp_rank, dp_size = data_parallel_rank(env, config.parallel.tp)
     loader = PackedLoader(inputs["packed"], rank=dp_rank, world_size=dp_size, caption_ratios=config.caption_ratios,
                           caption_dropout=config.caption_dropout, seed=config.seed)
@@ -213,7 +233,7 @@ def _train(env: DistEnv, inputs: dict[str, Path], stage: str, config: PretrainCo
     log = _MetricsLog(scratch / METRICS_FILE, start, run)
     if run is not None and start == 0 and init is None:
         # the baseline every later number is compared with: the same model before any training
-        _prompt_following(dataclasses.replace(pipe, model=_new_model(config, None, env.device)), config,
+        _prompt_following(dataclasses.replace(pipe, model=new_model(config, None, env.device)), config,
                           stage_cfg.resolution, run, "eval.untrained", 0, None)
     val = _validation_set(pipe, config, stage_cfg.resolution)
     pma_steps = sorted(s for s in (stage_cfg.steps - i * stage_cfg.pma_interval
@@ -222,7 +242,7 @@ def _train(env: DistEnv, inputs: dict[str, Path], stage: str, config: PretrainCo
                                             config.text_encoder.max_tokens)
     timer = ckpt.CheckpointTimer(stage_cfg.checkpoint_every_s)
     model.train()
-    for step in tqdm(range(start, stage_cfg.steps), initial=start, total=stage_cfg.steps, desc=f"pretrain {stage}",
+    for step in tqdm(range(start, stage_cfg.steps), initial=start, total=stage_cfg.steps, desc=name,
                      disable=env.rank != 0, mininterval=5):
         t0 = time.perf_counter()
         batch = loader.batch(step)
@@ -266,7 +286,7 @@ def _train(env: DistEnv, inputs: dict[str, Path], stage: str, config: PretrainCo
     shutil.copytree(checkpoints / ckpt.step_dir_name(stage_cfg.steps) / ckpt.STATE_DIR, staging / "train_state")
     shutil.copy(scratch / METRICS_FILE, staging / METRICS_FILE)
     # the merged weights, evaluated with the frozen autoencoder and text encoder already loaded
-    merged = dataclasses.replace(pipe, model=_new_model(config, staging, env.device))
+    merged = dataclasses.replace(pipe, model=new_model(config, staging, env.device))
     metrics = _prompt_following(merged, config, stage_cfg.resolution, run, "eval", stage_cfg.steps,
                                 staging / "samples.png")
     metrics.update({f"final.{k}": v for k, v in _validation_loss(merged, val).items()})

@@ -38,7 +38,8 @@ class PromptFollowing:
 def held_out_prompts(config: EvalConfig, resolution: int) -> list[Prompt]:
     """The same prompts for every stage and run (seeded apart from the pool's scenes)."""
     rng = np.random.default_rng(config.seed)
-    return [prompt for prompt, _ in sample_prompts(rng, config.n_prompts, resolution, resolution)]
+    return [prompt for prompt, _ in sample_prompts(rng, config.n_prompts, resolution, resolution,
+                                                   **config.scenes.sample_kwargs())]
 
 
 def _for_checker(image: Image.Image) -> Image.Image:
@@ -71,7 +72,7 @@ def evaluate(generate: Generate, prompts: Sequence[Prompt]) -> tuple[PromptFollo
 def reference_score(config: EvalConfig, resolution: int) -> PromptFollowing:
     """The checker's score of the true scenes rendered at ``resolution``: the ceiling a model can reach."""
     rng = np.random.default_rng(config.seed)
-    pairs = sample_prompts(rng, config.n_prompts, resolution, resolution)
+    pairs = sample_prompts(rng, config.n_prompts, resolution, resolution, **config.scenes.sample_kwargs())
     return score_images([render(scene) for _, scene in pairs], [prompt for prompt, _ in pairs])
 
 

@@ -1,0 +1,1 @@
+"""Post-training: midtraining and SFT data, model merging, preference optimisation."""

@@ -1,0 +1,109 @@
+"""Model merging of the domain SFT checkpoints into one generalist checkpoint, with the evaluation that shows
+what merging keeps: every candidate (the base, each domain's SFT, each merge method) is scored by the world's
+checker on every domain's held-out prompts.
+
+``gain_retained.<domain>`` = (merged - base) / (domain SFT - base) on that domain's prompts: 1 keeps all of the
+domain's SFT gain, 0 none of it (undefined where the SFT did not beat the base).
+
+Artifact (kind ``checkpoint``): the merged weights (``MergeConfig.method``) in the diffusers layout,
+``eval.json`` (the candidate x domain score matrix) and ``samples.png`` (the merged model on each domain).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import get_args, get_type_hints
+
+import torch
+
+from krea2_core.artifacts import Manifest, read_manifest, to_plain
+from krea2_core.config import MergeConfig, PostTrainConfig, PretrainConfig
+from krea2_core.diffusion.text_to_image import TextToImage
+from krea2_core.stages import StageOutput, execute_stage
+from krea2_core.tracking import StageRun
+from krea2_core.training.merging import merge_checkpoints
+from krea2_core.training.pretrain import CONFIG_FILE, WEIGHTS_FILE, diffusers_config, new_model, text_to_image
+from krea2_core.training.world_eval import evaluate, held_out_prompts, image_grid
+
+EVAL_FILE = "eval.json"
+METHODS: tuple[str, ...] = get_args(get_type_hints(MergeConfig)["method"])
+
+
+def merge_view(post: PostTrainConfig, pretrain: PretrainConfig) -> dict[str, object]:
+    """What the merge stage depends on: the merge recipe, the domains' evaluation slices and the evaluation."""
+    return {"merge": to_plain(post.merge), "resolution": post.resolution, "eval_prompts": post.sft.eval_prompts,
+            "domains": {name: to_plain(d.scenes) for name, d in post.sft.domains.items()},
+            "eval": to_plain(pretrain.eval), "model": to_plain(pretrain.model),
+            "autoencoder": to_plain(pretrain.autoencoder), "text_encoder": to_plain(pretrain.text_encoder)}
+
+
+def _score_matrix(pipe: TextToImage, candidates: dict[str, Path], post: PostTrainConfig, pretrain: PretrainConfig,
+                  device: torch.device, run: StageRun) -> tuple[dict[str, dict[str, float]], dict[str, list]]:
+    """{candidate: {domain: checker score}} and each candidate's images per domain (for the grids)."""
+    scores: dict[str, dict[str, float]] = {}
+    images: dict[str, list] = {}
+    for candidate, weights in candidates.items():
+        model = dataclasses.replace(pipe, model=new_model(pretrain, weights, device).eval())
+        scores[candidate] = {}
+        for domain_name, domain in post.sft.domains.items():
+            eval_cfg = dataclasses.replace(pretrain.eval, scenes=domain.scenes, n_prompts=post.sft.eval_prompts)
+            prompts = held_out_prompts(eval_cfg, post.resolution)
+            result, generated = evaluate(lambda texts, m=model, e=eval_cfg: m.generate(
+                texts, width=post.resolution, height=post.resolution, steps=e.steps, cfg_scale=e.cfg_scale,
+                shift=e.shift, seed=e.seed), prompts)
+            scores[candidate][domain_name] = result.score
+            images[f"{candidate}/{domain_name}"] = generated
+            run.log_metrics(result.metrics(f"eval.{candidate}.{domain_name}"))
+    return scores, images
+
+
+def run_merge(base: Path, sft: dict[str, Path], post: PostTrainConfig, pretrain: PretrainConfig, *,
+              parent_run_id: str = "", root: Path | None = None) -> tuple[Path, Manifest]:
+    """Merge the domain checkpoints ``sft`` (domain -> checkpoint) over ``base`` (the checkpoint they were
+    finetuned from) with ``post.merge``, and evaluate base, each domain and each merge method on each domain."""
+    if set(sft) != set(post.sft.domains):
+        raise ValueError(f"merge needs one SFT checkpoint per configured domain {sorted(post.sft.domains)}, "
+                         f"got {sorted(sft)}")
+    for path in (base, *sft.values()):
+        read_manifest(path, kind="checkpoint")
+    device = torch.device(pretrain.parallel.device if pretrain.parallel.device != "cuda" else "cuda:0")
+
+    def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+        domains = {name: inputs[f"sft.{name}"] for name in post.sft.domains}
+        methods = METHODS if post.merge.compare else (post.merge.method,)
+        candidates = {"base": inputs["base"], **{f"sft_{name}": path for name, path in domains.items()}}
+        stats: dict[str, float] = {}
+        for method in methods:
+            out = staging if method == post.merge.method else run.work_dir / method
+            out.mkdir(parents=True, exist_ok=True)
+            merged = merge_checkpoints(inputs["base"], domains, dataclasses.replace(post.merge, method=method),
+                                       out / WEIGHTS_FILE)
+            stats.update({f"merge.{method}.{k}": v for k, v in merged.items()})
+            candidates[f"merged_{method}"] = out
+        (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(pretrain.model), indent=2))
+        for method in methods:  # new_model reads the weights file of a checkpoint directory
+            if method != post.merge.method:
+                (run.work_dir / method / CONFIG_FILE).write_text((staging / CONFIG_FILE).read_text())
+        pipe = text_to_image(new_model(pretrain, None, device), pretrain, device)
+        scores, images = _score_matrix(pipe, candidates, post, pretrain, device, run)
+        chosen = f"merged_{post.merge.method}"
+        metrics = {f"score.{c}.{d}": s for c, row in scores.items() for d, s in row.items()}
+        for name in domains:
+            gain = scores[f"sft_{name}"][name] - scores["base"][name]
+            for method in methods:
+                kept = scores[f"merged_{method}"][name] - scores["base"][name]
+                metrics[f"gain_retained.{method}.{name}"] = kept / gain if gain > 0 else math.nan
+            metrics[f"gain_retained.{name}"] = metrics[f"gain_retained.{post.merge.method}.{name}"]
+        metrics.update(stats)
+        (staging / EVAL_FILE).write_text(json.dumps({"scores": scores, "method": post.merge.method}, indent=2))
+        grid = image_grid([image for name in domains for image in images[f"{chosen}/{name}"][:4]])
+        grid.save(staging / "samples.png")
+        run.log_image(grid, "samples/merged.png")
+        return StageOutput(counts={"domains": len(domains), "methods_compared": len(methods)}, metrics=metrics)
+
+    inputs = {"base": base, **{f"sft.{name}": path for name, path in sft.items()}}
+    return execute_stage("merge", "checkpoint", body, config=merge_view(post, pretrain), inputs=inputs,
+                         parent_run_id=parent_run_id, root=root)

@@ -1,0 +1,278 @@
+"""Preference optimisation (PO): Diffusion-DPO or STPO on judged pairs, from a checkpoint, against a frozen copy.
+
+Two stages share this trainer (report, "Preference optimization"): ``synthetic`` (large-scale synthetic pairs) and
+``calibration`` (human annotations only). Every rank of a torchrun launch calls ``run_preference_stage``; rank 0
+owns the MLflow run and publishes the artifact. Each step draws a global batch of pairs from a stream of per-epoch
+permutations seeded by (seed, epoch), so all ranks agree and a resumed run replays the same batches; each
+data-parallel rank takes its contiguous slice. A pair's winner and loser share one noise and timestep, seeded by
+(seed, step, slot in the global batch), and go through the policy in one forward (and through the reference,
+without grad): the loss compares how well each model denoises the two (krea2_core/post/preference_loss.py).
+
+The reference is the init checkpoint, frozen, parallelised like the policy (FSDP shards it too): a full unsharded
+copy per rank would cost as much memory as the unsharded policy.
+
+Artifact (kind ``checkpoint``): ``diffusion_pytorch_model.safetensors`` (the final step's weights) and
+``config.json`` (loadable like a pretraining checkpoint), ``metrics.jsonl`` (loss, implicit log-likelihood ratios
+of winner and loser, margin, accuracy per step: the curves that show policy divergence), ``samples.png`` (held-out
+prompts: the policy's images in the first row, the reference's from the same noise below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from krea2_core.artifacts import read_manifest, to_plain
+from krea2_core.config import EvalConfig, PreferenceConfig, PreferenceLossConfig, PreferenceStageConfig, PretrainConfig
+from krea2_core.diffusion.flow import add_noise, velocity_target
+from krea2_core.diffusion.text_to_image import TextToImage
+from krea2_core.post.oracle import WorldCheckerOracle, preferred_rate
+from krea2_core.post.pairs import PAIRS_FILE, decode_pair_images, read_pairs
+from krea2_core.post.preference_loss import preference_loss
+from krea2_core.stages import StageOutput, execute_stage, output_root, stage_location
+from krea2_core.tracking import StageRun
+from krea2_core.training import checkpoint as ckpt
+from krea2_core.training.optim import build_optimizers
+from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, init_distributed, parallelize
+from krea2_core.training.pretrain import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    WEIGHTS_FILE,
+    _noise_and_timesteps,
+    diffusers_config,
+    new_model,
+    text_to_image,
+)
+from krea2_core.training.schedules import wsd_scheduler
+from krea2_core.training.world_eval import held_out_prompts, image_grid, score_images
+
+STAGES = ("synthetic", "calibration")
+CHECKPOINT_EVERY_S = 120.0  # pretraining's stage default
+
+Log = Callable[[int, dict[str, float]], None]
+
+
+def preference_view(name: str, config: PreferenceConfig, pretrain: PretrainConfig, resolution: int
+                    ) -> dict[str, Any]:
+    """What stage ``name`` depends on (its cache key): not the pair-generation settings (the pairs' digest covers
+    them) nor the pretraining stages."""
+    stage = config.synthetic if name == "synthetic" else config.calibration
+    return {"stage": name, "loss": to_plain(config.loss), "train": to_plain(stage), "eval_prompts": config.eval_prompts,
+            "resolution": resolution, "timestep_shift": config.timestep_shift,
+            "pretrain": {k: v for k, v in to_plain(pretrain).items() if k != "stages"}}
+
+
+def run_preference_stage(pairs: Path, init: Path, name: str, config: PreferenceConfig, pretrain: PretrainConfig,
+                         resolution: int, parent_run_id: str = "",
+                         root: Path | None = None) -> Path | None:
+    """Optimise the ``init`` checkpoint artifact on the ``pairs`` artifact (all at ``resolution``) with
+    ``config.loss``, as stage ``name`` ("synthetic" or "calibration"); ``init`` is also the frozen reference.
+    Returns the checkpoint artifact on rank 0, None on the other ranks.
+    Every argument is positional-capable: ``launch_local`` passes them positionally."""
+    if name not in STAGES:
+        raise ValueError(f"preference stage must be one of {STAGES}, got {name!r}")
+    stage = config.synthetic if name == "synthetic" else config.calibration
+    read_manifest(pairs, kind="preference_pairs")
+    read_manifest(init, kind="checkpoint")
+    table = load_pairs(Path(pairs), resolution)
+    env = init_distributed(pretrain.parallel.device)
+    try:
+        if env.world_size != pretrain.parallel.world_size:
+            raise RuntimeError(f"launched with {env.world_size} processes but parallel.nnodes x nproc_per_node is "
+                               f"{pretrain.parallel.world_size}: the launch and the config must agree")
+        _, dp_size = data_parallel_rank(env, pretrain.parallel.tp)
+        if stage.global_batch % dp_size:
+            raise ValueError(f"preference.{name}.global_batch ({stage.global_batch}) must be divisible by the "
+                             f"data-parallel size ({dp_size})")
+        root = root or output_root()
+        inputs = {"pairs": Path(pairs), "init": Path(init)}
+        view = preference_view(name, config, pretrain, resolution)
+
+        def train(scratch: Path, log: Log | None) -> TextToImage:
+            pipe, reference = policy_and_reference(pretrain, Path(init), env)
+            train_preference(pipe, reference, table, config.loss, stage, pretrain, env, timestep_shift=config.timestep_shift,
+                             checkpoints=scratch / "checkpoints", log=log)
+            return pipe
+
+        if env.rank == 0:
+            def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+                pipe = train(run.work_dir, _Curve(run.work_dir / METRICS_FILE, run, stage))
+                return _publish(pipe, run, staging, name, config, pretrain, Path(init), resolution, len(table),
+                                stage.steps)
+
+            out, _ = execute_stage(f"preference_{name}", "checkpoint", body, config=view, inputs=inputs,
+                                   parent_run_id=parent_run_id, root=root)
+            return out
+        manifests = {key: read_manifest(path) for key, path in inputs.items()}
+        _, scratch = stage_location(f"preference_{name}", "checkpoint", config=view, manifests=manifests, root=root)
+        train(scratch, None)
+        return None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def load_pairs(artifact: Path, resolution: int) -> pd.DataFrame:
+    """The artifact's pairs table, checked for training: at least one pair, every one ``resolution`` square (a
+    batch is encoded at one size)."""
+    table = read_pairs(artifact).reset_index(drop=True)
+    if table.empty:
+        raise ValueError(f"{artifact / PAIRS_FILE} holds no pairs: nothing to optimise on")
+    wrong = table[(table["width"] != resolution) | (table["height"] != resolution)]
+    if len(wrong):
+        first = wrong.iloc[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise ValueError(f"{artifact / PAIRS_FILE}: preference training runs at {resolution}x{resolution} and every "
+                         f"pair must be that size; pair {first['pair_id']!r} is {first['width']}x{first['height']}"
+                         f"{more}")
+    return table
+
+
+def pair_indices(n_pairs: int, global_batch: int, step: int, seed: int) -> np.ndarray:
+    """Table rows of the global batch at ``step``: positions ``step * global_batch ...`` in an endless stream of
+    permutations of the table, epoch e's drawn from (seed, e). The same on every rank and after a resume."""
+    positions = np.arange(step * global_batch, (step + 1) * global_batch)
+    epochs = positions // n_pairs
+    rows = np.empty(global_batch, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        chosen = epochs == epoch
+        rows[chosen] = np.random.default_rng([seed, int(epoch)]).permutation(n_pairs)[positions[chosen] % n_pairs]
+    return rows
+
+
+def policy_and_reference(pretrain: PretrainConfig, init: Path, env: DistEnv) -> tuple[TextToImage, torch.nn.Module]:
+    """The policy (trainable, with the frozen autoencoder and text encoder) and the frozen reference, both the
+    ``init`` weights, both parallelised like pretraining (no float8: the loss compares their small differences)."""
+    policy = parallelize(new_model(pretrain, init, env.device), pretrain.parallel, env, "none")
+    reference = new_model(pretrain, init, env.device).eval().requires_grad_(False)
+    return text_to_image(policy, pretrain, env.device), parallelize(reference, pretrain.parallel, env, "none")
+
+
+def _flow_errors(velocity: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (velocity.float() - target.float()).square().flatten(1).mean(dim=1)
+
+
+def _global_means(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Batch means averaged over the ranks (equal slices), in one all-reduce (on the stats' device)."""
+    values = torch.stack([v.float() for v in stats.values()])
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return dict(zip(stats, values.tolist(), strict=True))
+
+
+def train_preference(pipe: TextToImage, reference: torch.nn.Module, pairs: pd.DataFrame, loss: PreferenceLossConfig,
+                     stage: PreferenceStageConfig, pretrain: PretrainConfig, env: DistEnv, *,
+                     timestep_shift: float = 1.0, checkpoints: Path | None = None, log: Log | None = None,
+                     checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> None:
+    """Optimise ``pipe.model`` (parallelised) for ``stage.steps`` steps against ``reference`` on ``pairs``
+    (``load_pairs``), every rank together. With ``checkpoints``: resume from its newest checkpoint, save every
+    ``checkpoint_every_s`` and at the last step. ``log(step, metrics)`` gets every step's metrics (rank means)."""
+    ref_pipe = dataclasses.replace(pipe, model=reference)
+    dp_rank, dp_size = data_parallel_rank(env, pretrain.parallel.tp)
+    per_rank = stage.global_batch // dp_size
+    slots = torch.arange(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    optimizers = build_optimizers(pipe.model, pretrain.optimizer, stage.lr)
+    schedulers = [wsd_scheduler(o, total_steps=stage.steps, warmup_steps=stage.warmup_steps, decay_fraction=0.0)
+                  for o in optimizers]
+    latest = ckpt.latest_checkpoint(checkpoints) if checkpoints is not None else None
+    start = 0 if latest is None else int(
+        ckpt.load_checkpoint(latest, model=pipe.model, optimizers=optimizers, schedulers=schedulers)["step"])
+    timer = ckpt.CheckpointTimer(checkpoint_every_s)
+    pipe.model.train()
+    for step in tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"preference {loss.kind}",
+                     disable=env.rank != 0, mininterval=5):
+        rows = pairs.iloc[pair_indices(len(pairs), stage.global_batch, step, pretrain.seed)[slots.numpy()]]
+        winner, loser = decode_pair_images(rows)
+        tokens, grid, text, mask = pipe.encode(torch.cat([winner, loser]), list(rows["prompt"]) * 2)
+        # one noise and timestep per pair, shared by its winner and loser
+        noise, t = _noise_and_timesteps(tokens[:per_rank], slots, seed=pretrain.seed, step=step, shift=timestep_shift)
+        noise, t = torch.cat([noise, noise]), torch.cat([t, t])
+        x_t, target = add_noise(tokens, noise, t), velocity_target(tokens, noise)
+        err = _flow_errors(pipe.velocity(x_t, t, grid, text, mask), target)
+        with torch.no_grad():
+            err_ref = _flow_errors(ref_pipe.velocity(x_t, t, grid, text, mask), target)
+        value, stats = preference_loss(err[:per_rank], err[per_rank:], err_ref[:per_rank], err_ref[per_rank:], loss)
+        value.backward()
+        metrics = _global_means(stats)
+        metrics["grad_norm"] = clip_grad_norm(pipe.model, pretrain.optimizer.grad_clip)
+        for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        metrics["lr"] = schedulers[0].get_last_lr()[0]
+        done = step + 1
+        if log is not None:
+            log(done, metrics)
+        if checkpoints is not None and (done == stage.steps or timer.due()):
+            ckpt.save_checkpoint(checkpoints, step=done, model=pipe.model, optimizers=optimizers,
+                                 schedulers=schedulers, extra={"step": done}, model_config=to_plain(pretrain.model),
+                                 keep=2)
+
+
+class _Curve:
+    """metrics.jsonl, every step (a resumed run first cuts it back to where it resumes, so no step repeats);
+    MLflow every ``log_every`` steps and at the last."""
+
+    def __init__(self, path: Path, run: StageRun, stage: PreferenceStageConfig) -> None:
+        self.path, self.run, self.stage = path, run, stage
+        self.resumed = False
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.resumed:
+            lines = self.path.read_text().splitlines() if self.path.exists() else []
+            self.path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] < step))
+            self.resumed = True
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if step % self.stage.log_every == 0 or step == self.stage.steps:
+            self.run.log_metrics(metrics, step=step)
+
+
+def compare_with_reference(policy: TextToImage, reference: TextToImage, eval_cfg: EvalConfig, resolution: int
+                           ) -> tuple[dict[str, float], list[Image.Image], list[Image.Image]]:
+    """Held-out prompts generated by both models from the same noise: the checker-oracle's preferred rate of the
+    policy over the reference (``eval.preferred_rate``, wins, losses, ties) and each one's checker score
+    (``eval.policy.*``, ``eval.reference.*``); and the two image lists."""
+    prompts = held_out_prompts(eval_cfg, resolution)
+
+    def generate(pipe: TextToImage) -> list[Image.Image]:
+        return pipe.generate([p.text for p in prompts], width=resolution, height=resolution, steps=eval_cfg.steps,
+                             cfg_scale=eval_cfg.cfg_scale, shift=eval_cfg.shift, seed=eval_cfg.seed)
+
+    ours, theirs = generate(policy), generate(reference)
+    metrics = preferred_rate(ours, theirs, prompts, WorldCheckerOracle()).metrics("eval")
+    metrics.update(score_images(ours, prompts).metrics("eval.policy"))
+    metrics.update(score_images(theirs, prompts).metrics("eval.reference"))
+    return metrics, ours, theirs
+
+
+def _publish(pipe: TextToImage, run: StageRun, staging: Path, name: str, config: PreferenceConfig,
+             pretrain: PretrainConfig, init: Path, resolution: int, n_pairs: int, steps: int) -> StageOutput:
+    final = run.work_dir / "checkpoints" / ckpt.step_dir_name(steps)
+    shutil.copy(final / ckpt.WEIGHTS_FILE, staging / WEIGHTS_FILE)
+    (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(pretrain.model), indent=2))
+    shutil.copy(run.work_dir / METRICS_FILE, staging / METRICS_FILE)
+    # unsharded copies on rank 0 (the other ranks are done), with the frozen autoencoder and text encoder
+    device = pipe.device
+    metrics, ours, theirs = compare_with_reference(
+        dataclasses.replace(pipe, model=new_model(pretrain, staging, device)),
+        dataclasses.replace(pipe, model=new_model(pretrain, init, device)),
+        dataclasses.replace(pretrain.eval, n_prompts=config.eval_prompts), resolution)
+    run.log_metrics(metrics, step=steps)
+    shown = min(pretrain.eval.grid_size, len(ours))
+    grid = image_grid(ours[:shown] + theirs[:shown], columns=shown)
+    grid.save(staging / "samples.png")
+    run.log_image(grid, f"samples/preference_{name}.png")
+    return StageOutput(counts={"steps": steps, "pairs": n_pairs}, metrics=metrics)

@@ -1,0 +1,167 @@
+"""Calibration pairs from annotation tables: human tables (every bad row recorded, schema errors raised, the
+table's content in the cache key) and the simulated annotator of the tiny preset."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from krea2_core.artifacts import read_manifest
+from krea2_core.data.schemas import Annotations, SchemaError, Skipped, read_table
+from krea2_core.post.annotations import (IMAGES_DIR, TABLE_FILE, load_annotations, run_annotation_pairs,
+                                         simulate_annotations, simulated_choices)
+from krea2_core.post.pairs import SKIPPED_FILE, read_pairs
+
+from ._checkpoints import PRETRAIN, RESOLUTION, BrightnessOracle, preference_config, publish_checkpoints
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("outputs")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(root: Path) -> tuple[Path, Path]:
+    return publish_checkpoints(root)
+
+
+def _image(path: Path, seed: int, side: int = RESOLUTION) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _png(path: Path) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _table(folder: Path, rows: list[tuple[str, str, str, str]]) -> Path:
+    """rows of (pair_id, image_a, image_b, choice)."""
+    frame = pd.DataFrame([{"pair_id": pid, "prompt": f"prompt of {pid}", "image_a": a, "image_b": b,
+                           "choice": choice, "annotator": "alice"} for pid, a, b, choice in rows])
+    frame.to_parquet(folder / "table.parquet", index=False)
+    return folder / "table.parquet"
+
+
+@pytest.fixture
+def human_table(tmp_path: Path) -> Path:
+    img = tmp_path / "img"
+    for i in range(4):
+        _image(img / f"good{i}.png", i)
+    _image(img / "small.png", 10, side=16)
+    Image.open(img / "good0.png").save(img / "good0_again.png", compress_level=1)  # other bytes, same pixels
+    (img / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return _table(tmp_path, [
+        ("choose-a", "img/good0.png", "img/good1.png", "a"),
+        ("choose-b", str(img / "good2.png"), "img/good3.png", "b"),  # absolute paths work too
+        ("missing", "img/good0.png", "img/nowhere.png", "a"),
+        ("unreadable", "img/broken.png", "img/good1.png", "b"),
+        ("identical-file", "img/good1.png", "img/good1.png", "a"),
+        ("identical-pixels", "img/good0.png", "img/good0_again.png", "b"),
+        ("small", "img/good0.png", "img/small.png", "a"),
+        ("tie", "img/good2.png", "img/good3.png", "tie"),
+    ])
+
+
+def test_human_table_pairs_follow_the_choice_and_bad_rows_are_recorded(human_table: Path) -> None:
+    pairs, skipped = load_annotations(human_table, RESOLUTION)
+    img = human_table.parent / "img"
+    assert list(pairs["pair_id"]) == ["choose-a", "choose-b"]
+    a, b = pairs.set_index("pair_id").loc["choose-a"], pairs.set_index("pair_id").loc["choose-b"]
+    assert (a["winner"], a["loser"]) == (_png(img / "good0.png"), _png(img / "good1.png"))
+    assert (b["winner"], b["loser"]) == (_png(img / "good3.png"), _png(img / "good2.png"))
+    assert (a["winner_source"], b["winner_source"]) == ("a:good0.png", "b:good3.png")
+    assert (pairs["origin"] == "human").all() and not pairs["on_policy"].any()
+    assert pairs["winner_score"].isna().all() and (pairs["rubric"] == "[]").all()
+    reasons = dict(zip(skipped["pair_id"], skipped["reason"], strict=True))
+    assert reasons == {"missing": "missing_image", "unreadable": "unreadable_image", "identical-file": "identical",
+                       "identical-pixels": "identical", "small": "mismatched_resolution", "tie": "tie"}
+    details = dict(zip(skipped["pair_id"], skipped["detail"], strict=True))
+    assert "nowhere.png" in details["missing"] and "broken.png" in details["unreadable"]
+    assert "16x16" in details["small"] and f"expected {RESOLUTION}x{RESOLUTION}" in details["small"]
+    # at another resolution every row that got that far is mismatched
+    _, at_64 = load_annotations(human_table, 64)
+    assert set(at_64.set_index("pair_id").loc[["choose-a", "choose-b", "tie"], "reason"]) == {"mismatched_resolution"}
+
+
+def test_schema_violation_names_the_file_and_column_and_writes_nothing(tmp_path: Path, root: Path,
+                                                                        checkpoints: tuple[Path, Path]) -> None:
+    _image(tmp_path / "a.png", 0)
+    _image(tmp_path / "b.png", 1)
+    table = _table(tmp_path, [("p0", "a.png", "b.png", "a"), ("p1", "a.png", "b.png", "maybe")])
+    with pytest.raises(SchemaError, match=r"(?s)table\.parquet.*Annotations.*choice.*maybe"):
+        load_annotations(table, RESOLUTION)
+    before = set((root / "artifacts").glob("*/*"))
+    with pytest.raises(SchemaError, match="choice"):
+        run_annotation_pairs(table, *checkpoints, preference_config(), PRETRAIN, RESOLUTION, root=root)
+    assert set((root / "artifacts").glob("*/*")) == before
+
+
+def test_human_stage_publishes_pairs_keyed_by_the_table_content(human_table: Path, root: Path,
+                                                                 checkpoints: tuple[Path, Path]) -> None:
+    config = preference_config()
+    out, manifest = run_annotation_pairs(human_table, *checkpoints, config, PRETRAIN, RESOLUTION, root=root)
+    assert manifest.kind == "preference_pairs" and manifest.inputs == {}  # human labels need no checkpoint
+    assert manifest.counts == {"rows": 8, "pairs": 2, "simulated": 0, "skipped.identical": 2, "skipped.tie": 1,
+                               "skipped.missing_image": 1, "skipped.unreadable_image": 1,
+                               "skipped.mismatched_resolution": 1}
+    assert len(read_pairs(out)) == 2 and len(read_table(out / SKIPPED_FILE, Skipped)) == 6
+    assert run_annotation_pairs(human_table, *checkpoints, config, PRETRAIN, RESOLUTION, root=root)[0] == out
+    _image(human_table.parent / "img" / "good3.png", 99)  # same table file, one image replaced
+    again, _ = run_annotation_pairs(human_table, *checkpoints, config, PRETRAIN, RESOLUTION, root=root)
+    assert again != out
+
+
+def test_no_usable_annotation_is_a_clear_error(tmp_path: Path, root: Path, checkpoints: tuple[Path, Path]) -> None:
+    _image(tmp_path / "a.png", 0)
+    table = _table(tmp_path, [("p0", "a.png", "a.png", "a"), ("p1", "a.png", "gone.png", "b")])
+    with pytest.raises(ValueError, match=r"no usable preference pair.*'identical': 1.*'missing_image': 1"):
+        run_annotation_pairs(table, *checkpoints, preference_config(), PRETRAIN, RESOLUTION, root=root)
+
+
+def test_simulated_annotator_flips_at_the_label_noise_rate() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.random(4000), rng.random(4000)
+    choices = np.array(simulated_choices(a, b, 0.05, 0.2, seed=3))
+    ties = np.abs(a - b) < 0.05
+    assert (choices[ties] == "tie").all()
+    flipped = choices[~ties] != np.where(a > b, "a", "b")[~ties]
+    assert abs(flipped.mean() - 0.2) < 0.02
+    assert list(choices) == simulated_choices(a, b, 0.05, 0.2, seed=3)
+    assert (np.array(simulated_choices(a, b, 0.05, 0.0, seed=3))[~ties] == np.where(a > b, "a", "b")[~ties]).all()
+
+
+def test_simulated_table_validates_and_respects_label_noise(checkpoints: tuple[Path, Path], tmp_path: Path) -> None:
+    config = preference_config()  # 40 simulated annotations, label noise 0.2
+    table = simulate_annotations(*checkpoints, config, PRETRAIN, RESOLUTION, tmp_path, oracle=BrightnessOracle())
+    frame = read_table(table, Annotations)
+    assert table == tmp_path / TABLE_FILE and len(frame) == 40
+    assert (frame["annotator"] == "simulated").all() and frame["pair_id"].str.startswith("simulated-").all()
+    files = list(frame["image_a"]) + list(frame["image_b"])
+    assert all((tmp_path / f).is_file() and f.startswith(f"{IMAGES_DIR}/simulated-") for f in files)
+    policy_side = np.where(frame["image_a"].str.contains("-policy-"), "a", "b")
+    assert (frame["image_a"].str.contains("-policy-") != frame["image_b"].str.contains("-policy-")).all()
+    assert 0 < (policy_side == "a").sum() < 40  # sides are shuffled
+    # the oracle always prefers the bright previous checkpoint: choosing the policy is label noise
+    assert (frame["choice"] != "tie").all()
+    noise = (frame["choice"] == policy_side).mean()
+    assert 0.05 <= noise <= 0.4, noise
+
+
+def test_simulated_stage_is_named_simulated(checkpoints: tuple[Path, Path], root: Path) -> None:
+    out, manifest = run_annotation_pairs(None, *checkpoints, preference_config(simulated=12), PRETRAIN, RESOLUTION,
+                                         root=root, oracle=BrightnessOracle())
+    pairs = read_pairs(out)
+    assert (pairs["origin"] == "simulated").all() and pairs["pair_id"].str.startswith("simulated-").all()
+    assert manifest.counts["simulated"] == 1 and manifest.counts["pairs"] == len(pairs) == 12
+    assert set(manifest.inputs) == {"policy", "previous"} and "simulated" in manifest.config
+    assert read_table(out / "simulated" / TABLE_FILE, Annotations)["annotator"].eq("simulated").all()
+    assert read_manifest(out).digest == manifest.digest

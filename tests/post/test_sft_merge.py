@@ -1,0 +1,79 @@
+"""SFT per domain and merging, end to end on a 1-block DiT at 32 px: each domain set is packed and finetuned
+from the base, the merge stage publishes a loadable checkpoint holding the configured method, and its score
+matrix covers every candidate on every domain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from krea2_core.artifacts import read_manifest
+from krea2_core.config import PostTrainConfig, preset
+from krea2_core.post.merge import EVAL_FILE, METHODS, run_merge
+from krea2_core.post.sft import SCENES_FILE, run_sft, run_sft_data
+from krea2_core.training.pretrain import WEIGHTS_FILE, new_model
+from tests.post._checkpoints import PRETRAIN, publish_checkpoints
+
+TINY = preset("tiny").post
+POST = PostTrainConfig.from_dict({
+    "resolution": 32,
+    "midtrain": {"n_images": 8, "stage": {"resolution": 128, "steps": 1, "global_batch": 8, "warmup_steps": 0}},
+    "sft": {"domains": {name: {"scenes": d.scenes.to_dict(), "n_images": 8, "seed": d.seed}
+                        for name, d in TINY.sft.domains.items()},
+            "stage": {"resolution": 32, "steps": 2, "global_batch": 8, "warmup_steps": 0, "pma_checkpoints": 1,
+                      "val_every": 2},
+            "eval_prompts": 2},
+    "merge": {"method": "ties", "density": 0.5},
+})
+EVAL = {"eval": {"n_prompts": 2, "steps": 2, "grid_size": 2}}
+CONFIG = type(PRETRAIN).from_dict({**PRETRAIN.to_dict(), **EVAL})
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("sft")
+    base, _ = publish_checkpoints(root)
+    out = {}
+    for name in POST.sft.domains:
+        data, manifest = run_sft_data(name, POST.sft.domains[name], CONFIG, POST.sft, root=root)
+        assert manifest.counts["packed"] == 8 and (data / SCENES_FILE).is_file()
+        out[name] = run_sft(data, base, name, CONFIG, POST.sft, root=root)
+    return root, base, out
+
+
+def test_each_domain_finetunes_from_the_base(sft_checkpoints) -> None:
+    _, base, domains = sft_checkpoints
+    base_weights = load_file(base / WEIGHTS_FILE)
+    for name, path in domains.items():
+        manifest = read_manifest(path, kind="checkpoint")
+        assert manifest.config["eval"]["scenes"] == POST.sft.domains[name].scenes.to_dict()  # its own prompts
+        tuned = load_file(path / WEIGHTS_FILE)
+        assert any(not torch.equal(tuned[k], base_weights[k]) for k in base_weights)
+
+
+def test_merge_publishes_the_configured_method_and_scores_every_candidate(sft_checkpoints) -> None:
+    root, base, domains = sft_checkpoints
+    out, manifest = run_merge(base, domains, POST, CONFIG, root=root)
+    model = new_model(CONFIG, out, torch.device("cpu"))  # loadable like any checkpoint
+    assert sum(p.numel() for p in model.parameters()) > 0
+    scores = json.loads((out / EVAL_FILE).read_text())["scores"]
+    assert set(scores) == {"base", *(f"sft_{d}" for d in domains), *(f"merged_{m}" for m in METHODS)}
+    assert all(set(row) == set(domains) for row in scores.values())
+    assert json.loads((out / EVAL_FILE).read_text())["method"] == "ties"
+    metrics = MlflowClient().get_run(manifest.mlflow_run_id).data.metrics
+    assert {f"gain_retained.{d}" for d in domains} <= set(metrics)
+    assert 0 < metrics["merge.ties.ties_kept_fraction"] <= 1
+    assert (out / "samples.png").is_file()
+
+
+def test_merge_needs_one_checkpoint_per_domain(sft_checkpoints) -> None:
+    root, base, domains = sft_checkpoints
+    with pytest.raises(ValueError, match="one SFT checkpoint per configured domain"):
+        run_merge(base, {"warm": domains["warm"]}, POST, CONFIG, root=root)
+    with pytest.raises(ValueError, match="unknown"):
+        run_sft(base, base, "sepia", CONFIG, POST.sft, root=root)
