@@ -49,7 +49,7 @@ def run(kind: str, config: PipelineConfig, args: argparse.Namespace) -> dict[str
     seconds = time.perf_counter() - start
     pipe.model.eval()
     metrics, _, _ = compare_with_reference(pipe, dataclasses.replace(pipe, model=reference),
-                                           dataclasses.replace(pretrain.eval, n_prompts=po.eval_prompts),
+                                           dataclasses.replace(pretrain.eval, n_prompts=args.eval_prompts or po.eval_prompts),
                                            args.resolution)
     tail = curve[-args.tail:]
 
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=0, help="pair resolution (default: post.resolution)")
     parser.add_argument("--timestep-shift", type=float, default=0.0,
                         help="training timestep shift (default: the SFT stage's)")
+    parser.add_argument("--eval-prompts", type=int, default=0, help="held-out prompts (default: the preset's)")
     parser.add_argument("--tail", type=int, default=5, help="steps averaged for the final values")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write the results (with the curves) to this JSON file")

@@ -94,7 +94,8 @@ def _post_training(domains: tuple[str, ...]) -> dict[str, StageSpec]:
     """Midtraining, SFT per domain, merging and the preference stages, with the configs their manifests record."""
     from krea2_core.post.annotations import annotation_view, run_annotation_pairs
     from krea2_core.post.merge import merge_view, run_merge
-    from krea2_core.post.midtrain import midtrain_packing_view, run_midtrain_packing
+    from krea2_core.models.autoencoders import pixel_multiple
+    from krea2_core.post.midtrain import midtrain_packing, midtrain_packing_view, run_midtrain_packing
     from krea2_core.post.pairs import generation_view, run_pair_generation
     from krea2_core.post.preference import preference_view, run_preference_stage
     from krea2_core.post.sft import domain_eval, run_sft_data, sft_data_view
@@ -114,11 +115,12 @@ def _post_training(domains: tuple[str, ...]) -> dict[str, StageSpec]:
     specs = {
         "pack_midtrain": StageSpec(
             {"curated": "selection", "captions": "captioning", "selection": "semantic_selection"},
-            lambda p: midtrain_packing_view(p.pretrain, p.post.midtrain),
-            lambda p, i, parent: run_midtrain_packing(i["curated"], i["captions"], i["selection"], p.pretrain,
-                                                      p.post.midtrain, parent_run_id=parent)),
+            lambda p: midtrain_packing_view(p.post.midtrain, midtrain_packing(p.pretrain, p.post.midtrain)),
+            lambda p, i, parent: run_midtrain_packing(i["curated"], i["captions"], i["selection"], p.post.midtrain,
+                                                      midtrain_packing(p.pretrain, p.post.midtrain),
+                                                      parent_run_id=parent)),
         "midtrain": StageSpec({"packed": "pack_midtrain", "init": f"pretrain_{PRETRAIN_STAGES[-1]}"},
-                              lambda p: training_view(p.pretrain, p.post.midtrain.stage),
+                              lambda p: training_view(p.pretrain, "midtrain", p.post.midtrain.stage),
                               launched(run_training_stage, lambda p: "midtrain", lambda p: p.post.midtrain.stage,
                                        lambda p: p.pretrain)),
         "merge": StageSpec({"base": "midtrain", **{f"sft.{d}": f"sft_{d}" for d in domains}},
@@ -145,12 +147,13 @@ def _post_training(domains: tuple[str, ...]) -> dict[str, StageSpec]:
                      lambda p: p.post.resolution))
     for d in domains:
         specs[f"sft_data_{d}"] = StageSpec(
-            {}, lambda p, d=d: sft_data_view(p.post.sft.domains[d], p.pretrain, p.post.sft),
-            lambda p, i, parent, d=d: run_sft_data(d, p.post.sft.domains[d], p.pretrain, p.post.sft,
-                                                   parent_run_id=parent))
+            {}, lambda p, d=d: sft_data_view(p.post.sft.domains[d], p.post.sft, pixel_multiple(p.pretrain.autoencoder)),
+            lambda p, i, parent, d=d: run_sft_data(d, p.post.sft.domains[d], p.post.sft,
+                                                   pixel_multiple(p.pretrain.autoencoder), parent_run_id=parent))
         specs[f"sft_{d}"] = StageSpec(
             {"packed": f"sft_data_{d}", "init": "midtrain"},
-            lambda p, d=d: training_view(domain_eval(p.pretrain, p.post.sft.domains[d], p.post.sft), p.post.sft.stage),
+            lambda p, d=d: training_view(domain_eval(p.pretrain, p.post.sft.domains[d], p.post.sft), f"sft_{d}",
+                                         p.post.sft.stage),
             launched(run_training_stage, lambda p, d=d: f"sft_{d}", lambda p: p.post.sft.stage,
                      lambda p, d=d: domain_eval(p.pretrain, p.post.sft.domains[d], p.post.sft)))
     return specs

@@ -43,14 +43,35 @@ def pretraining_summary(root: Path, stage_runs: dict[str, str]) -> list[str]:
     return lines
 
 
+def post_training_summary(root: Path, stage_runs: dict[str, str]) -> list[str]:
+    """Midtraining, each SFT domain against its base and the merge, and preference optimisation's preferred-rate
+    over its reference (all scored by the world checker on held-out prompts)."""
+    lines = []
+    if "midtrain" in stage_runs:
+        score = run_metrics(root, stage_runs["midtrain"]).get("eval.score", float("nan"))
+        lines.append(f"    midtraining   : prompt-following {score:.3f}")
+    if "merge" in stage_runs:
+        merge = run_metrics(root, stage_runs["merge"])
+        for domain in sorted({key.split(".")[-1] for key in merge if key.startswith("score.base.")}):
+            lines.append(f"    SFT {domain:<9} : domain score base {merge[f'score.base.{domain}']:.3f} -> SFT "
+                         f"{merge.get(f'score.sft_{domain}.{domain}', float('nan')):.3f}; the merge keeps "
+                         f"{merge.get(f'gain_retained.{domain}', float('nan')):.0%} of the gain")
+    for stage in ("synthetic", "calibration"):
+        if f"preference_{stage}" in stage_runs:
+            metrics = run_metrics(root, stage_runs[f"preference_{stage}"])
+            lines.append(f"    PO {stage:<10} : preferred over its reference "
+                         f"{metrics.get('eval.preferred_rate', float('nan')):.2f} of held-out prompts")
+    return lines
+
+
 @task(container_image=DATA_IMAGE)
 def finish_pipeline(parent_run_id: str, curated: FlyteDirectory, midtrain: FlyteDirectory,
-                    pretrained: FlyteDirectory) -> str:
+                    pretrained: FlyteDirectory, final: FlyteDirectory) -> str:
     """Close the parent run, linking every stage run behind the outputs, and say where things are."""
     root = output_root()
     curated_path, midtrain_path = from_flyte_dir(curated), from_flyte_dir(midtrain)
-    pretrained_path = from_flyte_dir(pretrained)
-    finals = [read_manifest(midtrain_path, kind="midtrain_selection"), read_manifest(pretrained_path, kind="checkpoint")]
+    pretrained_path, final_path = from_flyte_dir(pretrained), from_flyte_dir(final)
+    finals = [read_manifest(midtrain_path, kind="midtrain_selection"), read_manifest(final_path, kind="checkpoint")]
     stage_runs = end_pipeline_run(root, parent_run_id, [m.mlflow_run_id for m in finals])
     summary = json.loads((curated_path / "summary.json").read_text())
     selection = json.loads((midtrain_path / "summary.json").read_text())
@@ -66,6 +87,8 @@ def finish_pipeline(parent_run_id: str, curated: FlyteDirectory, midtrain: Flyte
         f"  pretrained   : {pretrained_path} (a diffusers Krea2Transformer2DModel directory, train state, "
         f"samples.png)",
         *pretraining_summary(root, stage_runs),
+        f"  final model  : {final_path} (post-trained: midtraining, SFT + merge, preference optimisation)",
+        *post_training_summary(root, stage_runs),
         f"  MLflow       : parent run {parent_run_id}; stage runs {stage_runs}",
         f"  browse with  : mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}",
     ]

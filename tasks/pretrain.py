@@ -53,10 +53,16 @@ def pack_images(curated: FlyteDirectory, captions: FlyteDirectory, packing: Pack
     return to_flyte_dir(path)
 
 
-# The launch shape goes into the task's environment too: the pod re-imports this module, and flytekit starts
-# torchrun from that import.
-@task(task_config=TRAIN_LAUNCH, cache=CACHE, container_image=TRAIN_IMAGE, environment=_LAUNCH_ENV,
-      requests=Resources(cpu="2", mem="8Gi", gpu=_GPUS) if _GPUS != "0" else Resources(cpu="2", mem="8Gi"))
+# What every training task (pretraining, midtraining, SFT, preference optimisation) is declared with. The launch
+# shape goes into the task's environment too: the pod re-imports the task's module, and flytekit starts torchrun
+# from that import.
+TRAIN_TASK = dict(task_config=TRAIN_LAUNCH, cache=CACHE, container_image=TRAIN_IMAGE, environment=_LAUNCH_ENV,
+                  requests=Resources(cpu="2", mem="8Gi", gpu=_GPUS) if _GPUS != "0" else Resources(cpu="2", mem="8Gi"))
+# One GPU (when training has them) for the stages that only sample and score: merging's evaluation, pair generation.
+SAMPLE_RESOURCES = Resources(cpu="2", mem="8Gi", gpu="1") if _GPUS != "0" else Resources(cpu="2", mem="8Gi")
+
+
+@task(**TRAIN_TASK)
 def pretrain_stage(packed: FlyteDirectory, init: Optional[FlyteDirectory], stage: str, config: PretrainConfig,
                    parent_run_id: str = "") -> FlyteDirectory:
     """One resolution stage on every torchrun worker; rank 0's artifact is the output."""

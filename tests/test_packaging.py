@@ -2,8 +2,8 @@
 
 The package is built once per module in a subprocess, exactly as CI would run it, then unpacked and the
 serialized protobufs (flyteidl ``TaskSpec`` / ``WorkflowSpec`` / ``LaunchPlan``) are checked against the
-code: images, requests, Ray configs, the Elastic (torchrun) training task, cache settings, workflows and launch
-plans. The training task's launch shape is fixed at registration from $KREA2_TRAIN_*, so a second package is
+code: images, requests, Ray configs, the Elastic (torchrun) training tasks, cache settings, workflows and launch
+plans. The training tasks' launch shape is fixed at registration from $KREA2_TRAIN_*, so a second package is
 built at the same time (each run is one mostly single-threaded process) with a 2-node x 8-GPU shape.
 
 Images: every task names ``containers/images.py:DATA_IMAGE`` or, for training, ``TRAIN_IMAGE`` (flytekit
@@ -37,16 +37,24 @@ REPO = Path(__file__).resolve().parents[1]
 REGISTRY = "registry.ci.example/krea2"
 
 RAY_TASKS = {"tasks.curation.ingest", "tasks.curation.score_images", "tasks.curation.ingest_uri_table"}
-TRAIN_TASK = "tasks.pretrain.pretrain_stage"  # the only task on the train image
+PRETRAIN_STAGE = "tasks.pretrain.pretrain_stage"
+# the Elastic (torchrun) training tasks, each declared with tasks.pretrain.TRAIN_TASK
+TRAIN_TASKS = {PRETRAIN_STAGE, "tasks.post.finetune_stage", "tasks.post.preference_stage"}
+# the tasks that only sample and score checkpoints, with tasks.pretrain.SAMPLE_RESOURCES
+SAMPLE_TASKS = {"tasks.post.merge_sft", "tasks.post.preference_pairs", "tasks.post.annotation_pairs"}
+TRAIN_IMAGE_TASKS = TRAIN_TASKS | SAMPLE_TASKS  # the only tasks on the train image
+POST_TRAINING = "workflows.post_training.post_training"  # a @dynamic: its graph depends on the config's SFT domains
 CACHED_TASKS = {
     "tasks.curation.build_world_pool", *RAY_TASKS, "tasks.curation.select_images", "tasks.semantic.caption_images",
     "tasks.semantic.scene_captions", "tasks.semantic.embed_images", "tasks.semantic.semantic_select",
-    "tasks.pretrain.pack_images", TRAIN_TASK,
+    "tasks.pretrain.pack_images", "tasks.post.pack_midtrain", "tasks.post.sft_data", *TRAIN_IMAGE_TASKS,
 }
 UNCACHED_TASKS = {
     "tasks.pipeline.resolve_config", "tasks.pipeline.start_pipeline", "tasks.pipeline.finish_pipeline",
     # the dynamics: their caption_images / embed_images nodes are the cached ones
-    "tasks.semantic.embed_on_device", "tasks.semantic.caption_on_device",
+    "tasks.semantic.embed_on_device", "tasks.semantic.caption_on_device", POST_TRAINING,
+    # a file's sha256, on which the cached annotation_pairs is keyed: it must run every time to see an edit
+    "tasks.post.file_digest",
     # a stage's slice of the config, which the cached packing and training tasks take as input
     "tasks.pretrain.stage_config", "tasks.pretrain.stage_packing",
 }
@@ -56,7 +64,7 @@ WORKFLOWS = {
     "workflows.curation.curation_from_uris", "workflows.semantic_curation.semantic_curation",
     "workflows.pretraining.pretraining",
 }
-# the training task's launch shape, read from the environment when tasks/pretrain.py is imported
+# the training tasks' launch shape, read from the environment when tasks/pretrain.py is imported
 LAUNCH_ENV = ("KREA2_TRAIN_NNODES", "KREA2_TRAIN_NPROC_PER_NODE", "KREA2_TRAIN_GPUS_PER_NODE")
 MULTI_NODE = {"KREA2_TRAIN_NNODES": "2", "KREA2_TRAIN_NPROC_PER_NODE": "8", "KREA2_TRAIN_GPUS_PER_NODE": "8"}
 # flytekit puts the serialization settings into the env of dynamic (and eager) tasks only, so that they
@@ -70,6 +78,7 @@ class Package:
     image: str  # DATA_IMAGE.image_name() under REGISTRY
     image_id: str  # DATA_IMAGE.id
     train_image: str  # TRAIN_IMAGE.image_name() under REGISTRY
+    train_image_id: str  # TRAIN_IMAGE.id
     tasks: dict[str, tasks_pb2.TaskTemplate]
     workflows: dict[str, workflow_pb2.WorkflowSpec]
     launch_plans: dict[str, launch_plan_pb2.LaunchPlan]
@@ -144,8 +153,8 @@ def _read_package(process: subprocess.Popen[bytes], command: list[str], output: 
                     fast_files = set(fast.getnames())
             else:
                 raise AssertionError(f"unexpected file in the package: {member.name}")
-    return Package(images.DATA_IMAGE.image_name(), images.DATA_IMAGE.id, images.TRAIN_IMAGE.image_name(), tasks,
-                   workflows, launch_plans, fast_files)
+    return Package(images.DATA_IMAGE.image_name(), images.DATA_IMAGE.id, images.TRAIN_IMAGE.image_name(),
+                   images.TRAIN_IMAGE.id, tasks, workflows, launch_plans, fast_files)
 
 
 @pytest.fixture(scope="module")
@@ -200,22 +209,25 @@ def test_every_pipeline_task_is_packaged_on_its_image(package: Package) -> None:
     assert package.train_image.split(":")[-1] != package.image.split(":")[-1]
     for name, template in package.tasks.items():
         container = _container(template)
-        assert container.image == (package.train_image if name == TRAIN_TASK else package.image), name
+        assert container.image == (package.train_image if name in TRAIN_IMAGE_TASKS else package.image), name
         # fast registration: the container runs the code from the archive below, on that image
         assert container.args[:1] == ["pyflyte-fast-execute"], name
     assert {"containers/images.py", "tasks/common.py", "tasks/curation.py", "tasks/pipeline.py", "tasks/semantic.py",
-            "tasks/pretrain.py", "workflows/end_to_end.py", "workflows/curation.py", "workflows/semantic_curation.py",
-            "workflows/pretraining.py", "krea2_core/config.py"} <= package.fast_files
+            "tasks/pretrain.py", "tasks/post.py", "workflows/end_to_end.py", "workflows/curation.py",
+            "workflows/semantic_curation.py", "workflows/pretraining.py", "workflows/post_training.py",
+            "krea2_core/config.py"} <= package.fast_files
 
 
 def test_requests_match_the_code(package: Package) -> None:
     import tasks.curation
     import tasks.pipeline
+    import tasks.post
     import tasks.pretrain
     import tasks.semantic
+    import workflows.post_training
 
     checked = set()
-    for module in (tasks.curation, tasks.pipeline, tasks.semantic, tasks.pretrain):
+    for module in (tasks.curation, tasks.pipeline, tasks.semantic, tasks.pretrain, tasks.post, workflows.post_training):
         for task in vars(module).values():
             name = getattr(task, "name", None)
             if not (isinstance(name, str) and name in package.tasks):
@@ -231,6 +243,9 @@ def test_requests_match_the_code(package: Package) -> None:
     assert _requests(package.tasks["tasks.semantic.semantic_select"]) == {CPU: "4", MEMORY: "16Gi"}
     assert _requests(package.tasks["tasks.pipeline.resolve_config"]) == {}
     assert _requests(package.tasks["tasks.pretrain.pack_images"]) == {CPU: "4", MEMORY: "16Gi"}
+    assert _requests(package.tasks["tasks.post.pack_midtrain"]) == {CPU: "2", MEMORY: "8Gi"}
+    for name in TRAIN_IMAGE_TASKS:  # no GPU by default, see test_gpu_request_is_a_run_time_override
+        assert _requests(package.tasks[name]) == {CPU: "2", MEMORY: "8Gi"}, name
 
 
 def test_ray_tasks_carry_the_rayjob_spec(package: Package) -> None:
@@ -266,33 +281,41 @@ def test_cache_settings(package: Package) -> None:
         assert not metadata.discoverable and not metadata.discovery_version, name
 
 
-DYNAMIC_TASKS = {"tasks.semantic.embed_on_device": "tasks.semantic.embed_images",
-                 "tasks.semantic.caption_on_device": "tasks.semantic.caption_images"}
+# the dynamics that add a GPU to their model task's node at run time
+DEVICE_DYNAMICS = {"tasks.semantic.embed_on_device": "tasks.semantic.embed_images",
+                   "tasks.semantic.caption_on_device": "tasks.semantic.caption_images"}
+DYNAMIC_TASKS = {*DEVICE_DYNAMICS, POST_TRAINING}
 
 
 def test_gpu_request_is_a_run_time_override(package: Package) -> None:
-    """Nothing in the static package asks for a GPU: `embed_on_device` and `caption_on_device` are @dynamic
-    tasks that, at run time, compile a one-node workflow around their model task and add
-    `requests=Resources(gpu="1", ...)` to that node when the config's device is "cuda". What the package can
-    show is that each dynamic is packaged as one, on the data image, with the settings it needs to compile that
-    node, and that the model tasks themselves are CPU-only."""
+    """Nothing in the default package ($KREA2_TRAIN_GPUS_PER_NODE unset) asks for a GPU: the training and
+    sampling tasks ask for GPUs only when registered with them (test_multi_node_launch_shape_is_a_pytorchjob), and
+    `embed_on_device` and `caption_on_device` are @dynamic tasks that, at run time, compile a one-node workflow
+    around their model task and add `requests=Resources(gpu="1", ...)` to that node when the config's device is
+    "cuda". What the package can show is that each dynamic is packaged as one, on the data image, with the
+    settings it needs to compile that node, and that the model tasks themselves are CPU-only. `post_training` is
+    a dynamic too (its SFT domains come from the config) and compiles train-image tasks, so its settings must
+    resolve both images."""
     for name, template in package.tasks.items():
         assert GPU not in _requests(template), name
     from flytekit.configuration import SerializationSettings
 
-    for dynamic_name, model_task in DYNAMIC_TASKS.items():
+    for model_task in DEVICE_DYNAMICS.values():
         model = package.tasks[model_task]
         assert _requests(model) == {CPU: "4", MEMORY: "16Gi"}, model_task
         assert not model.container.resources.limits and not model.HasField("extended_resources"), model_task
+    for dynamic_name in DYNAMIC_TASKS:
         dynamic = package.tasks[dynamic_name]
-        assert dynamic.type == "python-task" and not _requests(dynamic)
+        assert dynamic.type == "python-task" and not _requests(dynamic), dynamic_name
+        assert _container(dynamic).image == package.image, dynamic_name
         env = _container(dynamic).env
         assert SERIALIZED_CONTEXT_ENV_VAR in env, f"{dynamic_name} is not packaged as a dynamic task"
         settings = SerializationSettings.from_transport(env[SERIALIZED_CONTEXT_ENV_VAR])
-        # the run-time model node resolves DATA_IMAGE to the same image
-        image = settings.image_config.find_image(package.image_id)
-        assert image is not None and image.full == package.image
-        assert settings.fast_serialization_settings.enabled
+        # the run-time nodes resolve DATA_IMAGE and TRAIN_IMAGE to the same images
+        for image_id, full in ((package.image_id, package.image), (package.train_image_id, package.train_image)):
+            image = settings.image_config.find_image(image_id)
+            assert image is not None and image.full == full, (dynamic_name, image_id)
+        assert settings.fast_serialization_settings.enabled, dynamic_name
     for name, template in package.tasks.items():
         if name not in DYNAMIC_TASKS:
             assert SERIALIZED_CONTEXT_ENV_VAR not in _container(template).env, name
@@ -311,7 +334,7 @@ def test_workflows_and_launch_plans(package: Package) -> None:
     pipeline = package.workflows["workflows.end_to_end.krea2_pipeline"]
     assert _task_refs(pipeline.template) == {
         "tasks.pipeline.resolve_config", "tasks.pipeline.start_pipeline", "tasks.curation.build_world_pool",
-        "tasks.curation.ingest", "tasks.semantic.scene_captions", "tasks.semantic.caption_on_device",
+        "tasks.curation.ingest", "tasks.semantic.scene_captions", "tasks.semantic.caption_on_device", POST_TRAINING,
         "tasks.pipeline.finish_pipeline",
     }
     sub_refs = {node.workflow_node.sub_workflow_ref.name for node in pipeline.template.nodes
@@ -320,15 +343,23 @@ def test_workflows_and_launch_plans(package: Package) -> None:
                         "workflows.pretraining.pretraining"}
     subs = {sub.id.name: sub for sub in pipeline.sub_workflows}
     assert sub_refs <= subs.keys()
+    # post-training starts from the pretrained checkpoint and the midtraining selection; its output is the final one
+    nodes = {node.task_node.reference_id.name or node.workflow_node.sub_workflow_ref.name: node
+             for node in pipeline.template.nodes}
+    sources = {b.var: b.binding.promise.node_id for b in nodes[POST_TRAINING].inputs}
+    assert sources["pretrained"] == nodes["workflows.pretraining.pretraining"].id
+    assert sources["selection"] == nodes["workflows.semantic_curation.semantic_curation"].id
+    (final,) = [b for b in nodes["tasks.pipeline.finish_pipeline"].inputs if b.var == "final"]
+    assert final.binding.promise.node_id == nodes[POST_TRAINING].id
     assert _task_refs(subs["workflows.curation.curate_raw_pool"]) == {
         "tasks.curation.score_images", "tasks.curation.select_images"}
     assert _task_refs(subs["workflows.semantic_curation.semantic_curation"]) == {
         "tasks.semantic.embed_on_device", "tasks.semantic.semantic_select"}
     pretraining = subs["workflows.pretraining.pretraining"]
     assert _task_refs(pretraining) == {"tasks.pretrain.stage_config", "tasks.pretrain.stage_packing",
-                                       "tasks.pretrain.pack_images", TRAIN_TASK}
+                                       "tasks.pretrain.pack_images", PRETRAIN_STAGE}
     # three resolution stages, each packed and trained; 512 and 1024 start from the previous stage's output
-    training = [n for n in pretraining.nodes if n.task_node.reference_id.name == TRAIN_TASK]
+    training = [n for n in pretraining.nodes if n.task_node.reference_id.name == PRETRAIN_STAGE]
     assert len(training) == 3 and sum(n.task_node.reference_id.name == "tasks.pretrain.pack_images"
                                       for n in pretraining.nodes) == 3
     inits = [b.binding.promise.node_id for n in training for b in n.inputs if b.var == "init" and b.binding.promise.node_id]
@@ -344,47 +375,80 @@ def test_workflows_and_launch_plans(package: Package) -> None:
     assert values == {"preset": "tiny", "config": ""}
 
 
-def test_training_task_is_an_elastic_torchrun_task_on_the_train_image(package: Package) -> None:
+def test_training_tasks_are_elastic_torchrun_tasks_on_the_train_image(package: Package) -> None:
     """By default ($KREA2_TRAIN_* unset) one pod runs torchrun with 2 processes: flytekit packages a single-node
-    Elastic task as a plain pod task (no PyTorchJob, so no custom config), with a shared-memory /dev/shm."""
+    Elastic task as a plain pod task (no PyTorchJob, so no custom config), with a shared-memory /dev/shm. Every
+    training task (pretraining, midtraining / SFT, preference optimisation) is declared and packaged the same way."""
+    import tasks.post
     import tasks.pretrain
     from flytekitplugins.kfpytorch import Elastic
 
     if set(LAUNCH_ENV) & os.environ.keys():
         pytest.skip(f"this process has {sorted(set(LAUNCH_ENV) & os.environ.keys())} set")
-    assert isinstance(tasks.pretrain.pretrain_stage.task_config, Elastic)
-    assert (tasks.pretrain.pretrain_stage.task_config.nnodes, tasks.pretrain.pretrain_stage.task_config.nproc_per_node
-            ) == (1, 2)
-    template = package.tasks[TRAIN_TASK]
-    assert template.type == "python-task" and not template.HasField("custom")
-    assert _container(template).image == package.train_image
-    assert _requests(template) == {CPU: "2", MEMORY: "8Gi"}
-    pod = MessageToDict(template.k8s_pod.pod_spec)
-    assert {"name": "shm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
-    assert list(template.metadata.cache_ignore_input_vars) == ["parent_run_id"]
+    declared = {task.name: task for task in (tasks.pretrain.pretrain_stage, tasks.post.finetune_stage,
+                                             tasks.post.preference_stage)}
+    assert declared.keys() == TRAIN_TASKS
+    for name, task in declared.items():
+        assert isinstance(task.task_config, Elastic), name
+        assert (task.task_config.nnodes, task.task_config.nproc_per_node) == (1, 2), name
+        template = package.tasks[name]
+        assert template.type == "python-task" and not template.HasField("custom"), name
+        assert _container(template).image == package.train_image, name
+        assert _requests(template) == {CPU: "2", MEMORY: "8Gi"}, name
+        pod = MessageToDict(template.k8s_pod.pod_spec)
+        assert {"name": "shm", "emptyDir": {"medium": "Memory"}} in pod["volumes"], name
+        assert list(template.metadata.cache_ignore_input_vars) == ["parent_run_id"], name
+    for name in SAMPLE_TASKS:  # sampling needs no torchrun: a plain container task
+        template = package.tasks[name]
+        assert template.type == "python-task" and template.HasField("container"), name
+        assert not template.HasField("k8s_pod"), name
+
+
+def _strip(template: tasks_pb2.TaskTemplate, request: int | None = None, env: bool = False) -> tasks_pb2.TaskTemplate:
+    """A copy of a container task's template without the ``request`` resource request and, with ``env``, its env."""
+    stripped = tasks_pb2.TaskTemplate()
+    stripped.CopyFrom(template)
+    kept = [entry for entry in stripped.container.resources.requests if entry.name != request]
+    del stripped.container.resources.requests[:]
+    stripped.container.resources.requests.extend(kept)
+    if env:
+        del stripped.container.env[:]
+    return stripped
 
 
 def test_multi_node_launch_shape_is_a_pytorchjob(packages: dict[str, Package]) -> None:
-    """KREA2_TRAIN_NNODES=2 KREA2_TRAIN_NPROC_PER_NODE=8 KREA2_TRAIN_GPUS_PER_NODE=8 at registration: a PyTorchJob
-    of 2 worker pods with an ElasticConfig of 8 processes each, 8 GPUs requested per pod; nothing else changes."""
+    """KREA2_TRAIN_NNODES=2 KREA2_TRAIN_NPROC_PER_NODE=8 KREA2_TRAIN_GPUS_PER_NODE=8 at registration: every training
+    task is a PyTorchJob of 2 worker pods with an ElasticConfig of 8 processes each, 8 GPUs requested per pod; the
+    sampling tasks request 1 GPU; post_training's pod gets the launch shape (test_launch_shape_reaches_the_pod);
+    nothing else changes."""
     default, multi = packages["default"], packages["multi_node"]
-    template = multi.tasks[TRAIN_TASK]
-    assert template.type == "pytorch"
-    assert MessageToDict(template.custom) == {
-        "elasticConfig": {"rdzvBackend": "c10d", "minReplicas": 2, "maxReplicas": 2, "nprocPerNode": 8},
-        "workerReplicas": {"replicas": 2}}
-    assert _requests(template) == {CPU: "2", MEMORY: "8Gi", GPU: "8"}
-    assert _container(template).image == multi.train_image == default.train_image
-    assert template.metadata == default.tasks[TRAIN_TASK].metadata  # cached the same way
+    for name in TRAIN_TASKS:
+        template = multi.tasks[name]
+        assert template.type == "pytorch", name
+        assert MessageToDict(template.custom) == {
+            "elasticConfig": {"rdzvBackend": "c10d", "minReplicas": 2, "maxReplicas": 2, "nprocPerNode": 8},
+            "workerReplicas": {"replicas": 2}}, name
+        assert _requests(template) == {CPU: "2", MEMORY: "8Gi", GPU: "8"}, name
+        assert _container(template).image == multi.train_image == default.train_image, name
+        assert template.metadata == default.tasks[name].metadata, name  # cached the same way
+    for name in SAMPLE_TASKS:
+        template = multi.tasks[name]
+        assert _requests(template) == {CPU: "2", MEMORY: "8Gi", GPU: "1"}, name
+        assert _strip(template, request=GPU) == default.tasks[name], name
+    assert _container(multi.tasks[POST_TRAINING]).env == {**_container(default.tasks[POST_TRAINING]).env, **MULTI_NODE}
+    assert _strip(multi.tasks[POST_TRAINING], env=True) == _strip(default.tasks[POST_TRAINING], env=True)
     assert multi.tasks.keys() == default.tasks.keys()
-    for name in default.tasks.keys() - {TRAIN_TASK}:
+    for name in default.tasks.keys() - TRAIN_IMAGE_TASKS - {POST_TRAINING}:
         assert multi.tasks[name] == default.tasks[name], name
 
 
 def test_launch_shape_reaches_the_pod(packages: dict[str, Package]) -> None:
-    """The pod runs ``pyflyte-execute``, which imports tasks.pretrain again to find the task; its Elastic launch
-    (nnodes, nproc_per_node) comes from that import, so the registered shape must be in the container's env."""
+    """A training pod runs ``pyflyte-execute``, which imports the task's module, and so tasks.pretrain, again to
+    find the task; its Elastic launch (nnodes, nproc_per_node) comes from that import, so the registered shape must
+    be in the container's env. `post_training` serializes its training tasks in its own pod at run time, from the
+    same import, so its env carries the shape too."""
     for name, launch in (("default", {"KREA2_TRAIN_NNODES": "1", "KREA2_TRAIN_NPROC_PER_NODE": "2"}),
                          ("multi_node", MULTI_NODE)):
-        env = _container(packages[name].tasks[TRAIN_TASK]).env
-        assert {key: env.get(key) for key in launch} == launch, name
+        for task_name in (*TRAIN_TASKS, POST_TRAINING):
+            env = _container(packages[name].tasks[task_name]).env
+            assert {key: env.get(key) for key in launch} == launch, (name, task_name)

@@ -10,7 +10,8 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-from krea2_core.config import deep_merge
+from krea2_core.config import deep_merge, load_config
+from krea2_core.rerun import plan
 from krea2_core.tracking import configure_tracking
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,24 @@ pretrain:  # a 2-block model, a few steps per stage: the real code path, on 2 to
     "256": {steps: 4, global_batch: 8, warmup_steps: 1, pma_checkpoints: 2, pma_interval: 2}
     "512": {steps: 2, global_batch: 8, warmup_steps: 0, pma_checkpoints: 1}
     "1024": {steps: 2, global_batch: 4, warmup_steps: 0, pma_checkpoints: 1}
+post:  # every post-training stage for a step or two, at 32 px
+  resolution: 32
+  midtrain: {n_images: 8, stage: {steps: 2, global_batch: 4, warmup_steps: 0, pma_checkpoints: 1}}
+  sft:
+    domains: {warm: {n_images: 8}, cool: {n_images: 8}}
+    stage: {resolution: 32, steps: 2, global_batch: 8, warmup_steps: 0, pma_checkpoints: 1}
+    eval_prompts: 2
+  merge: {compare: false}
+  preference:
+    pairs: {n_prompts: 12, min_margin: 0.0, policy: {steps: 2},
+            opponents: [{checkpoint: previous, steps: 2}, {steps: 1, cfg_scale: 1.0}]}
+    synthetic: {steps: 2, global_batch: 4, warmup_steps: 0}
+    calibration: {steps: 1, global_batch: 2, warmup_steps: 0}
+    simulated_annotations: 8
+    eval_prompts: 2
 """
+POST_TRAINING = ("pack_midtrain", "midtrain", "sft_data_warm", "sft_data_cool", "sft_warm", "sft_cool", "merge",
+                 "preference_pairs", "preference_synthetic", "preference_annotations", "preference_calibration")
 
 
 def _with(base: str, **changes: dict) -> str:
@@ -72,12 +90,17 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     runs = _stage_runs(root)
     training = tuple(f"{kind}_{stage}" for stage in ("256", "512", "1024") for kind in ("pack", "pretrain"))
     stages = ("world_pool", "ingest", "scoring", "selection", "scene_captions", "captioning", "embedding",
-              "semantic_selection", *training)
+              "semantic_selection", *training, *POST_TRAINING)
     assert {stage: len(ids) for stage, ids in runs.items()} == dict.fromkeys(stages, 1)
 
     second = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(small))
     assert second.returncode == 0, second.stderr[-3000:]
     assert _stage_runs(root) == runs  # every stage was a cache hit: no new stage run
+    # and the dry run reads back every stage's recorded config, post-training included, as unchanged
+    latest = MlflowClient().search_runs([configure_tracking(root)], filter_string="tags.`krea2.kind` = 'pipeline'",
+                                        order_by=["start_time DESC"])[0]
+    steps = plan(latest.info.run_id, load_config("tiny", SMALL))
+    assert [stage for stage, _, _ in steps] == list(stages) and not any(reruns for _, reruns, _ in steps), steps
 
     changed = tmp_path / "changed.yaml"
     changed.write_text(_with(SMALL, curation={"stages": {"512": {"min_side": 100}}}))
@@ -85,17 +108,19 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     assert third.returncode == 0, third.stderr[-3000:]
     after = _stage_runs(root)
     # selection and what is downstream of it re-run; everything upstream comes from the cache
-    downstream = {"selection", "captioning", "embedding", "semantic_selection", *training}
+    downstream = {"selection", "captioning", "embedding", "semantic_selection", *training, *POST_TRAINING}
+    downstream -= {"sft_data_warm", "sft_data_cool"}  # rendered from the world, not from the curated pool
     assert {stage: len(ids) for stage, ids in after.items()} == {s: 1 + (s in downstream) for s in stages}
 
-    # a training setting of the last resolution stage re-runs that stage only (each stage is cached on its own
-    # part of the config; packing on what changes the packed bytes)
+    # a training setting of the last resolution stage re-runs that stage and post-training only (each stage is
+    # cached on its own part of the config; packing on what changes the packed bytes)
+    after_1024 = set(POST_TRAINING) - {"pack_midtrain", "sft_data_warm", "sft_data_cool"}
     longer = tmp_path / "longer.yaml"
     longer.write_text(_with(changed.read_text(), pretrain={"stages": {"1024": {"steps": 3}}}))
     fourth = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(longer))
     assert fourth.returncode == 0, fourth.stderr[-3000:]
     assert {stage: len(ids) for stage, ids in _stage_runs(root).items()} == {
-        s: 1 + (s in downstream) + (s == "pretrain_1024") for s in stages}
+        s: 1 + (s in downstream) + (s == "pretrain_1024" or s in after_1024) for s in stages}
 
     # the newest parent run links the stage runs it used, including the cached ones
     client = MlflowClient()

@@ -181,12 +181,12 @@ def test_dry_run_of_the_pretraining_stages(pretrained: tuple[str, PipelineConfig
 
     # a training setting of the last stage re-runs that stage only: packing and earlier stages are cached
     longer = _why(plan(parent, _config(pretrain={"stages": {"1024": {"steps": 3}}})))
-    assert longer == {**dict.fromkeys(longer, CACHED), "pretrain_1024": "RE-RUN config changed: stages.1024.steps"}
+    assert longer == {**dict.fromkeys(longer, CACHED), "pretrain_1024": "RE-RUN config changed: stages.pretrain_1024.steps"}
 
     # a training setting of the first stage re-runs its training and the stages initialised from it
     lr = _why(plan(parent, _config(pretrain={"stages": {"256": {"lr": 3e-4}}})))
     assert {stage: why for stage, why in lr.items() if why != CACHED} == {
-        "pretrain_256": "RE-RUN config changed: stages.256.lr",
+        "pretrain_256": "RE-RUN config changed: stages.pretrain_256.lr",
         "pretrain_512": "RE-RUN input from re-run stage(s): pretrain_256",
         "pretrain_1024": "RE-RUN input from re-run stage(s): pretrain_512"}
 
@@ -208,7 +208,7 @@ def test_dry_run_of_the_pretraining_stages(pretrained: tuple[str, PipelineConfig
     assert main(["rerun", "pretrain_512", "--from-run", parent, "--config", str(overrides), "--dry-run"]) == 0
     lines = {line.split()[0]: line.split(None, 1)[1] for line in capsys.readouterr().out.splitlines()}
     assert lines["pack_512"].startswith("cached") and lines["pretrain_256"].startswith("cached")
-    assert lines["pretrain_512"] == "RE-RUN  config changed: stages.512.steps"
+    assert lines["pretrain_512"] == "RE-RUN  config changed: stages.pretrain_512.steps"
     assert lines["pretrain_1024"] == "RE-RUN  input from re-run stage(s): pretrain_512"
 
 
@@ -230,7 +230,7 @@ def test_rerun_trains_a_stage_on_its_recorded_inputs(pretrained: tuple[str, Pipe
     new = client.get_run(manifest.mlflow_run_id)
     assert new.data.tags["krea2.upstream.packed"] == recorded["pack_512"].info.run_id
     assert new.data.tags["krea2.upstream.init"] == recorded["pretrain_256"].info.run_id
-    assert new.data.params["stages.512.steps"] == "2" and "stages.256.steps" not in new.data.params
+    assert new.data.params["stages.pretrain_512.steps"] == "2" and "stages.pretrain_256.steps" not in new.data.params
     steps = _why(plan(manifest.mlflow_run_id, changed))
     assert list(steps)[-3:] == ["pretrain_256", "pack_512", "pretrain_512"]
     assert set(steps.values()) == {CACHED}

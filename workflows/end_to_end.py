@@ -5,7 +5,9 @@
 
 Stages so far: world pool -> curation (ingest, scoring, per-resolution selection) -> captioning (OCR, long
 captions, rewrites; world images keep their scene-graph captions) -> semantic curation (midtraining selection)
--> pretraining 256 -> 512 -> 1024 px (packing per stage, then training from the previous stage's checkpoint).
+-> pretraining 256 -> 512 -> 1024 px (packing per stage, then training from the previous stage's checkpoint)
+-> post-training I: midtraining, SFT per domain + model merging, preference optimisation (synthetic pairs, then
+calibration on human annotations).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from tasks.curation import build_world_pool, ingest
 from tasks.pipeline import finish_pipeline, resolve_config, start_pipeline
 from tasks.semantic import caption_on_device, scene_captions
 from workflows.curation import curate_raw_pool
+from workflows.post_training import post_training
 from workflows.pretraining import pretraining
 from workflows.semantic_curation import semantic_curation
 
@@ -33,4 +36,7 @@ def krea2_pipeline(preset: str = "tiny", config: str = "") -> str:
     midtrain = semantic_curation(curated=curated, captions=captions, config=cfg.semantic, parent_run_id=parent_run_id)
     pretrained = pretraining(curated=curated, captions=captions, config=cfg.pretrain, parallel=cfg.curation.parallel,
                              parent_run_id=parent_run_id)
-    return finish_pipeline(parent_run_id=parent_run_id, curated=curated, midtrain=midtrain, pretrained=pretrained)
+    final = post_training(curated=curated, captions=captions, selection=midtrain, pretrained=pretrained, post=cfg.post,
+                          pretrain=cfg.pretrain, parent_run_id=parent_run_id)
+    return finish_pipeline(parent_run_id=parent_run_id, curated=curated, midtrain=midtrain, pretrained=pretrained,
+                           final=final)

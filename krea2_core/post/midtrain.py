@@ -8,6 +8,7 @@ image) so a midtrained checkpoint traces back to the exact images and the domain
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,9 @@ import pandas as pd
 
 from krea2_core.artifacts import Manifest, read_manifest, to_plain
 from krea2_core.captioning.stages import CAPTIONS_FILE
-from krea2_core.config import MidtrainConfig, PretrainConfig
-from krea2_core.data.packing import pack_stage
+from krea2_core.config import MidtrainConfig, PackingConfig, PretrainConfig
+from krea2_core.data.packing import pack_stage, packing_config
 from krea2_core.data.schemas import Captions, Verdicts, read_table
-from krea2_core.models.autoencoders import pixel_multiple
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
 
@@ -66,30 +66,33 @@ def select_mix(sample: pd.DataFrame, captions: pd.DataFrame, config: MidtrainCon
     return pd.concat(chosen, ignore_index=True), shortfall
 
 
-def midtrain_packing_view(pretrain: PretrainConfig, config: MidtrainConfig) -> dict[str, Any]:
+def midtrain_packing(pretrain: PretrainConfig, config: MidtrainConfig) -> PackingConfig:
+    """How the midtraining images are packed: the top pretraining stage's buckets at midtraining's batch size."""
+    return dataclasses.replace(packing_config(pretrain, top_stage(pretrain)), resolution=config.stage.resolution,
+                               global_batch=config.stage.global_batch)
+
+
+def midtrain_packing_view(config: MidtrainConfig, packing: PackingConfig) -> dict[str, Any]:
     """What the midtraining shards depend on (the packing stage's cache key)."""
-    return {"mix": to_plain(config.domains), "n_images": config.n_images, "curated_stage": top_stage(pretrain),
-            "resolution": config.stage.resolution, "aspect_ratios": pretrain.aspect_ratios,
-            "multiple": pixel_multiple(pretrain.autoencoder), "global_batch": config.stage.global_batch,
-            "seed": pretrain.seed}
+    return {"mix": to_plain(config.domains), "n_images": config.n_images, "packing": to_plain(packing)}
 
 
-def run_midtrain_packing(curated: Path, captions: Path, selection: Path, pretrain: PretrainConfig,
-                         config: MidtrainConfig, *, parent_run_id: str = "", root: Path | None = None
+def run_midtrain_packing(curated: Path, captions: Path, selection: Path, config: MidtrainConfig,
+                         packing: PackingConfig, *, parent_run_id: str = "", root: Path | None = None
                          ) -> tuple[Path, Manifest]:
-    """Choose the midtraining mix from the semantic ``selection`` and pack it (a ``packed`` artifact)."""
+    """Choose the midtraining mix from the semantic ``selection`` and pack it with ``packing`` (from
+    ``midtrain_packing``; a ``packed`` artifact)."""
     read_manifest(curated, kind="curated")
     read_manifest(captions, kind="captions")
     read_manifest(selection, kind="midtrain_selection")
-    view = midtrain_packing_view(pretrain, config)
 
     def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
         texts = read_table(inputs["captions"] / CAPTIONS_FILE, Captions)
-        mix, shortfall = select_mix(pd.read_parquet(inputs["selection"] / SAMPLE_FILE), texts, config, view["seed"])
-        kept = read_table(inputs["curated"] / view["curated_stage"] / "kept.parquet", Verdicts)
+        mix, shortfall = select_mix(pd.read_parquet(inputs["selection"] / SAMPLE_FILE), texts, config, packing.seed)
+        kept = read_table(inputs["curated"] / packing.stage / "kept.parquet", Verdicts)
         kept = kept[kept["id"].isin(mix["id"])]
-        counts = pack_stage(kept, texts, resolution=view["resolution"], aspect_ratios=view["aspect_ratios"],
-                            multiple=view["multiple"], global_batch=view["global_batch"], seed=view["seed"],
+        counts = pack_stage(kept, texts, resolution=packing.resolution, aspect_ratios=packing.aspect_ratios,
+                            multiple=packing.multiple, global_batch=packing.global_batch, seed=packing.seed,
                             out_dir=staging)
         mix.to_parquet(staging / MIX_FILE, index=False)
         per_domain = mix["domain"].value_counts()
@@ -98,6 +101,6 @@ def run_midtrain_packing(curated: Path, captions: Path, selection: Path, pretrai
         return StageOutput(counts=counts, metrics={f"share.{name}": int(per_domain.get(name, 0)) / max(1, len(mix))
                                                    for name in config.domains})
 
-    return execute_stage("pack_midtrain", "packed", body, config=view,
+    return execute_stage("pack_midtrain", "packed", body, config=midtrain_packing_view(config, packing),
                          inputs={"curated": curated, "captions": captions, "selection": selection},
                          parent_run_id=parent_run_id, root=root)

@@ -20,7 +20,6 @@ import pandas as pd
 from krea2_core.artifacts import Manifest, to_plain
 from krea2_core.config import PretrainConfig, SFTConfig, SFTDomainConfig
 from krea2_core.data.packing import pack_stage
-from krea2_core.models.autoencoders import pixel_multiple
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
 from krea2_core.training.pretrain import run_training_stage
@@ -49,26 +48,28 @@ def render_domain(domain: SFTDomainConfig, resolution: int, image_dir: Path) -> 
     return pd.DataFrame(rows), pd.DataFrame(texts)
 
 
-def sft_data_view(domain: SFTDomainConfig, pretrain: PretrainConfig, sft: SFTConfig) -> dict[str, Any]:
+def sft_data_view(domain: SFTDomainConfig, sft: SFTConfig, multiple: int) -> dict[str, Any]:
     """What a domain set's packed shards depend on (the data stage's cache key)."""
     return {"domain": to_plain(domain), "resolution": sft.stage.resolution, "global_batch": sft.stage.global_batch,
-            "multiple": pixel_multiple(pretrain.autoencoder), "seed": pretrain.seed}
+            "multiple": multiple}
 
 
-def run_sft_data(name: str, domain: SFTDomainConfig, pretrain: PretrainConfig, sft: SFTConfig, *,
-                 parent_run_id: str = "", root: Path | None = None) -> tuple[Path, Manifest]:
-    """Render and pack domain ``name``'s set at the SFT resolution (a ``packed`` artifact)."""
-    stage, view = sft.stage, sft_data_view(domain, pretrain, sft)
+def run_sft_data(name: str, domain: SFTDomainConfig, sft: SFTConfig, multiple: int, *, parent_run_id: str = "",
+                 root: Path | None = None) -> tuple[Path, Manifest]:
+    """Render and pack domain ``name``'s set at the SFT resolution, image sides multiples of ``multiple`` (the
+    autoencoder's downsample x patch size); a ``packed`` artifact."""
+    stage = sft.stage
 
     def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
         images = run.work_dir / "images"
         kept, texts = render_domain(domain, stage.resolution, images)
-        counts = pack_stage(kept, texts, resolution=stage.resolution, aspect_ratios=[1.0], multiple=view["multiple"],
-                            global_batch=stage.global_batch, seed=pretrain.seed, out_dir=staging)
+        counts = pack_stage(kept, texts, resolution=stage.resolution, aspect_ratios=[1.0], multiple=multiple,
+                            global_batch=stage.global_batch, seed=domain.seed, out_dir=staging)
         kept.drop(columns=["uri"]).merge(texts, on="id").to_parquet(staging / SCENES_FILE, index=False)
         return StageOutput(counts=counts)
 
-    return execute_stage(f"sft_data_{name}", "packed", body, config=view, parent_run_id=parent_run_id, root=root)
+    return execute_stage(f"sft_data_{name}", "packed", body, config=sft_data_view(domain, sft, multiple),
+                         parent_run_id=parent_run_id, root=root)
 
 
 def domain_eval(pretrain: PretrainConfig, domain: SFTDomainConfig, sft: SFTConfig) -> PretrainConfig:

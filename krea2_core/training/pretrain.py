@@ -65,17 +65,15 @@ def diffusers_config(model: DiTConfig) -> dict[str, Any]:
             "krea2": {k: v for k, v in plain.items() if k not in names}}
 
 
-def training_view(config: PretrainConfig, stage: PretrainStageConfig) -> dict[str, Any]:
-    """What one training stage depends on (its cache key): the shared settings and this stage's recipe, not the
-    other stages' (changing the 1024 stage does not re-run the 256 stage)."""
-    plain = to_plain(config)
-    del plain["stages"]
-    return {**plain, "stage": to_plain(stage)}
+def training_view(config: PretrainConfig, name: str, stage: PretrainStageConfig) -> dict[str, Any]:
+    """What training stage ``name`` depends on (its cache key): the shared settings and this stage's recipe, not
+    the other stages' (changing the 1024 stage does not re-run the 256 stage)."""
+    return {**to_plain(config), "stages": {name: to_plain(stage)}}
 
 
 def stage_view(config: PretrainConfig, stage: str) -> dict[str, Any]:
-    """``training_view`` of the pretraining stage named ``stage``."""
-    return training_view(config, config.stages[stage])
+    """``training_view`` of pretraining stage ``stage``."""
+    return training_view(config, f"pretrain_{stage}", config.stages[stage])
 
 
 def run_pretrain_stage(packed: Path, init: Path | None, stage: str, config: PretrainConfig,
@@ -104,7 +102,7 @@ def run_training_stage(packed: Path, init: Path | None, name: str, stage: Pretra
                              f"size ({dp})")
         root = root or output_root()
         inputs = {"packed": Path(packed), **({"init": Path(init)} if init else {})}
-        view = training_view(config, stage)
+        view = training_view(config, name, stage)
         if env.rank == 0:
             def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
                 return _train(env, paths, name, stage, config, run.work_dir, staging, run)

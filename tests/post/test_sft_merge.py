@@ -40,7 +40,7 @@ def sft_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     base, _ = publish_checkpoints(root)
     out = {}
     for name in POST.sft.domains:
-        data, manifest = run_sft_data(name, POST.sft.domains[name], CONFIG, POST.sft, root=root)
+        data, manifest = run_sft_data(name, POST.sft.domains[name], POST.sft, 8, root=root)
         assert manifest.counts["packed"] == 8 and (data / SCENES_FILE).is_file()
         out[name] = run_sft(data, base, name, CONFIG, POST.sft, root=root)
     return root, base, out

@@ -1,0 +1,55 @@
+"""Post-training I: midtraining -> SFT per domain + model merging -> preference optimisation (synthetic pairs,
+then calibration on human annotations), from the last pretraining checkpoint.
+
+    pyflyte run workflows/post_training.py post_training --curated <dir> --captions <dir> --selection <dir> \
+        --pretrained <checkpoint dir>
+
+A dynamic workflow: the SFT domains come from the config, so the graph is built when it runs.
+"""
+
+from __future__ import annotations
+
+from flytekit import dynamic
+from flytekit.types.directory import FlyteDirectory
+
+from containers.images import DATA_IMAGE
+from krea2_core.config import PostTrainConfig, PretrainConfig, preset
+from krea2_core.models.autoencoders import pixel_multiple
+from krea2_core.post.midtrain import midtrain_packing
+from krea2_core.post.sft import domain_eval
+from tasks.post import annotation_pairs, file_digest, finetune_stage, merge_sft, pack_midtrain, preference_pairs, \
+    preference_stage, sft_data
+from tasks.pretrain import TRAIN_TASK
+
+_TINY = preset("tiny")
+
+
+# The training tasks are compiled in this task's pod at run time, from its import of tasks.pretrain, which reads
+# their launch shape from the environment: the registered shape must be in this pod's environment too.
+@dynamic(container_image=DATA_IMAGE, environment=TRAIN_TASK["environment"])
+def post_training(curated: FlyteDirectory, captions: FlyteDirectory, selection: FlyteDirectory,
+                  pretrained: FlyteDirectory, post: PostTrainConfig = _TINY.post,
+                  pretrain: PretrainConfig = _TINY.pretrain, parent_run_id: str = "") -> FlyteDirectory:
+    """Returns the final post-trained checkpoint (after preference calibration). The data tasks get only the part
+    of the config their output depends on, so a training change never re-packs."""
+    packed = pack_midtrain(curated=curated, captions=captions, selection=selection, config=post.midtrain,
+                           packing=midtrain_packing(pretrain, post.midtrain), parent_run_id=parent_run_id)
+    midtrained = finetune_stage(packed=packed, init=pretrained, name="midtrain", stage=post.midtrain.stage,
+                                config=pretrain, parent_run_id=parent_run_id)
+    domains = {}
+    for name, domain in post.sft.domains.items():
+        data = sft_data(name=name, domain=domain, sft=post.sft, multiple=pixel_multiple(pretrain.autoencoder),
+                        parent_run_id=parent_run_id)
+        domains[name] = finetune_stage(packed=data, init=midtrained, name=f"sft_{name}", stage=post.sft.stage,
+                                       config=domain_eval(pretrain, domain, post.sft), parent_run_id=parent_run_id)
+    merged = merge_sft(base=midtrained, sft=domains, post=post, pretrain=pretrain, parent_run_id=parent_run_id)
+    po = post.preference
+    pairs = preference_pairs(policy=merged, previous=midtrained, config=po, pretrain=pretrain,
+                             resolution=post.resolution, parent_run_id=parent_run_id)
+    synthetic = preference_stage(pairs=pairs, init=merged, name="synthetic", config=po, pretrain=pretrain,
+                                 resolution=post.resolution, parent_run_id=parent_run_id)
+    labelled = annotation_pairs(annotations=po.annotations, annotations_digest=file_digest(path=po.annotations),
+                                policy=synthetic, previous=midtrained, config=po, pretrain=pretrain,
+                                resolution=post.resolution, parent_run_id=parent_run_id)
+    return preference_stage(pairs=labelled, init=synthetic, name="calibration", config=po, pretrain=pretrain,
+                            resolution=post.resolution, parent_run_id=parent_run_id)
