@@ -268,8 +268,8 @@ def test_two_ranks_with_fsdp_follow_the_single_process_curve(inputs: tuple[Path,
     pairs, init = inputs
     single = run_preference_stage(pairs, init, "synthetic", _config(), PRETRAIN, RESOLUTION, root=tmp_path / "one")
     two = dataclasses.replace(PRETRAIN, parallel=dataclasses.replace(PRETRAIN.parallel, nproc_per_node=2))
-    out = launch_local(two.parallel, run_preference_stage, pairs, init, "synthetic", _config(), two, RESOLUTION, 1.0,
-                       "", tmp_path / "two")
+    out = launch_local(two.parallel, run_preference_stage, pairs, init, "synthetic", _config(), two, RESOLUTION, "",
+                       tmp_path / "two")
 
     def curve(artifact: Path) -> list[dict]:
         return [json.loads(line) for line in (artifact / METRICS_FILE).read_text().splitlines()]
