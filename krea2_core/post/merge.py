@@ -26,7 +26,7 @@ from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
 from krea2_core.training.merging import merge_checkpoints
 from krea2_core.training.pretrain import CONFIG_FILE, WEIGHTS_FILE, diffusers_config, new_model, text_to_image
-from krea2_core.training.world_eval import evaluate, held_out_prompts, image_grid
+from krea2_core.training.world_eval import eval_sampler, evaluate, held_out_prompts, image_grid
 
 EVAL_FILE = "eval.json"
 METHODS: tuple[str, ...] = get_args(get_type_hints(MergeConfig)["method"])
@@ -51,9 +51,7 @@ def _score_matrix(pipe: TextToImage, candidates: dict[str, Path], post: PostTrai
         for domain_name, domain in post.sft.domains.items():
             eval_cfg = dataclasses.replace(pretrain.eval, scenes=domain.scenes, n_prompts=post.sft.eval_prompts)
             prompts = held_out_prompts(eval_cfg, post.resolution)
-            result, generated = evaluate(lambda texts, m=model, e=eval_cfg: m.generate(
-                texts, width=post.resolution, height=post.resolution, steps=e.steps, cfg_scale=e.cfg_scale,
-                shift=e.shift, seed=e.seed), prompts)
+            result, generated = evaluate(eval_sampler(model, eval_cfg, post.resolution), prompts)
             scores[candidate][domain_name] = result.score
             images[f"{candidate}/{domain_name}"] = generated
             run.log_metrics(result.metrics(f"eval.{candidate}.{domain_name}"))

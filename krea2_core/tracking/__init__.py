@@ -1,6 +1,7 @@
 """MLflow lineage: one parent run per pipeline execution, one child run per stage."""
 
 from krea2_core.tracking.runs import (
+    MetricsLog,
     StageRun,
     configure_tracking,
     end_pipeline_run,
@@ -10,4 +11,4 @@ from krea2_core.tracking.runs import (
     stage_run,
 )
 
-__all__ = ["StageRun", "configure_tracking", "end_pipeline_run", "lineage", "run_metrics", "start_pipeline_run", "stage_run"]
+__all__ = ["MetricsLog", "StageRun", "configure_tracking", "end_pipeline_run", "lineage", "run_metrics", "start_pipeline_run", "stage_run"]

@@ -10,6 +10,7 @@ under the output root with artifacts beside it. A stage run records:
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -136,6 +137,26 @@ class StageRun:
         else:
             mlflow.log_text(manifest.to_json(), f"{manifest.kind}/manifest.json")
 
+
+
+class MetricsLog:
+    """A training stage's per-step metrics: ``metrics.jsonl`` gets every step, the MLflow run every ``every``
+    steps and the ``last``. The first write after a resume cuts the file back to the steps before it, so a
+    resumed curve has no repeats."""
+
+    def __init__(self, path: Path, run: StageRun, *, every: int = 1, last: int | None = None) -> None:
+        self.path, self.run, self.every, self.last = path, run, every, last
+        self._cut = False
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        if not self._cut:
+            lines = self.path.read_text().splitlines() if self.path.exists() else []
+            self.path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] < step))
+            self._cut = True
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if step % self.every == 0 or step == self.last:
+            self.run.log_metrics(metrics, step=step)
 
 def _local_source(path: Path) -> Any:
     # mlflow registers its local-artifact source class twice and warns on every resolve; name one

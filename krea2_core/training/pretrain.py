@@ -37,7 +37,7 @@ from krea2_core.models.autoencoders import load_autoencoder
 from krea2_core.models.dit import Krea2DiT
 from krea2_core.models.text_encoders import load_text_encoder
 from krea2_core.stages import StageOutput, execute_stage, output_root, stage_location
-from krea2_core.tracking import StageRun
+from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
 from krea2_core.training.optim import build_optimizers
 from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, init_distributed, parallelize
@@ -45,7 +45,7 @@ from krea2_core.training.pma import merge_safetensors
 from krea2_core.training.repa import IRepaProjector, load_patch_encoder, repa_active, repa_loss
 from krea2_core.training.schedules import wsd_scheduler
 from krea2_core.training.throughput import dit_parameters, peak_flops, train_flops_per_image
-from krea2_core.training.world_eval import evaluate, held_out_prompts, image_grid
+from krea2_core.training.world_eval import eval_sampler, evaluate, held_out_prompts, image_grid
 from krea2_core.world.captions import sample_prompts
 from krea2_core.world.render import render
 
@@ -155,26 +155,6 @@ def _global_mean(value: torch.Tensor) -> float:
     return value.item()
 
 
-class _MetricsLog:
-    """metrics.jsonl in the scratch dir (cut back to the resumed step, so a resumed curve has no repeats),
-    mirrored to MLflow on rank 0."""
-
-    def __init__(self, path: Path, start: int, run: StageRun | None) -> None:
-        self.path, self.run = path, run
-        if run is None:
-            return
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start] \
-            if path.exists() else []
-        path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if self.run is None:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.run.log_metrics(metrics, step=step)
-
-
 def _validation_set(pipe: TextToImage, config: PretrainConfig, resolution: int) -> tuple[torch.Tensor, ...]:
     """Held-out world scenes (never in the pool) at the stage resolution, with their captions, fixed noise."""
     rng = np.random.default_rng(config.eval.seed + 1)
@@ -195,9 +175,7 @@ def _validation_loss(pipe: TextToImage, val: tuple[torch.Tensor, ...]) -> dict[s
 def _prompt_following(pipe: TextToImage, config: PretrainConfig, resolution: int, run: StageRun, prefix: str,
                       step: int, grid_file: Path | None) -> dict[str, float]:
     prompts = held_out_prompts(config.eval, resolution)
-    result, images = evaluate(lambda texts: pipe.generate(
-        texts, width=resolution, height=resolution, steps=config.eval.steps, cfg_scale=config.eval.cfg_scale,
-        shift=config.eval.shift, seed=config.eval.seed), prompts)
+    result, images = evaluate(eval_sampler(pipe, config.eval, resolution), prompts)
     metrics = result.metrics(prefix)
     run.log_metrics(metrics, step=step)
     grid = image_grid(images[:config.eval.grid_size])
@@ -228,7 +206,7 @@ def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: Pretrain
     latest = ckpt.latest_checkpoint(checkpoints)
     start = 0 if latest is None else int(
         ckpt.load_checkpoint(latest, model=model, optimizers=optimizers, schedulers=schedulers)["step"])
-    log = _MetricsLog(scratch / METRICS_FILE, start, run)
+    log = MetricsLog(scratch / METRICS_FILE, run) if run is not None else None  # rank 0 records
     if run is not None and start == 0 and init is None:
         # the baseline every later number is compared with: the same model before any training
         _prompt_following(dataclasses.replace(pipe, model=new_model(config, None, env.device)), config,
@@ -271,7 +249,8 @@ def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: Pretrain
             model.eval()
             metrics.update(_validation_loss(pipe, val))
             model.train()
-        log.write(done, metrics)
+        if log is not None:
+            log(done, metrics)
         if done in pma_steps or timer.due():
             ckpt.save_checkpoint(checkpoints, step=done, model=model, optimizers=optimizers, schedulers=schedulers,
                                  extra={"step": done}, model_config=to_plain(config.model), keep=2,

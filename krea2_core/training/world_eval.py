@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from krea2_core.config import EvalConfig
+from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.world.captions import Prompt, sample_prompts
 from krea2_core.world.checker import check
 from krea2_core.world.render import render
@@ -41,6 +42,12 @@ def held_out_prompts(config: EvalConfig, resolution: int) -> list[Prompt]:
     return [prompt for prompt, _ in sample_prompts(rng, config.n_prompts, resolution, resolution,
                                                    **config.scenes.sample_kwargs())]
 
+
+
+def eval_sampler(pipe: TextToImage, config: EvalConfig, resolution: int) -> Generate:
+    """How every held-out evaluation samples: ``config``'s steps, CFG, shift and noise seed, ``resolution`` square."""
+    return lambda texts: pipe.generate(texts, width=resolution, height=resolution, steps=config.steps,
+                                       cfg_scale=config.cfg_scale, shift=config.shift, seed=config.seed)
 
 def _for_checker(image: Image.Image) -> Image.Image:
     if min(image.size) >= CHECK_SIDE:
