@@ -848,6 +848,156 @@ class PreferenceConfig(_Strict):
         _require(self.timestep_shift > 0, f"timestep_shift must be > 0, got {self.timestep_shift}")
 
 
+REWARD_NAMES = ("rubric", "aesthetic", "text", "artifact")
+
+
+@dataclass
+class RewardsConfig(_Strict):
+    """RL rewards (report, "Reinforcement learning"): each served by its own Ray actor, apart from the trainer;
+    normalised within each prompt's group, then summed with ``weights`` (GDPO). A weight of 0 turns a reward off."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"rubric": 1.0, "aesthetic": 0.5, "text": 0.5,
+                                                               "artifact": 0.5})
+    # an image-scoring transformers model (hub id or directory, one regression logit); "" = the small model the
+    # reward_model stage trains on the PO preference pairs
+    aesthetic_model: str = ""
+    # a transformers image classifier whose ``artifact_label`` probability is the artifact probability; "" = the
+    # world's structure check (fragmented, speckled shapes)
+    artifact_model: str = ""
+    artifact_label: str = "artifact"
+    ocr: OcrConfig = field(default_factory=OcrConfig)
+    ray_address: str = ""  # "" = a local Ray instance started by the stage; "auto" or "ray://host:port" = a cluster
+    actor_cpus: float = 0.5
+    actor_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.weights) - set(REWARD_NAMES)
+        _require(not unknown, f"weights: unknown rewards {sorted(unknown)}; use {list(REWARD_NAMES)}")
+        _require(all(w >= 0 for w in self.weights.values()) and any(w > 0 for w in self.weights.values()),
+                 f"weights must be >= 0 with at least one > 0, got {self.weights}")
+        _require(self.actor_cpus > 0 and self.actor_gpus >= 0, "actor_cpus must be > 0 and actor_gpus >= 0")
+
+
+@dataclass
+class RewardModelConfig(_Strict):
+    """The offline aesthetic reward: a small MLP head on frozen image embeddings, trained Bradley-Terry on the
+    preference pairs of the PO stage (synthetic and calibration)."""
+
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    hidden: int = 64
+    steps: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.2  # pairs held out for the reported pairwise accuracy
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.hidden >= 1 and self.steps >= 1 and self.lr > 0, "hidden, steps and lr must be > 0")
+        _require(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class PromptPoolConfig(_Strict):
+    """RL prompts as a resource-allocation problem: per-prompt reward statistics over the groups drawn so far;
+    saturated (too easy), hopeless or variance-free prompts are down-weighted, and dropped once they stay so."""
+
+    n_prompts: int = 48
+    seed: int = 30_000  # apart from the pool, evaluation and preference prompts
+    scenes: SceneDomainConfig = field(default_factory=SceneDomainConfig)
+    too_easy: float = 0.9  # mean rubric reward of a group above which the prompt is saturated
+    hopeless: float = 0.1  # ... below which it is hopeless
+    min_std: float = 0.02  # rubric reward std of a group below which it carries no signal
+    downweight: float = 0.3  # sampling weight multiplier per uninformative group
+    drop_after: int = 3  # consecutive uninformative groups before a prompt is dropped
+    min_active: int = 8  # never drop below this many prompts
+
+    def __post_init__(self) -> None:
+        _require(self.n_prompts >= 1, f"n_prompts must be >= 1, got {self.n_prompts}")
+        _require(0.0 <= self.hopeless < self.too_easy <= 1.0, "need 0 <= hopeless < too_easy <= 1")
+        _require(self.min_std >= 0 and 0.0 < self.downweight <= 1.0, "min_std >= 0 and downweight in (0, 1]")
+        _require(self.drop_after >= 1 and 1 <= self.min_active <= self.n_prompts,
+                 "drop_after must be >= 1 and min_active in 1..n_prompts")
+
+
+@dataclass
+class GRPOConfig(_Strict):
+    """Flow-GRPO without CFG: SDE rollouts with per-step log-probabilities, group-relative advantages, a clipped
+    ratio objective and a KL penalty to the frozen starting model."""
+
+    steps: int = 24  # optimisation rounds (one rollout batch each)
+    prompts_per_step: int = 4  # global, over all ranks
+    group_size: int = 4  # samples per prompt
+    sample_steps: int = 10  # SDE sampling steps of a rollout
+    noise_level: float = 0.7  # a in sigma_t = a * sqrt(t / (1 - t)) (Flow-GRPO)
+    train_timesteps: int = 4  # rollout steps trained per round, drawn at random; one optimiser step each
+    clip_range: float = 0.2
+    kl_beta: float = 0.04
+    adv_clip: float = 5.0
+    lr: float = 2e-5
+    warmup_steps: int = 2
+    log_every: int = 2
+
+    def __post_init__(self) -> None:
+        _require(min(self.steps, self.prompts_per_step, self.sample_steps, self.train_timesteps) >= 1,
+                 "steps, prompts_per_step, sample_steps, train_timesteps must be >= 1")
+        _require(self.group_size >= 2, f"group_size must be >= 2 (advantages are relative to the group), got "
+                                       f"{self.group_size}")
+        _require(self.train_timesteps <= self.sample_steps, "train_timesteps must be <= sample_steps")
+        _require(self.noise_level > 0 and self.clip_range > 0 and self.kl_beta >= 0 and self.adv_clip > 0
+                 and self.lr > 0, "noise_level, clip_range, adv_clip, lr must be > 0 and kl_beta >= 0")
+        _require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+
+@dataclass
+class RLConfig(_Strict):
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    pool: PromptPoolConfig = field(default_factory=PromptPoolConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    eval_prompts: int = 24  # held-out prompts: rubric/checker score without CFG before and after, and with CFG
+    diversity_prompts: int = 6  # held-out prompts sampled diversity_samples times each for the embedding spread
+    diversity_samples: int = 4
+
+    def __post_init__(self) -> None:
+        _require(self.eval_prompts >= 1 and self.diversity_prompts >= 1 and self.diversity_samples >= 2,
+                 "eval_prompts and diversity_prompts must be >= 1, diversity_samples >= 2")
+        _require(self.grpo.prompts_per_step <= self.pool.min_active,
+                 f"grpo.prompts_per_step ({self.grpo.prompts_per_step}) must be <= pool.min_active "
+                 f"({self.pool.min_active}): every round draws that many distinct active prompts")
+
+
+@dataclass
+class DistillConfig(_Strict):
+    """TDM timestep + guidance distillation (data-free): a ``student_steps`` student without CFG learns to match
+    the CFG teacher's trajectory distribution, with a fake-score network tracking the student's."""
+
+    student_steps: int = 4
+    teacher_cfg: float = 4.0  # the guidance scale distilled into the student
+    steps: int = 80
+    batch: int = 8  # prompts per step, global
+    lr: float = 1e-5
+    fake_lr: float = 1e-4
+    fake_updates: int = 1  # fake-score updates per student update
+    warmup_steps: int = 4
+    n_prompts: int = 256  # the data-free prompt set
+    seed: int = 40_000
+    eval_prompts: int = 24
+    teacher_eval_steps: int = 50  # the teacher's sampler in the comparison (with teacher_cfg)
+    log_every: int = 5
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.student_steps <= 16, f"student_steps must be in 1..16, got {self.student_steps}")
+        _require(self.teacher_cfg >= 1.0, f"teacher_cfg must be >= 1, got {self.teacher_cfg}")
+        _require(min(self.steps, self.batch, self.fake_updates, self.n_prompts, self.eval_prompts,
+                     self.teacher_eval_steps) >= 1 and self.lr > 0 and self.fake_lr > 0,
+                 "steps, batch, fake_updates, n_prompts, eval_prompts, teacher_eval_steps, lr, fake_lr must be > 0")
+        _require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+
+
 @dataclass
 class PostTrainConfig(_Strict):
     """Midtraining -> SFT per domain + merging -> preference optimisation. The model, autoencoder, text encoder,
@@ -859,6 +1009,8 @@ class PostTrainConfig(_Strict):
     sft: SFTConfig = field(default_factory=SFTConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         _require(self.sft.stage.resolution == self.resolution,
@@ -906,7 +1058,9 @@ class PipelineConfig(_Strict):
         for name, batch in (("midtrain", self.post.midtrain.stage.global_batch),
                             ("sft", self.post.sft.stage.global_batch),
                             ("preference.synthetic", self.post.preference.synthetic.global_batch),
-                            ("preference.calibration", self.post.preference.calibration.global_batch)):
+                            ("preference.calibration", self.post.preference.calibration.global_batch),
+                            ("rl.grpo prompts_per_step x group_size", self.post.rl.grpo.samples_per_step),
+                            ("distill.batch", self.post.distill.batch)):
             _require(batch % dp == 0, f"post.{name} global_batch ({batch}) must be divisible by the data-parallel "
                                       f"size ({dp})")
 
@@ -977,6 +1131,17 @@ def _gpu_post_training() -> PostTrainConfig:
             synthetic=PreferenceStageConfig(steps=4000, global_batch=256, lr=1e-6, warmup_steps=100, log_every=20),
             calibration=PreferenceStageConfig(steps=500, global_batch=64, lr=5e-7, warmup_steps=20, log_every=10),
             eval_prompts=256, timestep_shift=3.0),
+        # Flow-GRPO's scale: 16 samples per prompt, 10 SDE steps; the reward models share the training GPUs (report)
+        rl=RLConfig(
+            rewards=RewardsConfig(ocr=OcrConfig(), actor_gpus=0.25),
+            reward_model=RewardModelConfig(embedder=EmbedderConfig(kind="hf", model_id="google/siglip2-base-patch16-224",
+                                                                   device="cuda"), hidden=256, steps=5000),
+            pool=PromptPoolConfig(n_prompts=20_000, min_active=512),
+            grpo=GRPOConfig(steps=2000, prompts_per_step=48, group_size=16, sample_steps=10, train_timesteps=6,
+                            lr=1e-6, warmup_steps=20, log_every=10),
+            eval_prompts=256, diversity_prompts=64, diversity_samples=8),
+        distill=DistillConfig(steps=4000, batch=64, lr=2e-6, fake_lr=2e-5, warmup_steps=100, n_prompts=100_000,
+                              eval_prompts=256, log_every=20),
     )
 
 
