@@ -43,13 +43,14 @@ def held_out_prompts(config: EvalConfig, resolution: int) -> list[Prompt]:
                                                    **config.scenes.sample_kwargs())]
 
 
-
 def eval_sampler(pipe: TextToImage, config: EvalConfig, resolution: int) -> Generate:
     """How every held-out evaluation samples: ``config``'s steps, CFG, shift and noise seed, ``resolution`` square."""
     return lambda texts: pipe.generate(texts, width=resolution, height=resolution, steps=config.steps,
                                        cfg_scale=config.cfg_scale, shift=config.shift, seed=config.seed)
 
-def _for_checker(image: Image.Image) -> Image.Image:
+
+def for_checker(image: Image.Image) -> Image.Image:
+    """``image`` upscaled (bicubic) to a short side of at least CHECK_SIDE: what the checker's analysis sees."""
     if min(image.size) >= CHECK_SIDE:
         return image
     scale = CHECK_SIDE / min(image.size)
@@ -59,7 +60,7 @@ def _for_checker(image: Image.Image) -> Image.Image:
 def score_images(images: Sequence[Image.Image], prompts: Sequence[Prompt]) -> PromptFollowing:
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-    results = [check(_for_checker(image), prompt) for image, prompt in zip(images, prompts, strict=True)]
+    results = [check(for_checker(image), prompt) for image, prompt in zip(images, prompts, strict=True)]
     by_kind: dict[str, list[bool]] = {}
     for result in results:
         for detail in result.details:
