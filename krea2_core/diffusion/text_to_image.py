@@ -43,14 +43,27 @@ class TextToImage:
         with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16):
             return self.model(tokens, text, t, positions, mask, return_block=return_block)
 
+    def token_grid(self, width: int, height: int) -> tuple[int, int]:
+        """The (h, w) token grid of a ``width`` x ``height`` image; both must be multiples of one token's pixels."""
+        down = self.autoencoder.downsample * self.patch_size
+        if width % down or height % down:
+            raise ValueError(f"width and height must be multiples of {down}, got {width}x{height}")
+        return height // down, width // down
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, grid: tuple[int, int]) -> list[Image.Image]:
+        """Image tokens (B, N, C) on a ``grid`` -> RGB images (pixels clamped to [-1, 1], then 8-bit)."""
+        p = self.patch_size
+        latents = unpatchify(tokens, p, grid[0] * p, grid[1] * p, self.autoencoder.channels)
+        pixels = self.autoencoder.decode(latents).clamp(-1, 1)
+        arrays = ((pixels.permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+        return [Image.fromarray(a, "RGB") for a in arrays]
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, width: int, height: int, steps: int, cfg_scale: float,
                  shift: float, seed: int) -> list[Image.Image]:
         """One image per prompt; image i's noise depends only on (seed, i), so a prompt set is reproducible."""
-        down = self.autoencoder.downsample * self.patch_size
-        if width % down or height % down:
-            raise ValueError(f"width and height must be multiples of {down}, got {width}x{height}")
-        grid = (height // down, width // down)
+        grid = self.token_grid(width, height)
         channels = self.autoencoder.channels
         noise = torch.stack([
             torch.randn((channels, height // self.autoencoder.downsample, width // self.autoencoder.downsample),
@@ -63,8 +76,4 @@ class TextToImage:
             return self.velocity(x, t, grid, text.to(x.device), mask.to(x.device))
 
         velocity_fn = guided(model_fn, cond, uncond, cfg_scale)
-        tokens = euler_sample(velocity_fn, patchify(noise, self.patch_size), steps=steps, shift=shift)
-        latents = unpatchify(tokens, self.patch_size, noise.shape[-2], noise.shape[-1], channels)
-        pixels = self.autoencoder.decode(latents).clamp(-1, 1)
-        arrays = ((pixels.permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
-        return [Image.fromarray(a, "RGB") for a in arrays]
+        return self.decode(euler_sample(velocity_fn, patchify(noise, self.patch_size), steps=steps, shift=shift), grid)
