@@ -1,0 +1,346 @@
+"""Timestep distillation (report, "Timestep distillation"): TDM (krea2_core/post/tdm.py) from a checkpoint, data-free.
+
+Every rank of a torchrun launch calls ``run_distill_stage``; rank 0 owns the MLflow run and publishes the artifact.
+Three copies of the teacher checkpoint: the student and the fake score (trainable, each with its own optimizer and
+schedule) and the teacher (frozen), all parallelised like pretraining. Each step draws a global batch; every sample
+gets its prompt (from the world prompts seeded by ``config.seed``), student step, noise and diffusion times from
+its own generator seeded by (seed, step, global sample index), and each data-parallel rank takes its contiguous
+slice, so a run is the same at any rank count and a resumed run replays the same samples. One step: a student
+update on the TDM loss, then ``fake_updates`` fake-score updates on the same (detached) student samples.
+Student and fake are checkpointed together (one module holding both, one optimizer list) for exact resume.
+
+Artifact (kind ``checkpoint``): ``diffusion_pytorch_model.safetensors`` (the student) and ``config.json``, loadable
+like any checkpoint; ``distill.json`` (how to sample it: ``student_steps``, ``shift``, ``cfg_scale`` 1);
+``metrics.jsonl`` (student loss, fake loss, DMD gradient RMS, |x0_fake - x0_real|, grad norms, lrs per step);
+``eval.json`` (held-out checker scores of the student at K steps without CFG, the teacher at
+``teacher_eval_steps`` with CFG and the teacher at K steps with CFG, and the sampler latencies);
+``samples.png`` (rows: teacher, student, teacher at K steps; one noise per column).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from krea2_core.artifacts import read_manifest, to_plain
+from krea2_core.config import DistillConfig, PretrainConfig
+from krea2_core.diffusion.sampling import ModelFn, guided, inference_timesteps
+from krea2_core.diffusion.text_to_image import TextToImage
+from krea2_core.post.preference import CHECKPOINT_EVERY_S, Log, _global_means, policy_and_reference
+from krea2_core.post.tdm import fake_score_loss, few_step_sample, interval_times, student_rollout, student_x0, tdm_loss
+from krea2_core.stages import StageOutput, execute_stage, output_root, stage_location
+from krea2_core.tracking import MetricsLog, StageRun
+from krea2_core.training import checkpoint as ckpt
+from krea2_core.training.optim import build_optimizers
+from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, init_distributed, parallelize
+from krea2_core.training.pretrain import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, diffusers_config, new_model
+from krea2_core.training.schedules import wsd_scheduler
+from krea2_core.training.world_eval import Generate, held_out_prompts, image_grid, score_images
+from krea2_core.world.captions import sample_prompts
+
+STAGE = "distill"
+DISTILL_FILE = "distill.json"
+EVAL_FILE = "eval.json"
+LATENCY_REPEATS = 2
+
+
+def distill_view(config: DistillConfig, pretrain: PretrainConfig, resolution: int) -> dict[str, Any]:
+    """What the stage depends on (its cache key): not the pretraining stages."""
+    return {"distill": to_plain(config), "resolution": resolution,
+            "pretrain": {k: v for k, v in to_plain(pretrain).items() if k != "stages"}}
+
+
+def run_distill_stage(teacher: Path, config: DistillConfig, pretrain: PretrainConfig, resolution: int,
+                      parent_run_id: str = "", root: Path | None = None) -> Path | None:
+    """Distil the ``teacher`` checkpoint artifact into a ``config.student_steps`` student at ``resolution``.
+    Returns the checkpoint artifact on rank 0, None on the other ranks.
+    Every argument is positional-capable: ``launch_local`` passes them positionally."""
+    read_manifest(teacher, kind="checkpoint")
+    env = init_distributed(pretrain.parallel.device)
+    try:
+        if env.world_size != pretrain.parallel.world_size:
+            raise RuntimeError(f"launched with {env.world_size} processes but parallel.nnodes x nproc_per_node is "
+                               f"{pretrain.parallel.world_size}: the launch and the config must agree")
+        dp_rank, dp_size = data_parallel_rank(env, pretrain.parallel.tp)
+        rank_slots(config.batch, dp_rank, dp_size)  # bad input fails before anything is written
+        token_side(resolution, pretrain.autoencoder.downsample * pretrain.autoencoder.patch_size)
+        root = root or output_root()
+        inputs = {"teacher": Path(teacher)}
+        view = distill_view(config, pretrain, resolution)
+        prompts = training_prompts(config, pretrain, resolution)
+
+        def train(scratch: Path, log: Log | None) -> TextToImage:
+            student, fake, frozen = student_fake_teacher(pretrain, Path(teacher), env)
+            train_distill(student, fake, frozen, prompts, config, pretrain, env, resolution,
+                          checkpoints=scratch / "checkpoints", log=log)
+            return student
+
+        if env.rank == 0:
+            def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+                pipe = train(run.work_dir, MetricsLog(run.work_dir / METRICS_FILE, run, every=config.log_every,
+                                                      last=config.steps))
+                return _publish(pipe, run, staging, config, pretrain, Path(teacher), resolution)
+
+            out, _ = execute_stage(STAGE, "checkpoint", body, config=view, inputs=inputs,
+                                   parent_run_id=parent_run_id, root=root)
+            return out
+        _, scratch = stage_location(STAGE, "checkpoint", config=view,
+                                    manifests={key: read_manifest(path) for key, path in inputs.items()}, root=root)
+        train(scratch, None)
+        return None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def rank_slots(batch: int, dp_rank: int, dp_size: int) -> Tensor:
+    """This data-parallel rank's contiguous slice of the global batch (global sample indices)."""
+    if batch % dp_size:
+        raise ValueError(f"distill.batch ({batch}) must be divisible by the data-parallel size ({dp_size})")
+    per_rank = batch // dp_size
+    return torch.arange(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+
+
+def training_prompts(config: DistillConfig, pretrain: PretrainConfig, resolution: int) -> list[str]:
+    """The data-free prompt set: ``config.n_prompts`` world prompts seeded by ``config.seed`` (apart from the
+    held-out evaluation prompts), in the evaluation's scene domain."""
+    rng = np.random.default_rng(config.seed)
+    return [prompt.text for prompt, _ in sample_prompts(rng, config.n_prompts, resolution, resolution,
+                                                        **pretrain.eval.scenes.sample_kwargs())]
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleDraws:
+    """The randomness of a slice of the global batch, each sample's from its own generator."""
+
+    prompt: Tensor  # (B,) index into the prompt set
+    step: Tensor  # (B,) student step k
+    noise: Tensor  # (B, N, C) the student's starting noise
+    t: Tensor  # (B,) diffusion time of the student loss, inside step k's interval
+    eps: Tensor  # (B, N, C) its noise
+    fake_t: Tensor  # (fake_updates, B) diffusion times of the fake-score updates, same interval
+    fake_eps: Tensor  # (fake_updates, B, N, C)
+
+
+def draw_samples(slots: Tensor, *, seed: int, step: int, token_shape: tuple[int, int], n_prompts: int,
+                 config: DistillConfig, shift: float) -> SampleDraws:
+    """Draws of the global samples ``slots`` at training ``step``, seeded by (seed, step, sample index): a step
+    replays exactly after a resume and at any world size."""
+    draws: dict[str, list[Tensor]] = {name: [] for name in ("prompt", "step", "noise", "u", "eps", "fake_u",
+                                                            "fake_eps")}
+    for index in slots.tolist():
+        g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + index)
+        draws["prompt"].append(torch.randint(n_prompts, (1,), generator=g))
+        draws["step"].append(torch.randint(config.student_steps, (1,), generator=g))
+        draws["noise"].append(torch.randn(token_shape, generator=g))
+        draws["u"].append(torch.rand(1, generator=g))
+        draws["eps"].append(torch.randn(token_shape, generator=g))
+        draws["fake_u"].append(torch.rand(config.fake_updates, generator=g))
+        draws["fake_eps"].append(torch.randn((config.fake_updates, *token_shape), generator=g))
+    k = torch.cat(draws["step"])
+    return SampleDraws(prompt=torch.cat(draws["prompt"]), step=k, noise=torch.stack(draws["noise"]),
+                       t=interval_times(k, torch.cat(draws["u"]), steps=config.student_steps, shift=shift),
+                       eps=torch.stack(draws["eps"]),
+                       fake_t=interval_times(k, torch.stack(draws["fake_u"], dim=1), steps=config.student_steps,
+                                             shift=shift),
+                       fake_eps=torch.stack(draws["fake_eps"], dim=1))
+
+
+def student_fake_teacher(pretrain: PretrainConfig, teacher: Path, env: DistEnv
+                         ) -> tuple[TextToImage, nn.Module, nn.Module]:
+    """The student (trainable, with the frozen autoencoder and text encoder), the fake score (trainable) and the
+    frozen teacher, all the ``teacher`` weights, all parallelised like pretraining (no float8)."""
+    student, frozen = policy_and_reference(pretrain, teacher, env)
+    return student, parallelize(new_model(pretrain, teacher, env.device), pretrain.parallel, env, "none"), frozen
+
+
+def token_side(resolution: int, down: int) -> int:
+    """Tokens per side of a ``resolution`` square image, ``down`` pixels per token."""
+    if resolution % down:
+        raise ValueError(f"resolution ({resolution}) must be a multiple of {down} (autoencoder downsampling x patch "
+                         "size)")
+    return resolution // down
+
+
+def token_layout(pipe: TextToImage, resolution: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(token grid (h, w), token shape (N, C)) of a ``resolution`` square image."""
+    side = token_side(resolution, pipe.autoencoder.downsample * pipe.patch_size)
+    return (side, side), (side * side, pipe.autoencoder.channels * pipe.patch_size**2)
+
+
+def _global_max(value: int, device: torch.device) -> int:
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Trainable:
+    """A parallelised model with its optimizers and LR schedules, stepped together."""
+
+    model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler]
+    grad_clip: float
+
+    @classmethod
+    def build(cls, model: nn.Module, pretrain: PretrainConfig, lr: float, total_steps: int, warmup_steps: int
+              ) -> _Trainable:
+        optimizers = build_optimizers(model, pretrain.optimizer, lr)
+        return cls(model, optimizers, [wsd_scheduler(o, total_steps=total_steps, warmup_steps=warmup_steps,
+                                                     decay_fraction=0.0) for o in optimizers],
+                   pretrain.optimizer.grad_clip)
+
+    def update(self, loss: Tensor) -> float:
+        """Backward, clip, step; returns the gradient norm before clipping."""
+        loss.backward()
+        norm = clip_grad_norm(self.model, self.grad_clip)
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        return norm
+
+    @property
+    def lr(self) -> float:
+        return self.schedulers[0].get_last_lr()[0]
+
+
+def train_distill(pipe: TextToImage, fake: nn.Module, teacher: nn.Module, prompts: Sequence[str],
+                  config: DistillConfig, pretrain: PretrainConfig, env: DistEnv, resolution: int, *,
+                  checkpoints: Path | None = None, log: Log | None = None,
+                  checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> None:
+    """Distil into ``pipe.model`` (the student) with the fake score ``fake`` against the frozen CFG ``teacher`` (all
+    parallelised) on ``prompts`` for ``config.steps`` steps, every rank together. With ``checkpoints``: resume from
+    its newest checkpoint, save every ``checkpoint_every_s`` and at the last step. ``log(step, metrics)`` gets every
+    step's metrics (rank means)."""
+    dp_rank, dp_size = data_parallel_rank(env, pretrain.parallel.tp)
+    slots = rank_slots(config.batch, dp_rank, dp_size)
+    grid, token_shape = token_layout(pipe, resolution)
+    times = inference_timesteps(config.student_steps, pretrain.eval.shift).to(pipe.device)
+
+    def model_fn(model: nn.Module) -> ModelFn:
+        runner = dataclasses.replace(pipe, model=model)
+        return lambda x, t, text, mask: runner.velocity(x, t, grid, text, mask)
+
+    student_fn, fake_fn, teacher_fn = model_fn(pipe.model), model_fn(fake), model_fn(teacher)
+    student = _Trainable.build(pipe.model, pretrain, config.lr, config.steps, config.warmup_steps)
+    fake_score = _Trainable.build(fake, pretrain, config.fake_lr, config.steps * config.fake_updates,
+                                  config.warmup_steps * config.fake_updates)
+    # one module and one optimizer list for both trainable models: one checkpoint holds everything a resume needs
+    state = {"model": nn.ModuleDict({"student": pipe.model, "fake": fake}),
+             "optimizers": student.optimizers + fake_score.optimizers,
+             "schedulers": student.schedulers + fake_score.schedulers}
+    latest = ckpt.latest_checkpoint(checkpoints) if checkpoints is not None else None
+    start = 0 if latest is None else int(ckpt.load_checkpoint(latest, **state)["step"])
+    timer = ckpt.CheckpointTimer(checkpoint_every_s)
+    uncond = tuple(x.to(pipe.device) for x in pipe.text_encoder.encode([""]))
+    pipe.model.train()
+    fake.train()
+    for step in tqdm(range(start, config.steps), initial=start, total=config.steps, desc="distill tdm",
+                     disable=env.rank != 0, mininterval=5):
+        d = draw_samples(slots, seed=config.seed, step=step, token_shape=token_shape, n_prompts=len(prompts),
+                         config=config, shift=pretrain.eval.shift)
+        d = SampleDraws(**{f.name: getattr(d, f.name).to(pipe.device) for f in dataclasses.fields(d)})
+        text, mask = (x.to(pipe.device) for x in pipe.text_encoder.encode([prompts[i] for i in d.prompt.tolist()]))
+        fake_velocity = partial(fake_fn, text=text, mask=mask)
+        x = student_rollout(student_fn, d.noise, d.step, text, mask, times=times,
+                            n_steps=_global_max(int(d.step.max()), pipe.device))
+        x0_hat = student_x0(student_fn, x, d.step, text, mask, times=times)
+        loss, stats = tdm_loss(x0_hat, d.t, d.eps, guided(teacher_fn, (text, mask), uncond, config.teacher_cfg),
+                               fake_velocity)
+        metrics = {"grad_norm": student.update(loss)}
+        fake_losses, fake_norms = [], []
+        for update in range(config.fake_updates):
+            fake_losses.append(fake_score_loss(fake_velocity, x0_hat, d.fake_t[update], d.fake_eps[update]))
+            fake_norms.append(fake_score.update(fake_losses[-1]))
+        metrics.update(_global_means({**stats, "fake_loss": torch.stack(fake_losses).detach().mean()}),
+                       fake_grad_norm=float(np.mean(fake_norms)), lr=student.lr, fake_lr=fake_score.lr)
+        done = step + 1
+        if log is not None:
+            log(done, metrics)
+        if checkpoints is not None and (done == config.steps or timer.due()):
+            ckpt.save_checkpoint(checkpoints, step=done, **state, extra={"step": done},
+                                 model_config=to_plain(pretrain.model), keep=2)
+
+
+def seconds_per_image(generate: Generate, texts: Sequence[str], repeats: int = LATENCY_REPEATS) -> float:
+    """Best wall time of ``repeats`` runs of ``generate`` on ``texts``, per image (warm the sampler up first)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        generate(texts)
+        best = min(best, time.perf_counter() - start)
+    return best / len(texts)
+
+
+def evaluate_distillation(student: TextToImage, teacher: TextToImage, config: DistillConfig,
+                          pretrain: PretrainConfig, resolution: int
+                          ) -> tuple[dict[str, float], dict[str, list[Image.Image]]]:
+    """Held-out checker scores of the student (K steps, no CFG), the teacher (``teacher_eval_steps``, CFG) and the
+    naive few-step teacher (K steps, CFG), one noise per prompt for all three; then the latency of the student's and
+    the teacher's samplers on the same prompts in this process (the scored runs were the warm-up), best of
+    ``LATENCY_REPEATS``. Returns (metrics, images by sampler)."""
+    eval_cfg = dataclasses.replace(pretrain.eval, n_prompts=config.eval_prompts)
+    prompts = held_out_prompts(eval_cfg, resolution)
+    texts = [p.text for p in prompts]
+    common = {"width": resolution, "height": resolution, "shift": eval_cfg.shift, "seed": eval_cfg.seed}
+    samplers: dict[str, Generate] = {
+        "teacher": lambda t: teacher.generate(t, steps=config.teacher_eval_steps, cfg_scale=config.teacher_cfg,
+                                              **common),
+        "student": lambda t: few_step_sample(student, t, steps=config.student_steps, **common),
+        "teacher_few_step": lambda t: teacher.generate(t, steps=config.student_steps, cfg_scale=config.teacher_cfg,
+                                                       **common),
+    }
+    images = {name: generate(texts) for name, generate in samplers.items()}
+    metrics: dict[str, float] = {}
+    for name, generated in images.items():
+        metrics.update(score_images(generated, prompts).metrics(f"eval.{name}"))
+    latency = {name: seconds_per_image(samplers[name], texts) for name in ("student", "teacher")}
+    metrics.update({f"latency.{name}_s_per_image": value for name, value in latency.items()})
+    metrics["latency.ratio"] = latency["teacher"] / latency["student"]
+    return metrics, images
+
+
+def _student_weights(checkpoint: Path, out: Path) -> None:
+    """The student's weights of a (student + fake) training checkpoint, as a plain model weights file."""
+    prefix = "student."
+    weights = {k[len(prefix):]: v for k, v in load_file(checkpoint / ckpt.WEIGHTS_FILE).items() if k.startswith(prefix)}
+    save_file(weights, out, metadata={"format": "pt"})
+
+
+def _publish(pipe: TextToImage, run: StageRun, staging: Path, config: DistillConfig, pretrain: PretrainConfig,
+             teacher: Path, resolution: int) -> StageOutput:
+    _student_weights(run.work_dir / "checkpoints" / ckpt.step_dir_name(config.steps), staging / WEIGHTS_FILE)
+    (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(pretrain.model), indent=2))
+    (staging / DISTILL_FILE).write_text(json.dumps({"student_steps": config.student_steps,
+                                                    "shift": pretrain.eval.shift, "cfg_scale": 1.0}, indent=2))
+    shutil.copy(run.work_dir / METRICS_FILE, staging / METRICS_FILE)
+    # unsharded copies on rank 0 (the other ranks are done), with the frozen autoencoder and text encoder
+    metrics, images = evaluate_distillation(dataclasses.replace(pipe, model=new_model(pretrain, staging, pipe.device)),
+                                            dataclasses.replace(pipe, model=new_model(pretrain, teacher, pipe.device)),
+                                            config, pretrain, resolution)
+    (staging / EVAL_FILE).write_text(json.dumps(metrics, indent=2))
+    run.log_metrics(metrics, step=config.steps)
+    shown = min(pretrain.eval.grid_size, config.eval_prompts)
+    grid = image_grid([image for name in ("teacher", "student", "teacher_few_step") for image in images[name][:shown]],
+                      columns=shown)
+    grid.save(staging / "samples.png")
+    run.log_image(grid, f"samples/{STAGE}.png")
+    return StageOutput(counts={"steps": config.steps, "student_steps": config.student_steps}, metrics=metrics)
