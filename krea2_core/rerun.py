@@ -25,6 +25,7 @@ class StageSpec:
     inputs: dict[str, str]  # input name -> the stage that produces it
     config_of: Callable[[PipelineConfig], Any]  # this stage's config inside a pipeline config
     run: Callable[[PipelineConfig, dict[str, Path], str], tuple[Path, Manifest]]  # (config, inputs, parent run)
+    optional: frozenset[str] = frozenset()  # inputs a run may have gone without (e.g. a reward model named by id)
 
 
 @functools.cache
@@ -91,24 +92,29 @@ def _pretraining(stage: str) -> dict[str, StageSpec]:
 
 
 def _post_training(domains: tuple[str, ...]) -> dict[str, StageSpec]:
-    """Midtraining, SFT per domain, merging and the preference stages, with the configs their manifests record."""
+    """Midtraining, SFT per domain, merging, the preference stages, the reward model, RL and distillation, with the
+    configs their manifests record."""
     from krea2_core.post.annotations import annotation_view, run_annotation_pairs
+    from krea2_core.post.distill import distill_view, run_distill_stage
+    from krea2_core.post.grpo import rl_view, run_rl_stage
     from krea2_core.post.merge import merge_view, run_merge
     from krea2_core.models.autoencoders import pixel_multiple
     from krea2_core.post.midtrain import midtrain_packing, midtrain_packing_view, run_midtrain_packing
     from krea2_core.post.pairs import generation_view, run_pair_generation
     from krea2_core.post.preference import preference_view, run_preference_stage
+    from krea2_core.post.reward_model import run_reward_model
     from krea2_core.post.sft import domain_eval, run_sft_data, sft_data_view
     from krea2_core.training.pretrain import run_training_stage, training_view
 
-    def launched(function: Callable[..., Path | None], *args: Callable[[PipelineConfig], Any]
+    def launched(function: Callable[..., Path | None], *args: Callable[[PipelineConfig], Any],
+                 inputs: Callable[[dict[str, Path]], list[Path | None]] = lambda i: list(i.values())
                  ) -> Callable[[PipelineConfig, dict[str, Path], str], tuple[Path, Manifest]]:
         """A training stage on pretrain.parallel's local processes, like its Flyte Elastic task: ``function``
-        (its inputs first, then ``args`` evaluated on the pipeline config, then the parent run)."""
+        (its ``inputs`` first, then ``args`` evaluated on the pipeline config, then the parent run)."""
         def run(p: PipelineConfig, i: dict[str, Path], parent: str) -> tuple[Path, Manifest]:
             from krea2_core.training.launch import launch_local
 
-            path = launch_local(p.pretrain.parallel, function, *i.values(), *(arg(p) for arg in args), parent)
+            path = launch_local(p.pretrain.parallel, function, *inputs(i), *(arg(p) for arg in args), parent)
             return path, read_manifest(path)
         return run
 
@@ -145,6 +151,19 @@ def _post_training(domains: tuple[str, ...]) -> dict[str, StageSpec]:
             lambda p, n=name: preference_view(n, p.post.preference, p.pretrain, p.post.resolution),
             launched(run_preference_stage, lambda p, n=name: n, lambda p: p.post.preference, lambda p: p.pretrain,
                      lambda p: p.post.resolution))
+    specs["reward_model"] = StageSpec(
+        {"pairs_0": "preference_pairs", "pairs_1": "preference_annotations"}, lambda p: p.post.rl.reward_model,
+        lambda p, i, parent: run_reward_model([i["pairs_0"], i["pairs_1"]], p.post.rl.reward_model,
+                                              parent_run_id=parent))
+    specs["rl"] = StageSpec(
+        {"init": "preference_calibration", "reward_model": "reward_model"},
+        lambda p: rl_view(p.post.rl, p.pretrain, p.post.resolution),
+        launched(run_rl_stage, lambda p: p.post.rl, lambda p: p.pretrain, lambda p: p.post.resolution,
+                 inputs=lambda i: [i["init"], i.get("reward_model")]),
+        optional=frozenset({"reward_model"}))
+    specs["distill"] = StageSpec(
+        {"teacher": "rl"}, lambda p: distill_view(p.post.distill, p.pretrain, p.post.resolution),
+        launched(run_distill_stage, lambda p: p.post.distill, lambda p: p.pretrain, lambda p: p.post.resolution))
     for d in domains:
         specs[f"sft_data_{d}"] = StageSpec(
             {}, lambda p, d=d: sft_data_view(p.post.sft.domains[d], p.post.sft, pixel_multiple(p.pretrain.autoencoder)),
@@ -173,7 +192,7 @@ def stage_order(domains: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Every stage in pipeline order, with the SFT stages of ``domains``."""
     return (*STAGE_ORDER, "pack_midtrain", "midtrain", *(f"sft_data_{d}" for d in domains),
             *(f"sft_{d}" for d in domains), "merge", "preference_pairs", "preference_synthetic",
-            "preference_annotations", "preference_calibration")
+            "preference_annotations", "preference_calibration", "reward_model", "rl", "distill")
 
 
 class RerunError(ValueError):
@@ -211,6 +230,8 @@ def resolve_inputs(stage: str, runs: dict[str, Run], domains: tuple[str, ...] = 
     inputs = {}
     for name in specs[stage].inputs:
         upstream = tags.get(f"krea2.upstream.{name}")
+        if upstream is None and name in specs[stage].optional:
+            continue
         if upstream is None:
             raise RerunError(f"run {runs[stage].info.run_id} of {stage!r} has no upstream tag for input {name!r}")
         inputs[name] = _output(MlflowClient().get_run(upstream))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from math import nan
 from pathlib import Path
 
 from flytekit import task
@@ -38,8 +39,8 @@ def pretraining_summary(root: Path, stage_runs: dict[str, str]) -> list[str]:
         metrics = run_metrics(root, run_id)
         if "eval.untrained.score" in metrics:
             lines.append(f"    untrained     : prompt-following {metrics['eval.untrained.score']:.3f}")
-        lines.append(f"    after {stage:>5} : prompt-following {metrics.get('eval.score', float('nan')):.3f}, "
-                     f"final loss {metrics.get('loss', float('nan')):.4f}")
+        lines.append(f"    after {stage:>5} : prompt-following {metrics.get('eval.score', nan):.3f}, "
+                     f"final loss {metrics.get('loss', nan):.4f}")
     return lines
 
 
@@ -54,26 +55,40 @@ def post_training_summary(root: Path, stage_runs: dict[str, str]) -> list[str]:
         merge = run_metrics(root, stage_runs["merge"])
         for domain in sorted({key.split(".")[-1] for key in merge if key.startswith("score.base.")}):
             lines.append(f"    SFT {domain:<9} : domain score base {merge[f'score.base.{domain}']:.3f} -> SFT "
-                         f"{merge.get(f'score.sft_{domain}.{domain}', float('nan')):.3f}; the merge keeps "
-                         f"{merge.get(f'gain_retained.{domain}', float('nan')):.0%} of the gain")
+                         f"{merge.get(f'score.sft_{domain}.{domain}', nan):.3f}; the merge keeps "
+                         f"{merge.get(f'gain_retained.{domain}', nan):.0%} of the gain")
     for stage in ("synthetic", "calibration"):
         if f"preference_{stage}" in stage_runs:
             metrics = run_metrics(root, stage_runs[f"preference_{stage}"])
             lines.append(f"    PO {stage:<10} : preferred over its reference "
-                         f"{metrics.get('eval.preferred_rate', float('nan')):.2f} of held-out prompts")
+                         f"{metrics.get('eval.preferred_rate', nan):.2f} of held-out prompts")
+    if "rl" in stage_runs:
+        rl = run_metrics(root, stage_runs["rl"])
+        lines.append(f"    RL (no CFG)   : prompt-following without CFG {rl.get('eval.init_nocfg.score', nan):.3f} -> "
+                     f"{rl.get('eval.policy_nocfg.score', nan):.3f} (the start with CFG: "
+                     f"{rl.get('eval.init_cfg.score', nan):.3f}); diversity {rl.get('eval.diversity.init', nan):.3f} "
+                     f"-> {rl.get('eval.diversity.policy', nan):.3f}")
+    if "distill" in stage_runs:
+        tdm = run_metrics(root, stage_runs["distill"])
+        lines.append(f"    distilled     : student without CFG {tdm.get('eval.student.score', nan):.3f} vs teacher "
+                     f"with CFG {tdm.get('eval.teacher.score', nan):.3f} (teacher at the student's steps "
+                     f"{tdm.get('eval.teacher_few_step.score', nan):.3f}), {tdm.get('latency.ratio', nan):.1f}x faster")
     return lines
 
 
 @task(container_image=DATA_IMAGE)
 def finish_pipeline(parent_run_id: str, curated: FlyteDirectory, midtrain: FlyteDirectory,
-                    pretrained: FlyteDirectory, final: FlyteDirectory) -> str:
+                    pretrained: FlyteDirectory, final: FlyteDirectory, distilled: FlyteDirectory) -> str:
     """Close the parent run, linking every stage run behind the outputs, and say where things are."""
     root = output_root()
     curated_path, midtrain_path = from_flyte_dir(curated), from_flyte_dir(midtrain)
     pretrained_path, final_path = from_flyte_dir(pretrained), from_flyte_dir(final)
-    finals = [read_manifest(midtrain_path, kind="midtrain_selection"), read_manifest(final_path, kind="checkpoint")]
+    distilled_path = from_flyte_dir(distilled)
+    finals = [read_manifest(midtrain_path, kind="midtrain_selection"), read_manifest(final_path, kind="checkpoint"),
+              read_manifest(distilled_path, kind="checkpoint")]
     stage_runs = end_pipeline_run(root, parent_run_id, [m.mlflow_run_id for m in finals])
     summary = json.loads((curated_path / "summary.json").read_text())
+    sampling = json.loads((distilled_path / "distill.json").read_text())
     selection = json.loads((midtrain_path / "summary.json").read_text())
     lines = [
         "krea2 pipeline finished",
@@ -87,7 +102,8 @@ def finish_pipeline(parent_run_id: str, curated: FlyteDirectory, midtrain: Flyte
         f"  pretrained   : {pretrained_path} (a diffusers Krea2Transformer2DModel directory, train state, "
         f"samples.png)",
         *pretraining_summary(root, stage_runs),
-        f"  final model  : {final_path} (post-trained: midtraining, SFT + merge, preference optimisation)",
+        f"  final model  : {final_path} (post-trained: midtraining, SFT + merge, preference optimisation, RL)",
+        f"  distilled    : {distilled_path} ({sampling['student_steps']}-step student without CFG: distill.json)",
         *post_training_summary(root, stage_runs),
         f"  MLflow       : parent run {parent_run_id}; stage runs {stage_runs}",
         f"  browse with  : mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}",

@@ -39,9 +39,11 @@ REGISTRY = "registry.ci.example/krea2"
 RAY_TASKS = {"tasks.curation.ingest", "tasks.curation.score_images", "tasks.curation.ingest_uri_table"}
 PRETRAIN_STAGE = "tasks.pretrain.pretrain_stage"
 # the Elastic (torchrun) training tasks, each declared with tasks.pretrain.TRAIN_TASK
-TRAIN_TASKS = {PRETRAIN_STAGE, "tasks.post.finetune_stage", "tasks.post.preference_stage"}
+TRAIN_TASKS = {PRETRAIN_STAGE, "tasks.post.finetune_stage", "tasks.post.preference_stage", "tasks.post.rl_stage",
+               "tasks.post.distill_stage"}
 # the tasks that only sample and score checkpoints, with tasks.pretrain.SAMPLE_RESOURCES
-SAMPLE_TASKS = {"tasks.post.merge_sft", "tasks.post.preference_pairs", "tasks.post.annotation_pairs"}
+SAMPLE_TASKS = {"tasks.post.merge_sft", "tasks.post.preference_pairs", "tasks.post.annotation_pairs",
+                "tasks.post.reward_model"}
 TRAIN_IMAGE_TASKS = TRAIN_TASKS | SAMPLE_TASKS  # the only tasks on the train image
 POST_TRAINING = "workflows.post_training.post_training"  # a @dynamic: its graph depends on the config's SFT domains
 CACHED_TASKS = {
@@ -349,8 +351,9 @@ def test_workflows_and_launch_plans(package: Package) -> None:
     sources = {b.var: b.binding.promise.node_id for b in nodes[POST_TRAINING].inputs}
     assert sources["pretrained"] == nodes["workflows.pretraining.pretraining"].id
     assert sources["selection"] == nodes["workflows.semantic_curation.semantic_curation"].id
-    (final,) = [b for b in nodes["tasks.pipeline.finish_pipeline"].inputs if b.var == "final"]
-    assert final.binding.promise.node_id == nodes[POST_TRAINING].id
+    finish = {b.var: b.binding.promise for b in nodes["tasks.pipeline.finish_pipeline"].inputs}
+    assert (finish["final"].node_id, finish["final"].var) == (nodes[POST_TRAINING].id, "final")
+    assert (finish["distilled"].node_id, finish["distilled"].var) == (nodes[POST_TRAINING].id, "distilled")
     assert _task_refs(subs["workflows.curation.curate_raw_pool"]) == {
         "tasks.curation.score_images", "tasks.curation.select_images"}
     assert _task_refs(subs["workflows.semantic_curation.semantic_curation"]) == {
@@ -378,7 +381,8 @@ def test_workflows_and_launch_plans(package: Package) -> None:
 def test_training_tasks_are_elastic_torchrun_tasks_on_the_train_image(package: Package) -> None:
     """By default ($KREA2_TRAIN_* unset) one pod runs torchrun with 2 processes: flytekit packages a single-node
     Elastic task as a plain pod task (no PyTorchJob, so no custom config), with a shared-memory /dev/shm. Every
-    training task (pretraining, midtraining / SFT, preference optimisation) is declared and packaged the same way."""
+    training task (pretraining, midtraining / SFT, preference optimisation, RL, distillation) is declared and packaged
+    the same way."""
     import tasks.post
     import tasks.pretrain
     from flytekitplugins.kfpytorch import Elastic
@@ -386,7 +390,8 @@ def test_training_tasks_are_elastic_torchrun_tasks_on_the_train_image(package: P
     if set(LAUNCH_ENV) & os.environ.keys():
         pytest.skip(f"this process has {sorted(set(LAUNCH_ENV) & os.environ.keys())} set")
     declared = {task.name: task for task in (tasks.pretrain.pretrain_stage, tasks.post.finetune_stage,
-                                             tasks.post.preference_stage)}
+                                             tasks.post.preference_stage, tasks.post.rl_stage,
+                                             tasks.post.distill_stage)}
     assert declared.keys() == TRAIN_TASKS
     for name, task in declared.items():
         assert isinstance(task.task_config, Elastic), name

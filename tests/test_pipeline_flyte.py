@@ -53,9 +53,20 @@ post:  # every post-training stage for a step or two, at 32 px
     calibration: {steps: 1, global_batch: 2, warmup_steps: 0}
     simulated_annotations: 8
     eval_prompts: 2
+  rl:  # two reward actors: the rubric and the aesthetic model trained here (each reward is tested on its own)
+    rewards: {weights: {rubric: 1.0, aesthetic: 0.5, text: 0.0, artifact: 0.0}}
+    reward_model: {steps: 5}
+    pool: {n_prompts: 4, min_active: 2}
+    grpo: {steps: 1, prompts_per_step: 2, group_size: 2, sample_steps: 2, train_timesteps: 1, warmup_steps: 0}
+    eval_prompts: 2
+    diversity_prompts: 1
+    diversity_samples: 2
+  distill: {student_steps: 2, steps: 1, batch: 2, warmup_steps: 0, n_prompts: 4, eval_prompts: 2,
+            teacher_eval_steps: 3}
 """
 POST_TRAINING = ("pack_midtrain", "midtrain", "sft_data_warm", "sft_data_cool", "sft_warm", "sft_cool", "merge",
-                 "preference_pairs", "preference_synthetic", "preference_annotations", "preference_calibration")
+                 "preference_pairs", "preference_synthetic", "preference_annotations", "preference_calibration",
+                 "reward_model", "rl", "distill")
 
 
 def _with(base: str, **changes: dict) -> str:

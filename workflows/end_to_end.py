@@ -6,8 +6,8 @@
 Stages so far: world pool -> curation (ingest, scoring, per-resolution selection) -> captioning (OCR, long
 captions, rewrites; world images keep their scene-graph captions) -> semantic curation (midtraining selection)
 -> pretraining 256 -> 512 -> 1024 px (packing per stage, then training from the previous stage's checkpoint)
--> post-training I: midtraining, SFT per domain + model merging, preference optimisation (synthetic pairs, then
-calibration on human annotations).
+-> post-training: midtraining, SFT per domain + model merging, preference optimisation (synthetic pairs, then
+calibration on human annotations), RL (Flow-GRPO without CFG, multi-reward), TDM timestep distillation.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def krea2_pipeline(preset: str = "tiny", config: str = "") -> str:
     midtrain = semantic_curation(curated=curated, captions=captions, config=cfg.semantic, parent_run_id=parent_run_id)
     pretrained = pretraining(curated=curated, captions=captions, config=cfg.pretrain, parallel=cfg.curation.parallel,
                              parent_run_id=parent_run_id)
-    final = post_training(curated=curated, captions=captions, selection=midtrain, pretrained=pretrained, post=cfg.post,
-                          pretrain=cfg.pretrain, parent_run_id=parent_run_id)
+    trained = post_training(curated=curated, captions=captions, selection=midtrain, pretrained=pretrained, post=cfg.post,
+                            pretrain=cfg.pretrain, parent_run_id=parent_run_id)
     return finish_pipeline(parent_run_id=parent_run_id, curated=curated, midtrain=midtrain, pretrained=pretrained,
-                           final=final)
+                           final=trained.final, distilled=trained.distilled)

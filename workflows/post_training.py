@@ -1,5 +1,6 @@
-"""Post-training I: midtraining -> SFT per domain + model merging -> preference optimisation (synthetic pairs,
-then calibration on human annotations), from the last pretraining checkpoint.
+"""Post-training: midtraining -> SFT per domain + model merging -> preference optimisation (synthetic pairs, then
+calibration on human annotations) -> RL (Flow-GRPO without CFG on a multi-reward objective; the aesthetic reward
+model is trained on the PO pairs) -> TDM timestep + guidance distillation, from the last pretraining checkpoint.
 
     pyflyte run workflows/post_training.py post_training --curated <dir> --captions <dir> --selection <dir> \
         --pretrained <checkpoint dir>
@@ -9,6 +10,8 @@ A dynamic workflow: the SFT domains come from the config, so the graph is built 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from flytekit import dynamic
 from flytekit.types.directory import FlyteDirectory
 
@@ -17,11 +20,16 @@ from krea2_core.config import PostTrainConfig, PretrainConfig, preset
 from krea2_core.models.autoencoders import pixel_multiple
 from krea2_core.post.midtrain import midtrain_packing
 from krea2_core.post.sft import domain_eval
-from tasks.post import annotation_pairs, file_digest, finetune_stage, merge_sft, pack_midtrain, preference_pairs, \
-    preference_stage, sft_data
+from tasks.post import annotation_pairs, distill_stage, file_digest, finetune_stage, merge_sft, pack_midtrain, \
+    preference_pairs, preference_stage, reward_model, rl_stage, sft_data
 from tasks.pretrain import TRAIN_TASK
 
 _TINY = preset("tiny")
+
+
+class PostTrained(NamedTuple):
+    final: FlyteDirectory  # the RL checkpoint: the full-step model
+    distilled: FlyteDirectory  # its few-step, guidance-free student
 
 
 # The training tasks are compiled in this task's pod at run time, from its import of tasks.pretrain, which reads
@@ -29,9 +37,9 @@ _TINY = preset("tiny")
 @dynamic(container_image=DATA_IMAGE, environment=TRAIN_TASK["environment"])
 def post_training(curated: FlyteDirectory, captions: FlyteDirectory, selection: FlyteDirectory,
                   pretrained: FlyteDirectory, post: PostTrainConfig = _TINY.post,
-                  pretrain: PretrainConfig = _TINY.pretrain, parent_run_id: str = "") -> FlyteDirectory:
-    """Returns the final post-trained checkpoint (after preference calibration). The data tasks get only the part
-    of the config their output depends on, so a training change never re-packs."""
+                  pretrain: PretrainConfig = _TINY.pretrain, parent_run_id: str = "") -> PostTrained:
+    """The final checkpoint (after RL) and its distilled student. The data tasks get only the part of the config
+    their output depends on, so a training change never re-packs."""
     packed = pack_midtrain(curated=curated, captions=captions, selection=selection, config=post.midtrain,
                            packing=midtrain_packing(pretrain, post.midtrain), parent_run_id=parent_run_id)
     midtrained = finetune_stage(packed=packed, init=pretrained, name="midtrain", stage=post.midtrain.stage,
@@ -51,5 +59,14 @@ def post_training(curated: FlyteDirectory, captions: FlyteDirectory, selection: 
     labelled = annotation_pairs(annotations=po.annotations, annotations_digest=file_digest(path=po.annotations),
                                 policy=synthetic, previous=midtrained, config=po, pretrain=pretrain,
                                 resolution=post.resolution, parent_run_id=parent_run_id)
-    return preference_stage(pairs=labelled, init=synthetic, name="calibration", config=po, pretrain=pretrain,
-                            resolution=post.resolution, parent_run_id=parent_run_id)
+    calibrated = preference_stage(pairs=labelled, init=synthetic, name="calibration", config=po, pretrain=pretrain,
+                                  resolution=post.resolution, parent_run_id=parent_run_id)
+    rewards = post.rl.rewards
+    # the aesthetic reward is a model by id when one is named; otherwise it is trained here on the PO pairs
+    aesthetic = (reward_model(pairs=[pairs, labelled], config=post.rl.reward_model, parent_run_id=parent_run_id)
+                 if rewards.weights.get("aesthetic", 0.0) > 0 and not rewards.aesthetic_model else None)
+    final = rl_stage(init=calibrated, reward_model=aesthetic, config=post.rl, pretrain=pretrain,
+                     resolution=post.resolution, parent_run_id=parent_run_id)
+    distilled = distill_stage(teacher=final, config=post.distill, pretrain=pretrain, resolution=post.resolution,
+                              parent_run_id=parent_run_id)
+    return PostTrained(final=final, distilled=distilled)

@@ -56,6 +56,7 @@ STAGE = "distill"
 DISTILL_FILE = "distill.json"
 EVAL_FILE = "eval.json"
 LATENCY_REPEATS = 2
+LATENCY_PROMPTS = 8  # latency is timed on this many of the held-out prompts (the teacher's 50 CFG steps are slow)
 
 
 def distill_view(config: DistillConfig, pretrain: PretrainConfig, resolution: int) -> dict[str, Any]:
@@ -295,8 +296,8 @@ def evaluate_distillation(student: TextToImage, teacher: TextToImage, config: Di
                           ) -> tuple[dict[str, float], dict[str, list[Image.Image]]]:
     """Held-out checker scores of the student (K steps, no CFG), the teacher (``teacher_eval_steps``, CFG) and the
     naive few-step teacher (K steps, CFG), one noise per prompt for all three; then the latency of the student's and
-    the teacher's samplers on the same prompts in this process (the scored runs were the warm-up), best of
-    ``LATENCY_REPEATS``. Returns (metrics, images by sampler)."""
+    the teacher's samplers on the first ``LATENCY_PROMPTS`` of those prompts in this process (the scored runs were
+    the warm-up), best of ``LATENCY_REPEATS``. Returns (metrics, images by sampler)."""
     eval_cfg = dataclasses.replace(pretrain.eval, n_prompts=config.eval_prompts)
     prompts = held_out_prompts(eval_cfg, resolution)
     texts = [p.text for p in prompts]
@@ -312,7 +313,7 @@ def evaluate_distillation(student: TextToImage, teacher: TextToImage, config: Di
     metrics: dict[str, float] = {}
     for name, generated in images.items():
         metrics.update(score_images(generated, prompts).metrics(f"eval.{name}"))
-    latency = {name: seconds_per_image(samplers[name], texts) for name in ("student", "teacher")}
+    latency = {name: seconds_per_image(samplers[name], texts[:LATENCY_PROMPTS]) for name in ("student", "teacher")}
     metrics.update({f"latency.{name}_s_per_image": value for name, value in latency.items()})
     metrics["latency.ratio"] = latency["teacher"] / latency["student"]
     return metrics, images
