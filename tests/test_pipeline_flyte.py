@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from krea2_core.config import deep_merge, load_config
@@ -121,7 +122,14 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     # selection and what is downstream of it re-run; everything upstream comes from the cache
     downstream = {"selection", "captioning", "embedding", "semantic_selection", *training, *POST_TRAINING}
     downstream -= {"sft_data_warm", "sft_data_cool"}  # rendered from the world, not from the curated pool
-    assert {stage: len(ids) for stage, ids in after.items()} == {s: 1 + (s in downstream) for s in stages}
+    # Outputs are content-addressed: a stage whose inputs are byte-identical to an earlier run's publishes where that
+    # run did, and a stage that only consumes such outputs is a Flyte cache hit. This small config's 32 px PNG
+    # samples can come out identical from checkpoints that differ slightly, so the PO pairs (and from them the
+    # calibrated checkpoint and the reward model) may land where they did: RL and distillation re-run exactly when
+    # their inputs moved (checked at the end), not on every upstream change.
+    moved_only = {"rl", "distill"}
+    assert {stage: len(ids) for stage, ids in after.items() if stage not in moved_only} == {
+        s: 1 + (s in downstream) for s in stages if s not in moved_only}
 
     # a training setting of the last resolution stage re-runs that stage and post-training only (each stage is
     # cached on its own part of the config; packing on what changes the packed bytes)
@@ -130,14 +138,24 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     longer.write_text(_with(changed.read_text(), pretrain={"stages": {"1024": {"steps": 3}}}))
     fourth = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(longer))
     assert fourth.returncode == 0, fourth.stderr[-3000:]
-    assert {stage: len(ids) for stage, ids in _stage_runs(root).items()} == {
-        s: 1 + (s in downstream) + (s == "pretrain_1024" or s in after_1024) for s in stages}
+    final = _stage_runs(root)
+    assert {stage: len(ids) for stage, ids in final.items() if stage not in moved_only} == {
+        s: 1 + (s in downstream) + (s == "pretrain_1024" or s in after_1024) for s in stages if s not in moved_only}
 
     # the newest parent run links the stage runs it used, including the cached ones
     client = MlflowClient()
     parents = client.search_runs([configure_tracking(root)], filter_string="tags.`krea2.kind` = 'pipeline'",
                                  order_by=["start_time DESC"])
     assert len(parents) == 4 and all(p.info.status == "FINISHED" for p in parents)
+
+    def used(parent: Run, stage: str) -> str:
+        """Where the output of ``stage`` that pipeline execution ``parent`` used lies."""
+        return client.get_run(parent.data.tags[f"krea2.stage_run.{stage}"]).data.tags["krea2.output_uri"]
+
+    # RL ran once per distinct (calibrated checkpoint, reward model) the executions fed it, distillation once per
+    # distinct RL checkpoint
+    assert len(final["rl"]) == len({(used(p, "preference_calibration"), used(p, "reward_model")) for p in parents})
+    assert len(final["distill"]) == len({used(p, "rl") for p in parents})
     tags = parents[0].data.tags
     assert {k.removeprefix("krea2.stage_run.") for k in tags if k.startswith("krea2.stage_run.")} == set(stages)
     assert tags["krea2.stage_run.scoring"] == runs["scoring"][0]
