@@ -52,17 +52,19 @@ def publish_pairs(root: Path, name: str, n: int, seed: int, origin: str) -> Path
                          root=root)[0]
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("outputs")
+# Per test, in the test's own isolated output root (conftest): a module-wide root would write its MLflow runs before
+# the per-test isolation is in place, wherever the tracking state of the previous test in the process pointed.
+@pytest.fixture
+def root(isolated_outputs: Path) -> Path:
+    return isolated_outputs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def pairs(root: Path) -> list[Path]:
     return [publish_pairs(root, "synthetic", 32, 0, "synthetic"), publish_pairs(root, "human", 12, 1, "human")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def trained(pairs: list[Path], root: Path) -> Path:
     return run_reward_model(pairs, CONFIG, root=root)[0]
 
