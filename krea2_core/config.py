@@ -942,7 +942,10 @@ class GRPOConfig(_Strict):
                  "steps, prompts_per_step, sample_steps, train_timesteps must be >= 1")
         _require(self.group_size >= 2, f"group_size must be >= 2 (advantages are relative to the group), got "
                                        f"{self.group_size}")
-        _require(self.train_timesteps <= self.sample_steps, "train_timesteps must be <= sample_steps")
+        _require(self.sample_steps >= 2 and self.train_timesteps <= self.sample_steps - 1,
+                 f"sample_steps must be >= 2 and train_timesteps <= sample_steps - 1 (the last SDE step is "
+                 f"deterministic and not trained), got sample_steps={self.sample_steps}, "
+                 f"train_timesteps={self.train_timesteps}")
         _require(self.noise_level > 0 and self.clip_range > 0 and self.kl_beta >= 0 and self.adv_clip > 0
                  and self.lr > 0, "noise_level, clip_range, adv_clip, lr must be > 0 and kl_beta >= 0")
         _require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")

@@ -80,13 +80,6 @@ def check_rl_config(config: RLConfig, dp_size: int) -> None:
     if config.rewards.weights.get("rubric", 0.0) <= 0:
         raise ValueError("rl.rewards.weights['rubric'] must be > 0: the prompt pool allocates rounds by the rubric "
                          "reward")
-    if grpo.sample_steps < 2 or grpo.train_timesteps > grpo.sample_steps - 1:
-        raise ValueError(f"rl.grpo needs sample_steps >= 2 and train_timesteps <= sample_steps - 1 (the last SDE "
-                         f"step is deterministic and not trained), got sample_steps={grpo.sample_steps}, "
-                         f"train_timesteps={grpo.train_timesteps}")
-    if grpo.prompts_per_step > config.pool.min_active:
-        raise ValueError(f"rl.grpo.prompts_per_step ({grpo.prompts_per_step}) must be <= rl.pool.min_active "
-                         f"({config.pool.min_active}): a round draws that many distinct active prompts")
     if grpo.samples_per_step % dp_size:
         raise ValueError(f"rl.grpo prompts_per_step x group_size ({grpo.samples_per_step}) must be divisible by the "
                          f"data-parallel size ({dp_size})")
