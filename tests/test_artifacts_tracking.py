@@ -68,3 +68,21 @@ def test_child_runs_record_params_inputs_outputs_and_lineage(isolated_outputs: P
     parent_run = client.get_run(parent)
     assert parent_run.info.status == "FINISHED"
     assert parent_run.data.tags["krea2.stage_run.make_a"] == manifest_a.mlflow_run_id == stage_runs["make_a"]
+
+
+def test_each_output_root_tracks_to_its_own_store_unless_a_server_is_set(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from krea2_core.tracking import configure_tracking
+
+    configure_tracking(tmp_path / "a")
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    # mlflow exported the first store's URI; a second root in the same process must not inherit it
+    configure_tracking(tmp_path / "b")
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
+    user_store = f"sqlite:///{tmp_path / 'server.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", user_store)
+    configure_tracking(tmp_path / "c")
+    assert mlflow.get_tracking_uri() == user_store
+    assert not (tmp_path / "c" / "mlflow.db").exists()

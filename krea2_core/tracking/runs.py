@@ -30,17 +30,29 @@ _MAX_PARAM_LEN = 6000
 _LOG_FILES_BELOW_BYTES = 50 << 20  # artifact dirs larger than this are referenced, not copied
 
 
+_LOCAL_URI_ENV = "KREA2_LOCAL_TRACKING_URI"
+
+
+def _user_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when a user set it ("" when unset or when it is the local store this module chose)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return "" if uri == os.environ.get(_LOCAL_URI_ENV) else uri
+
+
 def configure_tracking(output_root: str | os.PathLike[str]) -> str:
     """Point MLflow at the tracking store and return the experiment id (created on first use)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     root = Path(output_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
+    user_uri = _user_tracking_uri()
+    uri = user_uri or f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)  # also exports MLFLOW_TRACKING_URI (to child processes too) ...
+    if not user_uri:  # ... so remember it was ours: the next call with another output root must not inherit it
+        os.environ[_LOCAL_URI_ENV] = uri
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
         return experiment.experiment_id
-    artifact_location = None if os.environ.get("MLFLOW_TRACKING_URI") else (root / "mlruns").as_uri()
+    artifact_location = None if user_uri else (root / "mlruns").as_uri()
     try:
         return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location)
     except mlflow.exceptions.MlflowException:  # created concurrently by another process
