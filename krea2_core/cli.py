@@ -3,6 +3,7 @@
     krea2 curate ./images [--preset tiny] [--config overrides.yaml]
     krea2 rerun <stage> --from-run <mlflow run id> [--preset tiny] [--config overrides.yaml] [--dry-run]
     krea2 lineage <mlflow run id>
+    krea2 expand --model <expander artifact, model dir or id> [--n N --sample --seed S --show-thinking] PROMPT...
 """
 
 from __future__ import annotations
@@ -62,6 +63,21 @@ def _rerun(args: argparse.Namespace) -> int:
     return 0
 
 
+def _expand(args: argparse.Namespace) -> int:
+    from krea2_core.expander.model import expand
+
+    expansions = expand(args.prompts, args.model, n=args.n, greedy=not args.sample, temperature=args.temperature,
+                        top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device)
+    for i, prompt in enumerate(args.prompts):
+        print(f"prompt: {prompt}")
+        for j, expansion in enumerate(expansions[i * args.n:(i + 1) * args.n], start=1):
+            if args.show_thinking:
+                print(f"  {j}. think: {expansion.thinking}")
+            marker = "" if expansion.well_formed else "  [malformed answer: the prompt is kept]"
+            print(f"  {j}. {expansion.text}{marker}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="krea2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     trace = commands.add_parser("lineage", help="the stage runs and outputs upstream of an MLflow run")
     trace.add_argument("run_id")
     trace.set_defaults(run=_lineage)
+    grow = commands.add_parser("expand", help="expand user prompts with a prompt-expander model")
+    grow.add_argument("prompts", nargs="+", metavar="PROMPT")
+    grow.add_argument("--model", required=True, help="expander artifact, model directory, hub id or 'smollm2'")
+    grow.add_argument("--n", type=int, default=1, help="expansions per prompt")
+    grow.add_argument("--sample", action="store_true", help="sample (temperature, top-p) instead of greedy")
+    grow.add_argument("--temperature", type=float, default=1.0)
+    grow.add_argument("--top-p", type=float, default=0.95)
+    grow.add_argument("--seed", type=int, default=0)
+    grow.add_argument("--max-new-tokens", type=int, default=128)
+    grow.add_argument("--show-thinking", action="store_true", help="print each thinking trace too")
+    grow.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    grow.set_defaults(run=_expand)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

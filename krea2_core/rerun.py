@@ -63,6 +63,7 @@ def _stages(domains: tuple[str, ...] = ()) -> dict[str, StageSpec]:
                                                                                     parent_run_id=parent)),
         **{name: spec for stage in PRETRAIN_STAGES for name, spec in _pretraining(stage).items()},
         **_post_training(domains),
+        **_expander(),
     }
 
 
@@ -178,6 +179,35 @@ def _post_training(domains: tuple[str, ...]) -> dict[str, StageSpec]:
     return specs
 
 
+def _expander() -> dict[str, StageSpec]:
+    """The prompt expander's stages. RL is re-run without a reward model (the pipeline gives it none; the aesthetic
+    reward is off by default)."""
+    from krea2_core.expander.data import run_expander_data
+    from krea2_core.expander.rl import expander_rl_view, run_expander_rl
+    from krea2_core.expander.sft import run_expander_sft, sft_view
+
+    def at(path: Path) -> tuple[Path, Manifest]:
+        return path, read_manifest(path)
+
+    return {
+        "expander_data": StageSpec({"captions": "captioning"}, lambda p: p.expander.data,
+                                   lambda p, i, parent: at(run_expander_data(i["captions"], p.expander.data,
+                                                                             parent_run_id=parent))),
+        "expander_sft": StageSpec({"pairs": "expander_data"},
+                                  lambda p: sft_view(p.expander.sft, p.expander.expansion, p.post.resolution),
+                                  lambda p, i, parent: at(run_expander_sft(i["pairs"], p.expander.sft,
+                                                                           p.expander.expansion, p.post.resolution,
+                                                                           parent_run_id=parent))),
+        "expander_rl": StageSpec({"sft": "expander_sft", "image_model": "distill"},
+                                 lambda p: expander_rl_view(p.expander.rl, p.expander.expansion, p.pretrain,
+                                                            p.post.resolution),
+                                 lambda p, i, parent: at(run_expander_rl(i["sft"], i["image_model"], None,
+                                                                         p.expander.rl, p.expander.expansion,
+                                                                         p.pretrain, p.post.resolution,
+                                                                         parent_run_id=parent))),
+    }
+
+
 def _table(p: PipelineConfig) -> Path | None:
     """The human-annotation table of the preference calibration, None for simulated annotators."""
     return Path(p.post.preference.annotations) if p.post.preference.annotations else None
@@ -192,7 +222,8 @@ def stage_order(domains: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Every stage in pipeline order, with the SFT stages of ``domains``."""
     return (*STAGE_ORDER, "pack_midtrain", "midtrain", *(f"sft_data_{d}" for d in domains),
             *(f"sft_{d}" for d in domains), "merge", "preference_pairs", "preference_synthetic",
-            "preference_annotations", "preference_calibration", "reward_model", "rl", "distill")
+            "preference_annotations", "preference_calibration", "reward_model", "rl", "distill", "expander_data",
+            "expander_sft", "expander_rl")
 
 
 class RerunError(ValueError):

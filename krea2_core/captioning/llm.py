@@ -53,6 +53,12 @@ def load_causal_lm(model_id: str, device: str = "auto") -> tuple[Any, Any]:
 
     Cached per (model_id, device): the captioner and the rewriter share one copy in a process.
     """
+    tokenizer, model = read_causal_lm(model_id, device)
+    return tokenizer, model.eval()
+
+
+def read_causal_lm(model_id: str, device: str = "auto") -> tuple[Any, Any]:
+    """A fresh, uncached (tokenizer, model) as ``load_causal_lm`` resolves ``model_id``: for trainers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model_id == SMOLLM2_GGUF:
@@ -67,7 +73,7 @@ def load_causal_lm(model_id: str, device: str = "auto") -> tuple[Any, Any]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only batches: new tokens must follow every prompt directly
-    return tokenizer, model.eval().to(resolve_device(device))
+    return tokenizer, model.to(resolve_device(device))
 
 
 def eos_token_ids(tokenizer: Any, model: Any) -> set[int]:

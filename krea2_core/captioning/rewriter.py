@@ -57,7 +57,7 @@ def cut_words(text: str, limit: int) -> tuple[str, bool]:
     return " ".join(words[:limit]).rstrip(",;:-"), True
 
 
-def _clean(text: str) -> str:
+def clean_generation(text: str) -> str:
     """First paragraph of a generation without a label or wrapping quotes."""
     text = text.strip().split("\n\n")[0].strip()
     text = re.sub(r"^(short|medium|prompt|tags|request|caption)[^:\n]{0,20}:\s*", "", text, flags=re.I)
@@ -91,7 +91,7 @@ def fallback(variant: str, long_caption: str, config: RewriterConfig) -> str:
 def finalize(variant: str, generated: Generated | None, long_caption: str,
              config: RewriterConfig) -> tuple[str, list[str]]:
     """Enforce the variant's limit on a generation (None: it failed); returns (text, flags)."""
-    text = _clean(generated.text) if generated is not None else ""
+    text = clean_generation(generated.text) if generated is not None else ""
     limit = _limit(variant, config)
     text, cut = parse_tags(text, limit) if variant == "tags" else cut_words(text, limit)
     if not text:
@@ -100,7 +100,7 @@ def finalize(variant: str, generated: Generated | None, long_caption: str,
     return text, [f"{variant}_truncated"] if cut or generated.truncated else []
 
 
-def _generate_isolated(llm: ChatLLM, prompts: list[Messages], max_new_tokens: int,
+def generate_isolated(llm: ChatLLM, prompts: list[Messages], max_new_tokens: int,
                        batch_size: int) -> list[Generated | None]:
     """Batched generation; a failing batch is retried prompt by prompt, a failing prompt gives None."""
     out: list[Generated | None] = []
@@ -132,7 +132,7 @@ def rewrite_many(captions: Sequence[str], llm: ChatLLM, config: RewriterConfig,
     for variant in VARIANTS:
         if variant in variants:
             prompts = [prompt_for(variant, c, config) for c in captions]
-            generated = _generate_isolated(llm, prompts, config.max_new_tokens, batch_size)
+            generated = generate_isolated(llm, prompts, config.max_new_tokens, batch_size)
         else:
             generated = [None] * len(captions)
         texts[variant] = []

@@ -215,3 +215,26 @@ class Skipped(pa.DataFrameModel):
     class Config:
         strict = True
         coerce = True
+
+
+class ExpanderPairs(pa.DataFrameModel):
+    """Prompt-expander SFT pairs: a written user prompt, a thinking trace (intent reconstruction) and the
+    expansion (the long caption, opened by a photographic medium phrase where ``photo_medium``). ``style`` is the
+    caption's style; ``flags`` lists fallbacks/truncations (comma-separated, "" if none)."""
+
+    id: Series[str] = pa.Field(unique=True, str_length={"min_value": 1})
+    user: Series[str] = pa.Field(str_length={"min_value": 1})
+    thinking: Series[str] = pa.Field(str_length={"min_value": 1})
+    expansion: Series[str] = pa.Field(str_length={"min_value": 1})
+    style: Series[str] = pa.Field(isin=["artistic", "photo", "other"])
+    photo_medium: Series[bool]
+    split: Series[str] = pa.Field(isin=["train", "val"])
+    flags: Series[str]
+
+    @pa.dataframe_check
+    def photo_medium_only_on_photos(cls, df: pd.DataFrame) -> Series[bool]:
+        return ~df["photo_medium"] | (df["style"] == "photo")
+
+    class Config:
+        strict = True
+        coerce = True

@@ -77,7 +77,7 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _call_seed(seed: int, group: str, batch: int) -> int:
+def call_seed(seed: int, group: str, batch: int) -> int:
     # < 2**32, so generate's (seed * 100_003 + i) stays far inside torch's 64-bit seed range
     return int(hashlib.sha256(f"{seed}/{group}/{batch}".encode()).hexdigest()[:8], 16)
 
@@ -103,7 +103,7 @@ def sample_draws(draws: Sequence[Draw], prompts: Sequence[str], pipes: dict[str,
             chunk = members[start:start + BATCH]
             out = pipes[sampler.checkpoint].generate(
                 [prompts[draws[i].prompt] for i in chunk], width=resolution, height=resolution, steps=sampler.steps,
-                cfg_scale=sampler.cfg_scale, shift=shift, seed=_call_seed(seed, f"{salt}/{source}/{side}", batch))
+                cfg_scale=sampler.cfg_scale, shift=shift, seed=call_seed(seed, f"{salt}/{source}/{side}", batch))
             images.update(zip(chunk, out, strict=True))
             progress.update(len(chunk))
     return [images[i] for i in range(len(draws))]

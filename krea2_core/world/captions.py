@@ -9,7 +9,7 @@ import numpy as np
 
 from .scene import Scene, Shape, sample_scene
 
-_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _OPENERS = ("An image of", "A picture showing", "A simple illustration of", "A flat graphic with")
 _TEXT_SENTENCES = (
     'The word "{}" is written in dark letters.',
@@ -62,23 +62,23 @@ class Prompt:
         return cls(d["text"], tuple(Requirement.from_dict(r) for r in d["rubric"]))
 
 
-def _groups(scene: Scene) -> dict[tuple[str, str], list[Shape]]:
+def shape_groups(scene: Scene) -> dict[tuple[str, str], list[Shape]]:
     groups: dict[tuple[str, str], list[Shape]] = {}
     for s in scene.shapes:
         groups.setdefault((s.color, s.kind), []).append(s)
     return groups
 
 
-def _join(items: list[str]) -> str:
+def join_words(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
 def _noun(color: str, kind: str, n: int) -> str:
-    return f"{_article(color)} {color} {kind}" if n == 1 else f"{_NUMBERS[n]} {color} {kind}s"
+    return f"{article(color)} {color} {kind}" if n == 1 else f"{NUMBER_WORDS[n]} {color} {kind}s"
 
 
 def _where(position: str) -> str:
@@ -88,8 +88,8 @@ def _where(position: str) -> str:
 def captions(scene: Scene) -> dict[str, str]:
     """"short" (shapes), "medium" (+ background, text), "long" (+ size and position of every shape)."""
     rng = np.random.default_rng([scene.seed, 7])
-    groups = _groups(scene)
-    short = _join([_noun(c, k, len(g)) for (c, k), g in groups.items()])
+    groups = shape_groups(scene)
+    short = join_words([_noun(c, k, len(g)) for (c, k), g in groups.items()])
     with_text = f', with the word "{scene.text}"' if scene.text else ""
     medium = f"{short} on a {scene.background} background{with_text}"
     details = []
@@ -98,8 +98,8 @@ def captions(scene: Scene) -> dict[str, str]:
             s = group[0]
             details.append(f"The {color} {kind} is {s.size} and sits {_where(s.position)}.")
         else:
-            parts = _join([f"{_article(s.size)} {s.size} one {_where(s.position)}" for s in group])
-            details.append(f"{_NUMBERS[len(group)].capitalize()} {color} {kind}s: {parts}.")
+            parts = join_words([f"{article(s.size)} {s.size} one {_where(s.position)}" for s in group])
+            details.append(f"{NUMBER_WORDS[len(group)].capitalize()} {color} {kind}s: {parts}.")
     long = f"{_OPENERS[rng.integers(len(_OPENERS))]} {short} on a {scene.background} background. " + " ".join(details)
     if scene.text:
         long += " " + _TEXT_SENTENCES[rng.integers(len(_TEXT_SENTENCES))].format(scene.text)
@@ -112,7 +112,7 @@ def rubric_for(scene: Scene) -> tuple[Requirement, ...]:
     for s in scene.shapes:
         kinds[s.kind] = kinds.get(s.kind, 0) + 1
     reqs += [Requirement.make("count", shape=k, n=n) for k, n in kinds.items()]
-    for (color, kind), group in _groups(scene).items():
+    for (color, kind), group in shape_groups(scene).items():
         reqs.append(Requirement.make("color", shape=kind, color=color, n=len(group)))
         reqs += [Requirement.make("position", shape=kind, color=color, position=s.position) for s in group]
         for size in dict.fromkeys(s.size for s in group):
