@@ -76,16 +76,29 @@ def post_training_summary(root: Path, stage_runs: dict[str, str]) -> list[str]:
     return lines
 
 
+def expander_summary(root: Path, stage_runs: dict[str, str]) -> list[str]:
+    """Held-out short user prompts: the checker's score of images from the raw prompt vs its expansions, and the
+    expansions' faithfulness and group diversity (SFT vs RL)."""
+    if "expander_rl" not in stage_runs:
+        return []
+    m = run_metrics(root, stage_runs["expander_rl"])
+    return [f"    expansion     : prompt-following raw prompt {m.get('eval.raw.score', nan):.3f}, SFT expansion "
+            f"{m.get('eval.sft.score', nan):.3f}, RL expansion {m.get('eval.rl.score', nan):.3f}; faithfulness SFT "
+            f"{m.get('eval.sft.faithfulness', nan):.2f} / RL {m.get('eval.rl.faithfulness', nan):.2f}; diversity SFT "
+            f"{m.get('eval.sft.diversity', nan):.3f} / RL {m.get('eval.rl.diversity', nan):.3f}"]
+
+
 @task(container_image=DATA_IMAGE)
 def finish_pipeline(parent_run_id: str, curated: FlyteDirectory, midtrain: FlyteDirectory,
-                    pretrained: FlyteDirectory, final: FlyteDirectory, distilled: FlyteDirectory) -> str:
+                    pretrained: FlyteDirectory, final: FlyteDirectory, distilled: FlyteDirectory,
+                    expander: FlyteDirectory) -> str:
     """Close the parent run, linking every stage run behind the outputs, and say where things are."""
     root = output_root()
     curated_path, midtrain_path = from_flyte_dir(curated), from_flyte_dir(midtrain)
     pretrained_path, final_path = from_flyte_dir(pretrained), from_flyte_dir(final)
-    distilled_path = from_flyte_dir(distilled)
+    distilled_path, expander_path = from_flyte_dir(distilled), from_flyte_dir(expander)
     finals = [read_manifest(midtrain_path, kind="midtrain_selection"), read_manifest(final_path, kind="checkpoint"),
-              read_manifest(distilled_path, kind="checkpoint")]
+              read_manifest(distilled_path, kind="checkpoint"), read_manifest(expander_path, kind="expander")]
     stage_runs = end_pipeline_run(root, parent_run_id, [m.mlflow_run_id for m in finals])
     summary = json.loads((curated_path / "summary.json").read_text())
     sampling = json.loads((distilled_path / "distill.json").read_text())
@@ -105,6 +118,8 @@ def finish_pipeline(parent_run_id: str, curated: FlyteDirectory, midtrain: Flyte
         f"  final model  : {final_path} (post-trained: midtraining, SFT + merge, preference optimisation, RL)",
         f"  distilled    : {distilled_path} ({sampling['student_steps']}-step student without CFG: distill.json)",
         *post_training_summary(root, stage_runs),
+        f"  expander     : {expander_path} (a transformers LLM: krea2 expand --model <it> \"a red circle\")",
+        *expander_summary(root, stage_runs),
         f"  MLflow       : parent run {parent_run_id}; stage runs {stage_runs}",
         f"  browse with  : mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}",
     ]

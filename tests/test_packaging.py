@@ -44,7 +44,9 @@ TRAIN_TASKS = {PRETRAIN_STAGE, "tasks.post.finetune_stage", "tasks.post.preferen
 # the tasks that only sample and score checkpoints, with tasks.pretrain.SAMPLE_RESOURCES
 SAMPLE_TASKS = {"tasks.post.merge_sft", "tasks.post.preference_pairs", "tasks.post.annotation_pairs",
                 "tasks.post.reward_model"}
-TRAIN_IMAGE_TASKS = TRAIN_TASKS | SAMPLE_TASKS  # the only tasks on the train image
+# the prompt expander's tasks: one process each, with SAMPLE_RESOURCES (one GPU when training has GPUs)
+EXPANDER_TASKS = {"tasks.expander.expander_data", "tasks.expander.expander_sft", "tasks.expander.expander_rl"}
+TRAIN_IMAGE_TASKS = TRAIN_TASKS | SAMPLE_TASKS | EXPANDER_TASKS  # the only tasks on the train image
 POST_TRAINING = "workflows.post_training.post_training"  # a @dynamic: its graph depends on the config's SFT domains
 CACHED_TASKS = {
     "tasks.curation.build_world_pool", *RAY_TASKS, "tasks.curation.select_images", "tasks.semantic.caption_images",
@@ -64,7 +66,7 @@ PIPELINE_TASKS = CACHED_TASKS | UNCACHED_TASKS
 WORKFLOWS = {
     "workflows.end_to_end.krea2_pipeline", "workflows.curation.curate_raw_pool", "workflows.curation.curation",
     "workflows.curation.curation_from_uris", "workflows.semantic_curation.semantic_curation",
-    "workflows.pretraining.pretraining",
+    "workflows.pretraining.pretraining", "workflows.expander.prompt_expander",
 }
 # the training tasks' launch shape, read from the environment when tasks/pretrain.py is imported
 LAUNCH_ENV = ("KREA2_TRAIN_NNODES", "KREA2_TRAIN_NPROC_PER_NODE", "KREA2_TRAIN_GPUS_PER_NODE")
@@ -217,11 +219,12 @@ def test_every_pipeline_task_is_packaged_on_its_image(package: Package) -> None:
     assert {"containers/images.py", "tasks/common.py", "tasks/curation.py", "tasks/pipeline.py", "tasks/semantic.py",
             "tasks/pretrain.py", "tasks/post.py", "workflows/end_to_end.py", "workflows/curation.py",
             "workflows/semantic_curation.py", "workflows/pretraining.py", "workflows/post_training.py",
-            "krea2_core/config.py"} <= package.fast_files
+            "tasks/expander.py", "workflows/expander.py", "krea2_core/config.py"} <= package.fast_files
 
 
 def test_requests_match_the_code(package: Package) -> None:
     import tasks.curation
+    import tasks.expander
     import tasks.pipeline
     import tasks.post
     import tasks.pretrain
@@ -229,7 +232,8 @@ def test_requests_match_the_code(package: Package) -> None:
     import workflows.post_training
 
     checked = set()
-    for module in (tasks.curation, tasks.pipeline, tasks.semantic, tasks.pretrain, tasks.post, workflows.post_training):
+    for module in (tasks.curation, tasks.pipeline, tasks.semantic, tasks.pretrain, tasks.post, tasks.expander,
+                   workflows.post_training):
         for task in vars(module).values():
             name = getattr(task, "name", None)
             if not (isinstance(name, str) and name in package.tasks):
@@ -342,7 +346,7 @@ def test_workflows_and_launch_plans(package: Package) -> None:
     sub_refs = {node.workflow_node.sub_workflow_ref.name for node in pipeline.template.nodes
                 if node.HasField("workflow_node")}
     assert sub_refs == {"workflows.curation.curate_raw_pool", "workflows.semantic_curation.semantic_curation",
-                        "workflows.pretraining.pretraining"}
+                        "workflows.pretraining.pretraining", "workflows.expander.prompt_expander"}
     subs = {sub.id.name: sub for sub in pipeline.sub_workflows}
     assert sub_refs <= subs.keys()
     # post-training starts from the pretrained checkpoint and the midtraining selection; its output is the final one
@@ -354,6 +358,14 @@ def test_workflows_and_launch_plans(package: Package) -> None:
     finish = {b.var: b.binding.promise for b in nodes["tasks.pipeline.finish_pipeline"].inputs}
     assert (finish["final"].node_id, finish["final"].var) == (nodes[POST_TRAINING].id, "final")
     assert (finish["distilled"].node_id, finish["distilled"].var) == (nodes[POST_TRAINING].id, "distilled")
+    # the expander learns from the captions and the distilled model's images; its RL artifact is the pipeline's
+    expander = nodes["workflows.expander.prompt_expander"]
+    assert (finish["expander"].node_id, finish["expander"].var) == (expander.id, "o0")
+    expander_sources = {b.var: b.binding.promise for b in expander.inputs}
+    assert (expander_sources["image_model"].node_id, expander_sources["image_model"].var) == (
+        nodes[POST_TRAINING].id, "distilled")
+    assert expander_sources["captions"].node_id == nodes["tasks.semantic.caption_on_device"].id
+    assert _task_refs(subs["workflows.expander.prompt_expander"]) == EXPANDER_TASKS
     assert _task_refs(subs["workflows.curation.curate_raw_pool"]) == {
         "tasks.curation.score_images", "tasks.curation.select_images"}
     assert _task_refs(subs["workflows.semantic_curation.semantic_curation"]) == {
@@ -424,7 +436,7 @@ def _strip(template: tasks_pb2.TaskTemplate, request: int | None = None, env: bo
 def test_multi_node_launch_shape_is_a_pytorchjob(packages: dict[str, Package]) -> None:
     """KREA2_TRAIN_NNODES=2 KREA2_TRAIN_NPROC_PER_NODE=8 KREA2_TRAIN_GPUS_PER_NODE=8 at registration: every training
     task is a PyTorchJob of 2 worker pods with an ElasticConfig of 8 processes each, 8 GPUs requested per pod; the
-    sampling tasks request 1 GPU; post_training's pod gets the launch shape (test_launch_shape_reaches_the_pod);
+    sampling and expander tasks request 1 GPU; post_training's pod gets the launch shape (test_launch_shape_reaches_the_pod);
     nothing else changes."""
     default, multi = packages["default"], packages["multi_node"]
     for name in TRAIN_TASKS:
@@ -436,7 +448,7 @@ def test_multi_node_launch_shape_is_a_pytorchjob(packages: dict[str, Package]) -
         assert _requests(template) == {CPU: "2", MEMORY: "8Gi", GPU: "8"}, name
         assert _container(template).image == multi.train_image == default.train_image, name
         assert template.metadata == default.tasks[name].metadata, name  # cached the same way
-    for name in SAMPLE_TASKS:
+    for name in SAMPLE_TASKS | EXPANDER_TASKS:
         template = multi.tasks[name]
         assert _requests(template) == {CPU: "2", MEMORY: "8Gi", GPU: "1"}, name
         assert _strip(template, request=GPU) == default.tasks[name], name

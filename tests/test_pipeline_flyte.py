@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from krea2_core.config import deep_merge, load_config
 from krea2_core.rerun import plan
 from krea2_core.tracking import configure_tracking
+from expander._llm import save_tiny_qwen3
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = """
@@ -64,10 +65,17 @@ post:  # every post-training stage for a step or two, at 32 px
     diversity_samples: 2
   distill: {student_steps: 2, steps: 1, batch: 2, warmup_steps: 0, n_prompts: 4, eval_prompts: 2,
             teacher_eval_steps: 3}
+expander:  # a tiny random LLM (TINY_LLM: written by the test) writes the pairs and is finetuned: the real code path
+  expansion: {max_new_tokens: 16}
+  data: {writer_model: TINY_LLM, n_pairs: 6, batch_size: 6, max_new_tokens: 8}
+  sft: {model_id: TINY_LLM, steps: 2, batch_size: 2, warmup_steps: 0, eval_prompts: 2}
+  rl: {steps: 1, prompts_per_step: 2, group_size: 2, n_prompts: 4, n_candidates: 2, image_steps: 2, warmup_steps: 0,
+       eval_prompts: 2, diversity_prompts: 1, diversity_samples: 2}
 """
 POST_TRAINING = ("pack_midtrain", "midtrain", "sft_data_warm", "sft_data_cool", "sft_warm", "sft_cool", "merge",
                  "preference_pairs", "preference_synthetic", "preference_annotations", "preference_calibration",
                  "reward_model", "rl", "distill")
+EXPANDER = ("expander_data", "expander_sft", "expander_rl")
 
 
 def _with(base: str, **changes: dict) -> str:
@@ -93,8 +101,9 @@ def _stage_runs(root: Path) -> dict[str, list[str]]:
 
 def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isolated_outputs: Path) -> None:
     home, root = tmp_path / "home", isolated_outputs
+    small_config = SMALL.replace("TINY_LLM", str(save_tiny_qwen3(tmp_path / "llm")))
     small = tmp_path / "small.yaml"
-    small.write_text(SMALL)
+    small.write_text(small_config)
 
     first = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(small))
     assert first.returncode == 0, first.stderr[-3000:]
@@ -102,7 +111,7 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     runs = _stage_runs(root)
     training = tuple(f"{kind}_{stage}" for stage in ("256", "512", "1024") for kind in ("pack", "pretrain"))
     stages = ("world_pool", "ingest", "scoring", "selection", "scene_captions", "captioning", "embedding",
-              "semantic_selection", *training, *POST_TRAINING)
+              "semantic_selection", *training, *POST_TRAINING, *EXPANDER)
     assert {stage: len(ids) for stage, ids in runs.items()} == dict.fromkeys(stages, 1)
 
     second = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(small))
@@ -111,11 +120,11 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     # and the dry run reads back every stage's recorded config, post-training included, as unchanged
     latest = MlflowClient().search_runs([configure_tracking(root)], filter_string="tags.`krea2.kind` = 'pipeline'",
                                         order_by=["start_time DESC"])[0]
-    steps = plan(latest.info.run_id, load_config("tiny", SMALL))
+    steps = plan(latest.info.run_id, load_config("tiny", small_config))
     assert [stage for stage, _, _ in steps] == list(stages) and not any(reruns for _, reruns, _ in steps), steps
 
     changed = tmp_path / "changed.yaml"
-    changed.write_text(_with(SMALL, curation={"stages": {"512": {"min_side": 100}}}))
+    changed.write_text(_with(small_config, curation={"stages": {"512": {"min_side": 100}}}))
     third = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(changed))
     assert third.returncode == 0, third.stderr[-3000:]
     after = _stage_runs(root)
@@ -126,8 +135,9 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     # run did, and a stage that only consumes such outputs is a Flyte cache hit. This small config's 32 px PNG
     # samples can come out identical from checkpoints that differ slightly, so the PO pairs (and from them the
     # calibrated checkpoint and the reward model) may land where they did: RL and distillation re-run exactly when
-    # their inputs moved (checked at the end), not on every upstream change.
-    moved_only = {"rl", "distill"}
+    # their inputs moved (checked at the end), not on every upstream change; so do the expander's stages (the
+    # captions can come out the same from another curated set).
+    moved_only = {"rl", "distill", *EXPANDER}
     assert {stage: len(ids) for stage, ids in after.items() if stage not in moved_only} == {
         s: 1 + (s in downstream) for s in stages if s not in moved_only}
 
@@ -156,6 +166,9 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     # distinct RL checkpoint
     assert len(final["rl"]) == len({(used(p, "preference_calibration"), used(p, "reward_model")) for p in parents})
     assert len(final["distill"]) == len({used(p, "rl") for p in parents})
+    assert len(final["expander_data"]) == len({used(p, "captioning") for p in parents})
+    assert len(final["expander_sft"]) == len({used(p, "expander_data") for p in parents})
+    assert len(final["expander_rl"]) == len({(used(p, "expander_sft"), used(p, "distill")) for p in parents})
     tags = parents[0].data.tags
     assert {k.removeprefix("krea2.stage_run.") for k in tags if k.startswith("krea2.stage_run.")} == set(stages)
     assert tags["krea2.stage_run.scoring"] == runs["scoring"][0]

@@ -7,7 +7,8 @@ Stages so far: world pool -> curation (ingest, scoring, per-resolution selection
 captions, rewrites; world images keep their scene-graph captions) -> semantic curation (midtraining selection)
 -> pretraining 256 -> 512 -> 1024 px (packing per stage, then training from the previous stage's checkpoint)
 -> post-training: midtraining, SFT per domain + model merging, preference optimisation (synthetic pairs, then
-calibration on human annotations), RL (Flow-GRPO without CFG, multi-reward), TDM timestep distillation.
+calibration on human annotations), RL (Flow-GRPO without CFG, multi-reward), TDM timestep distillation
+-> the prompt expander (SFT data from the captions, SFT, GDPO RL through the distilled model's images).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tasks.curation import build_world_pool, ingest
 from tasks.pipeline import finish_pipeline, resolve_config, start_pipeline
 from tasks.semantic import caption_on_device, scene_captions
 from workflows.curation import curate_raw_pool
+from workflows.expander import prompt_expander
 from workflows.post_training import post_training
 from workflows.pretraining import pretraining
 from workflows.semantic_curation import semantic_curation
@@ -38,5 +40,7 @@ def krea2_pipeline(preset: str = "tiny", config: str = "") -> str:
                              parent_run_id=parent_run_id)
     trained = post_training(curated=curated, captions=captions, selection=midtrain, pretrained=pretrained, post=cfg.post,
                             pretrain=cfg.pretrain, parent_run_id=parent_run_id)
+    expander = prompt_expander(captions=captions, image_model=trained.distilled, config=cfg.expander,
+                               pretrain=cfg.pretrain, resolution=cfg.post.resolution, parent_run_id=parent_run_id)
     return finish_pipeline(parent_run_id=parent_run_id, curated=curated, midtrain=midtrain, pretrained=pretrained,
-                           final=trained.final, distilled=trained.distilled)
+                           final=trained.final, distilled=trained.distilled, expander=expander)
