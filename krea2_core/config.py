@@ -357,7 +357,7 @@ class WorldPoolConfig(_Strict):
     n_color_variants: int = 20  # same layout, other shape colours: distinct images that must be kept
     n_per_defect: int = 6  # of each defect class (corrupt, flat, border, noise, tiny, extreme aspect, ...)
     real_image_dirs: list[str] = field(default_factory=lambda: ["skimage", "/usr/share/backgrounds"])
-    max_real_images: int = 300
+    max_real_images: int = 24  # each real image costs the offline LLM captioner ~5 s on 2 cores
     # relative weights per scene attribute ("kind", "color", "size", "background"; missing options weigh 1):
     # a long tail for semantic curation to keep
     weights: dict[str, dict[str, float]] = field(default_factory=lambda: {
@@ -687,10 +687,10 @@ class MidtrainConfig(_Strict):
         "text_rendering": MidtrainDomain(share=0.3, keywords=["word", "text", "reads", "letters"]),
         "world": MidtrainDomain(share=0.7, sources=["world"]),
     })
-    n_images: int = 128
+    n_images: int = 64
     stage: PretrainStageConfig = field(default_factory=lambda: PretrainStageConfig(
-        resolution=128, steps=24, global_batch=8, lr=1e-4, warmup_steps=4, timestep_shift=3.0, pma_checkpoints=3,
-        pma_interval=6, val_every=24))
+        resolution=128, steps=12, global_batch=8, lr=1e-4, warmup_steps=2, timestep_shift=3.0, pma_checkpoints=3,
+        pma_interval=3, val_every=12))
 
     def __post_init__(self) -> None:
         _require(bool(self.domains), "midtraining needs at least one domain")
@@ -731,9 +731,9 @@ class SFTConfig(_Strict):
     # a low learning rate keeps each domain's change small enough that averaging the checkpoints keeps both (with
     # 2e-4 the tiny preset's merges lost the gains of both domains)
     stage: PretrainStageConfig = field(default_factory=lambda: PretrainStageConfig(
-        resolution=64, steps=60, global_batch=8, lr=5e-5, warmup_steps=6, decay_fraction=0.3, timestep_shift=2.0,
-        pma_checkpoints=3, pma_interval=10, val_every=60))
-    eval_prompts: int = 24  # held-out prompts per domain
+        resolution=64, steps=30, global_batch=8, lr=5e-5, warmup_steps=3, decay_fraction=0.3, timestep_shift=2.0,
+        pma_checkpoints=3, pma_interval=5, val_every=30))
+    eval_prompts: int = 16  # held-out prompts per domain
 
     def __post_init__(self) -> None:
         _require(len(self.domains) >= 1, "SFT needs at least one domain")
@@ -751,7 +751,7 @@ class MergeConfig(_Strict):
     weights: dict[str, float] = field(default_factory=dict)
     density: float = 0.5  # ties: fraction of each task vector's entries kept (largest magnitudes)
     scale: float = 1.0  # task_arithmetic / ties: multiplier of the merged task vector added to the base
-    compare: bool = True  # also evaluate the other methods (logged; the artifact holds ``method``)
+    compare: bool = False  # also evaluate the other methods (logged; the artifact holds ``method``)
 
     def __post_init__(self) -> None:
         _require(0.0 < self.density <= 1.0, f"density must be in (0, 1], got {self.density}")
@@ -777,7 +777,7 @@ class PairsConfig(_Strict):
     """Synthetic preference pairs (delta-learning style): the policy's own sample against an opponent from a
     weaker checkpoint or sampler; ``off_policy_fraction`` of pairs use two off-policy samples."""
 
-    n_prompts: int = 96
+    n_prompts: int = 48
     policy: SamplerConfig = field(default_factory=SamplerConfig)
     opponents: list[SamplerConfig] = field(default_factory=lambda: [
         SamplerConfig(checkpoint="previous"), SamplerConfig(steps=4, cfg_scale=1.5), SamplerConfig()])
@@ -831,11 +831,11 @@ class PreferenceStageConfig(_Strict):
 class PreferenceConfig(_Strict):
     pairs: PairsConfig = field(default_factory=PairsConfig)
     loss: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
-    # the tiny DiT needs a large lr to move at all in 60 steps (at 2e-5 neither loss changed the model measurably)
-    synthetic: PreferenceStageConfig = field(default_factory=lambda: PreferenceStageConfig(steps=60, lr=1e-4))
-    calibration: PreferenceStageConfig = field(default_factory=lambda: PreferenceStageConfig(steps=20, lr=5e-5))
+    # the tiny DiT needs a large lr to move at all in a few dozen steps (at 2e-5 neither loss changed it measurably)
+    synthetic: PreferenceStageConfig = field(default_factory=lambda: PreferenceStageConfig(steps=30, lr=1e-4))
+    calibration: PreferenceStageConfig = field(default_factory=lambda: PreferenceStageConfig(steps=10, lr=5e-5))
     annotations: str = ""  # human-annotation table (Parquet, schema Annotations); "" = simulated annotators
-    simulated_annotations: int = 32  # pairs the simulated annotators label when ``annotations`` is ""
+    simulated_annotations: int = 16  # pairs the simulated annotators label when ``annotations`` is ""
     simulated_label_noise: float = 0.1  # probability a simulated annotator picks the worse image
     eval_prompts: int = 16  # held-out prompts for the preferred-rate over the reference
     timestep_shift: float = 2.0  # of the training timesteps: the SFT stage's at the same resolution
@@ -924,7 +924,7 @@ class GRPOConfig(_Strict):
     """Flow-GRPO without CFG: SDE rollouts with per-step log-probabilities, group-relative advantages, a clipped
     ratio objective and a KL penalty to the frozen starting model."""
 
-    steps: int = 24  # optimisation rounds (one rollout batch each)
+    steps: int = 8  # optimisation rounds (one rollout batch each)
     prompts_per_step: int = 4  # global, over all ranks
     group_size: int = 4  # samples per prompt
     sample_steps: int = 10  # SDE sampling steps of a rollout
@@ -961,7 +961,7 @@ class RLConfig(_Strict):
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     pool: PromptPoolConfig = field(default_factory=PromptPoolConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    eval_prompts: int = 24  # held-out prompts: rubric/checker score without CFG before and after, and with CFG
+    eval_prompts: int = 16  # held-out prompts: rubric/checker score without CFG before and after, and with CFG
     diversity_prompts: int = 6  # held-out prompts sampled diversity_samples times each for the embedding spread
     diversity_samples: int = 4
 
@@ -980,15 +980,15 @@ class DistillConfig(_Strict):
 
     student_steps: int = 4
     teacher_cfg: float = 4.0  # the guidance scale distilled into the student
-    steps: int = 80
+    steps: int = 40
     batch: int = 8  # prompts per step, global
     lr: float = 1e-5
     fake_lr: float = 1e-4
     fake_updates: int = 1  # fake-score updates per student update
-    warmup_steps: int = 4
+    warmup_steps: int = 2
     n_prompts: int = 256  # the data-free prompt set
     seed: int = 40_000
-    eval_prompts: int = 24
+    eval_prompts: int = 12
     teacher_eval_steps: int = 50  # the teacher's sampler in the comparison (with teacher_cfg)
     log_every: int = 5
 
@@ -1032,7 +1032,7 @@ class ExpanderDataConfig(_Strict):
     expansion. Artistic captions are oversampled and a share of photographic ones name the photographic medium."""
 
     writer_model: str = SMOLLM2_GGUF
-    n_pairs: int = 64  # captions drawn (without replacement, capped at the table's usable rows)
+    n_pairs: int = 24  # captions drawn (without replacement, capped at the table's usable rows)
     user_words: int = 14  # a written user prompt is cut to this many words
     thinking_words: int = 30
     max_new_tokens: int = 40
@@ -1065,14 +1065,14 @@ class ExpanderSFTConfig(_Strict):
     user prompt -> thinking trace + expansion, loss on the answer tokens only."""
 
     model_id: str = SMOLLM2_GGUF
-    steps: int = 20  # SmolLM2-135M: ~12 s a step on 2 cores; 20 steps at 1e-4 teach it the format (README)
+    steps: int = 12  # SmolLM2-135M: ~10 s a step on 2 cores; 12 steps at 1e-4 teach it the format (README)
     batch_size: int = 8
     lr: float = 1e-4
     weight_decay: float = 0.0
-    warmup_steps: int = 4
+    warmup_steps: int = 2
     max_tokens: int = 192  # longer examples are cut (and counted)
     grad_clip: float = 1.0
-    eval_prompts: int = 16  # world user prompts expanded greedily after training: format and faithfulness
+    eval_prompts: int = 8  # world user prompts expanded greedily after training: format and faithfulness
     seed: int = 0
     log_every: int = 5
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -1092,12 +1092,12 @@ class ExpanderRLConfig(_Strict):
     group normalisation, then a weighted sum; safety/constraint checks gate the rewards; the diversity reward
     (each image's mean embedding distance to its group) stays on all along."""
 
-    steps: int = 8  # rounds: one sampled batch and ``updates_per_step`` optimiser steps each
+    steps: int = 3  # rounds: one sampled batch and ``updates_per_step`` optimiser steps each
     prompts_per_step: int = 4
     group_size: int = 4
     hard_fraction: float = 0.25  # share of each round's prompts drawn from the mined hard cases
     n_prompts: int = 48  # realistic user-like world prompts
-    n_candidates: int = 24  # probes scored by the SFT expander; the hard-but-not-hopeless ones are kept
+    n_candidates: int = 8  # probes scored by the SFT expander; the hard-but-not-hopeless ones are kept
     hopeless: float = 0.1  # group mean image reward at or below which a probe is hopeless
     too_easy: float = 0.9  # ... at or above which it is too easy
     min_std: float = 0.02  # ... group std below which it carries no signal
@@ -1116,8 +1116,8 @@ class ExpanderRLConfig(_Strict):
     image_steps: int = 4  # the image model's sampler (the tiny default samples the 4-step distilled student)
     image_cfg: float = 1.0
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)  # diversity
-    eval_prompts: int = 24
-    diversity_prompts: int = 6
+    eval_prompts: int = 8
+    diversity_prompts: int = 4
     diversity_samples: int = 4
     log_every: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -1191,14 +1191,14 @@ def _gpu_expander() -> ExpanderConfig:
 
 def _tiny_pretrain_stages() -> dict[str, PretrainStageConfig]:
     # 32/64/128 px stand for 256/512/1024; the shift grows with resolution, iREPA only in the first stage;
-    # about 8 minutes on 2 cores in all
+    # budgets sized for the whole pipeline's ~15 min on 2 cores (benchmarks/tiny_long.yaml: the longer ones)
     return {
-        "256": PretrainStageConfig(resolution=32, steps=240, global_batch=32, lr=1e-3, timestep_shift=1.0,
-                                   repa=True, pma_interval=20),
-        "512": PretrainStageConfig(resolution=64, steps=100, global_batch=16, lr=5e-4, timestep_shift=2.0,
-                                   pma_checkpoints=3, pma_interval=10),
-        "1024": PretrainStageConfig(resolution=128, steps=30, global_batch=8, lr=2e-4, warmup_steps=5,
-                                    timestep_shift=3.0, pma_checkpoints=3, pma_interval=10, val_every=10),
+        "256": PretrainStageConfig(resolution=32, steps=120, global_batch=32, lr=1e-3, warmup_steps=10,
+                                   timestep_shift=1.0, repa=True, pma_interval=10),
+        "512": PretrainStageConfig(resolution=64, steps=50, global_batch=16, lr=5e-4, warmup_steps=10,
+                                   timestep_shift=2.0, pma_checkpoints=3, pma_interval=10),
+        "1024": PretrainStageConfig(resolution=128, steps=16, global_batch=8, lr=2e-4, warmup_steps=3,
+                                    timestep_shift=3.0, pma_checkpoints=3, pma_interval=5, val_every=8),
     }
 
 
@@ -1303,7 +1303,8 @@ def _gpu_post_training() -> PostTrainConfig:
                                          SamplerConfig(steps=50)]),
             synthetic=PreferenceStageConfig(steps=4000, global_batch=256, lr=1e-6, warmup_steps=100, log_every=20),
             calibration=PreferenceStageConfig(steps=500, global_batch=64, lr=5e-7, warmup_steps=20, log_every=10),
-            eval_prompts=256, timestep_shift=3.0),
+            simulated_annotations=32, eval_prompts=256, timestep_shift=3.0),
+        merge=MergeConfig(compare=True),
         # Flow-GRPO's scale: 16 samples per prompt, 10 SDE steps; the reward models share the training GPUs (report)
         rl=RLConfig(
             rewards=RewardsConfig(ocr=OcrConfig(), actor_gpus=0.25),
@@ -1337,7 +1338,7 @@ def preset(name: str) -> PipelineConfig:
         return PipelineConfig(
             preset="small",
             world=WorldPoolConfig(n_scenes=5000, min_side=256, max_side=1024, n_exact_duplicates=200,
-                                  n_near_duplicates=400, n_color_variants=200, n_per_defect=50),
+                                  n_near_duplicates=400, n_color_variants=200, n_per_defect=50, max_real_images=300),
             curation=CurationConfig(stages=_stages(256, 512, 1024), parallel=ParallelConfig(num_cpus=8)),
             captioning=_gpu_captioning(),
             pretrain=_gpu_pretraining(1, 1, 1, _SMALL_DIT, "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen-Image"),
@@ -1348,7 +1349,8 @@ def preset(name: str) -> PipelineConfig:
         return PipelineConfig(
             preset="full",
             world=WorldPoolConfig(n_scenes=20000, min_side=256, max_side=1536, n_exact_duplicates=500,
-                                  n_near_duplicates=1000, n_color_variants=500, n_per_defect=200),
+                                  n_near_duplicates=1000, n_color_variants=500, n_per_defect=200,
+                                  max_real_images=300),
             curation=CurationConfig(stages=_stages(256, 512, 1024),
                                     parallel=ParallelConfig(num_cpus=64, shard_size=512)),
             captioning=_gpu_captioning(),

@@ -28,7 +28,7 @@ POST = PostTrainConfig.from_dict({
             "stage": {"resolution": 32, "steps": 2, "global_batch": 8, "warmup_steps": 0, "pma_checkpoints": 1,
                       "val_every": 2},
             "eval_prompts": 2},
-    "merge": {"method": "ties", "density": 0.5},
+    "merge": {"method": "ties", "density": 0.5, "compare": True},
 })
 EVAL = {"eval": {"n_prompts": 2, "steps": 2, "grid_size": 2}}
 CONFIG = type(PRETRAIN).from_dict({**PRETRAIN.to_dict(), **EVAL})
