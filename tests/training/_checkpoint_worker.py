@@ -114,6 +114,7 @@ def main(directory: Path) -> None:
                                                         ("saved", saved)) for k, v in part.items()},
                   directory / STATE_FILE)
     (directory / f"side-rank{rank}.json").write_text(json.dumps(side))
+    dist.barrier()  # neither rank tears gloo down while the other is still writing (a rare abort at exit)
     dist.destroy_process_group()
 
 
