@@ -619,6 +619,11 @@ class PretrainConfig(_Strict):
     caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
     seed: int = 0
 
+    def model_settings(self) -> dict[str, Any]:
+        """Everything but the resolution stages: how a post-training stage builds, runs and samples a checkpoint
+        (its cache key holds these, so retraining a pretraining stage differently re-runs it through its input)."""
+        return {k: v for k, v in self.to_dict().items() if k != "stages"}
+
     def __post_init__(self) -> None:
         _require(set(self.stages) <= {"256", "512", "1024"} and bool(self.stages),
                  f"stages must be a non-empty subset of 256, 512, 1024, got {sorted(self.stages)}")

@@ -90,7 +90,7 @@ def expander_rl_view(config: ExpanderRLConfig, expansion: ExpansionConfig, pretr
     """What the stage depends on (its cache key and recorded config): the image model's sampling settings, not
     how it was trained."""
     return {"rl": to_plain(config), "expansion": to_plain(expansion), "resolution": resolution,
-            "pretrain": {k: v for k, v in to_plain(pretrain).items() if k != "stages"}}
+            "pretrain": pretrain.model_settings()}
 
 
 def run_expander_rl(sft: Path, image_model: Path, reward_model: Path | None, config: ExpanderRLConfig,

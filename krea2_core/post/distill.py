@@ -40,13 +40,14 @@ from krea2_core.artifacts import read_manifest, to_plain
 from krea2_core.config import DistillConfig, PretrainConfig
 from krea2_core.diffusion.sampling import ModelFn, guided, inference_timesteps
 from krea2_core.diffusion.text_to_image import TextToImage
-from krea2_core.post.preference import CHECKPOINT_EVERY_S, Log, _global_means, policy_and_reference
+from krea2_core.post.preference import Log, policy_and_reference
 from krea2_core.post.tdm import fake_score_loss, few_step_sample, interval_times, student_rollout, student_x0, tdm_loss
-from krea2_core.stages import StageOutput, execute_stage, output_root, stage_location
+from krea2_core.stages import StageOutput
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
+from krea2_core.training.distributed_stage import run_distributed_stage
 from krea2_core.training.optim import build_optimizers
-from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, init_distributed, parallelize
+from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, global_means, parallelize
 from krea2_core.training.pretrain import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, diffusers_config, new_model
 from krea2_core.training.schedules import wsd_scheduler
 from krea2_core.training.world_eval import Generate, held_out_prompts, image_grid, score_images
@@ -62,7 +63,7 @@ LATENCY_PROMPTS = 8  # latency is timed on this many of the held-out prompts (th
 def distill_view(config: DistillConfig, pretrain: PretrainConfig, resolution: int) -> dict[str, Any]:
     """What the stage depends on (its cache key): not the pretraining stages."""
     return {"distill": to_plain(config), "resolution": resolution,
-            "pretrain": {k: v for k, v in to_plain(pretrain).items() if k != "stages"}}
+            "pretrain": pretrain.model_settings()}
 
 
 def run_distill_stage(teacher: Path, config: DistillConfig, pretrain: PretrainConfig, resolution: int,
@@ -71,41 +72,23 @@ def run_distill_stage(teacher: Path, config: DistillConfig, pretrain: PretrainCo
     Returns the checkpoint artifact on rank 0, None on the other ranks.
     Every argument is positional-capable: ``launch_local`` passes them positionally."""
     read_manifest(teacher, kind="checkpoint")
-    env = init_distributed(pretrain.parallel.device)
-    try:
-        if env.world_size != pretrain.parallel.world_size:
-            raise RuntimeError(f"launched with {env.world_size} processes but parallel.nnodes x nproc_per_node is "
-                               f"{pretrain.parallel.world_size}: the launch and the config must agree")
-        dp_rank, dp_size = data_parallel_rank(env, pretrain.parallel.tp)
-        rank_slots(config.batch, dp_rank, dp_size)  # bad input fails before anything is written
+
+    def check(env: DistEnv) -> None:  # bad input fails before anything is written
+        rank_slots(config.batch, *data_parallel_rank(env, pretrain.parallel.tp))
         token_side(resolution, pretrain.autoencoder.downsample * pretrain.autoencoder.patch_size)
-        root = root or output_root()
-        inputs = {"teacher": Path(teacher)}
-        view = distill_view(config, pretrain, resolution)
-        prompts = training_prompts(config, pretrain, resolution)
 
-        def train(scratch: Path, log: Log | None) -> TextToImage:
-            student, fake, frozen = student_fake_teacher(pretrain, Path(teacher), env)
-            train_distill(student, fake, frozen, prompts, config, pretrain, env, resolution,
-                          checkpoints=scratch / "checkpoints", log=log)
-            return student
+    def work(env: DistEnv, scratch: Path, run: StageRun | None, staging: Path | None) -> StageOutput | None:
+        student, fake, frozen = student_fake_teacher(pretrain, Path(teacher), env)
+        log = MetricsLog(scratch / METRICS_FILE, run, every=config.log_every, last=config.steps) if run else None
+        train_distill(student, fake, frozen, training_prompts(config, pretrain, resolution), config, pretrain, env,
+                      resolution, checkpoints=scratch / "checkpoints", log=log)
+        if run is None or staging is None:
+            return None
+        return _publish(student, run, staging, config, pretrain, Path(teacher), resolution)
 
-        if env.rank == 0:
-            def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-                pipe = train(run.work_dir, MetricsLog(run.work_dir / METRICS_FILE, run, every=config.log_every,
-                                                      last=config.steps))
-                return _publish(pipe, run, staging, config, pretrain, Path(teacher), resolution)
-
-            out, _ = execute_stage(STAGE, "checkpoint", body, config=view, inputs=inputs,
-                                   parent_run_id=parent_run_id, root=root)
-            return out
-        _, scratch = stage_location(STAGE, "checkpoint", config=view,
-                                    manifests={key: read_manifest(path) for key, path in inputs.items()}, root=root)
-        train(scratch, None)
-        return None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_distributed_stage(STAGE, work, parallel=pretrain.parallel,
+                                 view=distill_view(config, pretrain, resolution), inputs={"teacher": Path(teacher)},
+                                 check=check, parent_run_id=parent_run_id, root=root)
 
 
 def rank_slots(batch: int, dp_rank: int, dp_size: int) -> Tensor:
@@ -226,7 +209,7 @@ class _Trainable:
 def train_distill(pipe: TextToImage, fake: nn.Module, teacher: nn.Module, prompts: Sequence[str],
                   config: DistillConfig, pretrain: PretrainConfig, env: DistEnv, resolution: int, *,
                   checkpoints: Path | None = None, log: Log | None = None,
-                  checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> None:
+                  checkpoint_every_s: float = ckpt.CHECKPOINT_EVERY_S) -> None:
     """Distil into ``pipe.model`` (the student) with the fake score ``fake`` against the frozen CFG ``teacher`` (all
     parallelised) on ``prompts`` for ``config.steps`` steps, every rank together. With ``checkpoints``: resume from
     its newest checkpoint, save every ``checkpoint_every_s`` and at the last step. ``log(step, metrics)`` gets every
@@ -271,7 +254,7 @@ def train_distill(pipe: TextToImage, fake: nn.Module, teacher: nn.Module, prompt
         for update in range(config.fake_updates):
             fake_losses.append(fake_score_loss(fake_velocity, x0_hat, d.fake_t[update], d.fake_eps[update]))
             fake_norms.append(fake_score.update(fake_losses[-1]))
-        metrics.update(_global_means({**stats, "fake_loss": torch.stack(fake_losses).detach().mean()}),
+        metrics.update(global_means({**stats, "fake_loss": torch.stack(fake_losses).detach().mean()}),
                        fake_grad_norm=float(np.mean(fake_norms)), lr=student.lr, fake_lr=fake_score.lr)
         done = step + 1
         if log is not None:

@@ -47,15 +47,16 @@ from krea2_core.curation.embedders import make_embedder
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.post.diversity import group_diversity
 from krea2_core.post.flow_sde import Rollout, gaussian_kl, gaussian_log_prob, sde_rollout, sde_step
-from krea2_core.post.preference import CHECKPOINT_EVERY_S, _global_means, policy_and_reference
+from krea2_core.post.preference import policy_and_reference
 from krea2_core.post.prompt_pool import PromptPool, rl_prompts
 from krea2_core.post.reward_service import RewardService
 from krea2_core.post.rewards import gdpo_advantages
-from krea2_core.stages import StageOutput, execute_stage, output_root, stage_location
+from krea2_core.stages import StageOutput
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
+from krea2_core.training.distributed_stage import run_distributed_stage
 from krea2_core.training.optim import build_optimizers
-from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, init_distributed
+from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, global_means
 from krea2_core.training.pretrain import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, diffusers_config, new_model
 from krea2_core.training.schedules import wsd_scheduler
 from krea2_core.training.world_eval import eval_sampler, held_out_prompts, image_grid, score_images
@@ -88,7 +89,7 @@ def check_rl_config(config: RLConfig, dp_size: int) -> None:
 def rl_view(config: RLConfig, pretrain: PretrainConfig, resolution: int) -> dict[str, Any]:
     """What the stage depends on (its cache key): not the pretraining stages."""
     return {"rl": to_plain(config), "resolution": resolution,
-            "pretrain": {k: v for k, v in to_plain(pretrain).items() if k != "stages"}}
+            "pretrain": pretrain.model_settings()}
 
 
 def run_rl_stage(init: Path, reward_model: Path | None, config: RLConfig, pretrain: PretrainConfig,
@@ -103,40 +104,25 @@ def run_rl_stage(init: Path, reward_model: Path | None, config: RLConfig, pretra
     elif config.rewards.weights.get("aesthetic", 0.0) > 0 and not config.rewards.aesthetic_model:
         raise ValueError("the aesthetic reward needs the reward_model stage's artifact or rl.rewards.aesthetic_model "
                          "(or weight 0)")
-    env = init_distributed(pretrain.parallel.device)
-    try:
-        if env.world_size != pretrain.parallel.world_size:
-            raise RuntimeError(f"launched with {env.world_size} processes but parallel.nnodes x nproc_per_node is "
-                               f"{pretrain.parallel.world_size}: the launch and the config must agree")
-        check_rl_config(config, data_parallel_rank(env, pretrain.parallel.tp)[1])
-        root = root or output_root()
-        inputs = {"init": Path(init), **({"reward_model": Path(reward_model)} if reward_model is not None else {})}
-        view = rl_view(config, pretrain, resolution)
 
-        def train(scratch: Path, rewards: RewardScorer | None, log: Log | None) -> tuple[TextToImage, PromptPool]:
-            pipe, reference = policy_and_reference(pretrain, Path(init), env)
-            pool = PromptPool(rl_prompts(config.pool, resolution), config.pool)
+    def work(env: DistEnv, scratch: Path, run: StageRun | None, staging: Path | None) -> StageOutput | None:
+        pipe, reference = policy_and_reference(pretrain, Path(init), env)
+        pool = PromptPool(rl_prompts(config.pool, resolution), config.pool)
+        if run is None or staging is None:  # rank 0 alone serves the rewards and logs
+            train_grpo(pipe, reference, pool, None, config, pretrain, env, resolution,
+                       checkpoints=scratch / "checkpoints", log=None)
+            return None
+        with RewardService(config.rewards, reward_model) as rewards:
             train_grpo(pipe, reference, pool, rewards, config, pretrain, env, resolution,
-                       checkpoints=scratch / "checkpoints", log=log)
-            return pipe, pool
+                       checkpoints=scratch / "checkpoints",
+                       log=MetricsLog(scratch / METRICS_FILE, run, every=config.grpo.log_every, last=config.grpo.steps))
+        return _publish(pipe, pool, run, staging, config, pretrain, Path(init), resolution)
 
-        if env.rank == 0:
-            def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-                log = MetricsLog(run.work_dir / METRICS_FILE, run, every=config.grpo.log_every, last=config.grpo.steps)
-                with RewardService(config.rewards, reward_model) as rewards:
-                    pipe, pool = train(run.work_dir, rewards, log)
-                return _publish(pipe, pool, run, staging, config, pretrain, Path(init), resolution)
-
-            out, _ = execute_stage(STAGE, "checkpoint", body, config=view, inputs=inputs,
-                                   parent_run_id=parent_run_id, root=root)
-            return out
-        manifests = {key: read_manifest(path) for key, path in inputs.items()}
-        _, scratch = stage_location(STAGE, "checkpoint", config=view, manifests=manifests, root=root)
-        train(scratch, None, None)
-        return None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    inputs = {"init": Path(init), **({"reward_model": Path(reward_model)} if reward_model is not None else {})}
+    return run_distributed_stage(
+        STAGE, work, parallel=pretrain.parallel, view=rl_view(config, pretrain, resolution), inputs=inputs,
+        check=lambda env: check_rl_config(config, data_parallel_rank(env, pretrain.parallel.tp)[1]),
+        parent_run_id=parent_run_id, root=root)
 
 
 # --------------------------------------------------------------------------- the objective
@@ -230,7 +216,7 @@ def _train_on_rollout(pipe: TextToImage, ref_pipe: TextToImage, rollout: Rollout
         loss, stats = grpo_loss(gaussian_log_prob(rollout.states[i + 1], mean, std), rollout.log_probs[i], advantages,
                                 clip_range=grpo.clip_range, kl=kl, kl_beta=grpo.kl_beta)
         loss.backward()
-        metrics = _global_means(stats)
+        metrics = global_means(stats)
         metrics["grad_norm"] = clip_grad_norm(pipe.model, grad_clip)
         for optimizer in optimizers:
             optimizer.step()
@@ -243,7 +229,7 @@ def _train_on_rollout(pipe: TextToImage, ref_pipe: TextToImage, rollout: Rollout
 def train_grpo(pipe: TextToImage, reference: torch.nn.Module, pool: PromptPool, rewards: RewardScorer | None,
                config: RLConfig, pretrain: PretrainConfig, env: DistEnv, resolution: int, *,
                checkpoints: Path | None = None, log: Log | None = None,
-               checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> None:
+               checkpoint_every_s: float = ckpt.CHECKPOINT_EVERY_S) -> None:
     """Optimise ``pipe.model`` (parallelised) for ``config.grpo.steps`` rounds against ``reference``, every rank
     together; ``rewards`` scores the rounds on rank 0 (None elsewhere), ``pool`` (the same prompts on every
     rank) picks them. With ``checkpoints``: resume from its newest checkpoint (model, optimiser, schedule and

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
@@ -40,11 +39,12 @@ from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.post.oracle import WorldCheckerOracle, preferred_rate
 from krea2_core.post.pairs import PAIRS_FILE, decode_pair_images, read_pairs
 from krea2_core.post.preference_loss import preference_loss
-from krea2_core.stages import StageOutput, execute_stage, output_root, stage_location
+from krea2_core.stages import StageOutput
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
+from krea2_core.training.distributed_stage import run_distributed_stage
 from krea2_core.training.optim import build_optimizers
-from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, init_distributed, parallelize
+from krea2_core.training.parallel import DistEnv, clip_grad_norm, global_means, data_parallel_rank, parallelize
 from krea2_core.training.pretrain import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -58,7 +58,6 @@ from krea2_core.training.schedules import wsd_scheduler
 from krea2_core.training.world_eval import eval_sampler, held_out_prompts, image_grid, score_images
 
 STAGES = ("synthetic", "calibration")
-CHECKPOINT_EVERY_S = 120.0  # pretraining's stage default
 
 Log = Callable[[int, dict[str, float]], None]
 
@@ -70,7 +69,7 @@ def preference_view(name: str, config: PreferenceConfig, pretrain: PretrainConfi
     stage = config.synthetic if name == "synthetic" else config.calibration
     return {"stage": name, "loss": to_plain(config.loss), "train": to_plain(stage), "eval_prompts": config.eval_prompts,
             "resolution": resolution, "timestep_shift": config.timestep_shift,
-            "pretrain": {k: v for k, v in to_plain(pretrain).items() if k != "stages"}}
+            "pretrain": pretrain.model_settings()}
 
 
 def run_preference_stage(pairs: Path, init: Path, name: str, config: PreferenceConfig, pretrain: PretrainConfig,
@@ -86,42 +85,26 @@ def run_preference_stage(pairs: Path, init: Path, name: str, config: PreferenceC
     read_manifest(pairs, kind="preference_pairs")
     read_manifest(init, kind="checkpoint")
     table = load_pairs(Path(pairs), resolution)
-    env = init_distributed(pretrain.parallel.device)
-    try:
-        if env.world_size != pretrain.parallel.world_size:
-            raise RuntimeError(f"launched with {env.world_size} processes but parallel.nnodes x nproc_per_node is "
-                               f"{pretrain.parallel.world_size}: the launch and the config must agree")
+
+    def check(env: DistEnv) -> None:
         _, dp_size = data_parallel_rank(env, pretrain.parallel.tp)
         if stage.global_batch % dp_size:
             raise ValueError(f"preference.{name}.global_batch ({stage.global_batch}) must be divisible by the "
                              f"data-parallel size ({dp_size})")
-        root = root or output_root()
-        inputs = {"pairs": Path(pairs), "init": Path(init)}
-        view = preference_view(name, config, pretrain, resolution)
 
-        def train(scratch: Path, log: Log | None) -> TextToImage:
-            pipe, reference = policy_and_reference(pretrain, Path(init), env)
-            train_preference(pipe, reference, table, config.loss, stage, pretrain, env, timestep_shift=config.timestep_shift,
-                             checkpoints=scratch / "checkpoints", log=log)
-            return pipe
+    def work(env: DistEnv, scratch: Path, run: StageRun | None, staging: Path | None) -> StageOutput | None:
+        pipe, reference = policy_and_reference(pretrain, Path(init), env)
+        log = MetricsLog(scratch / METRICS_FILE, run, every=stage.log_every, last=stage.steps) if run else None
+        train_preference(pipe, reference, table, config.loss, stage, pretrain, env, timestep_shift=config.timestep_shift,
+                         checkpoints=scratch / "checkpoints", log=log)
+        if run is None or staging is None:
+            return None
+        return _publish(pipe, run, staging, name, config, pretrain, Path(init), resolution, len(table), stage.steps)
 
-        if env.rank == 0:
-            def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-                pipe = train(run.work_dir, MetricsLog(run.work_dir / METRICS_FILE, run, every=stage.log_every,
-                                                      last=stage.steps))
-                return _publish(pipe, run, staging, name, config, pretrain, Path(init), resolution, len(table),
-                                stage.steps)
-
-            out, _ = execute_stage(f"preference_{name}", "checkpoint", body, config=view, inputs=inputs,
-                                   parent_run_id=parent_run_id, root=root)
-            return out
-        manifests = {key: read_manifest(path) for key, path in inputs.items()}
-        _, scratch = stage_location(f"preference_{name}", "checkpoint", config=view, manifests=manifests, root=root)
-        train(scratch, None)
-        return None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_distributed_stage(f"preference_{name}", work, parallel=pretrain.parallel,
+                                 view=preference_view(name, config, pretrain, resolution),
+                                 inputs={"pairs": Path(pairs), "init": Path(init)}, check=check,
+                                 parent_run_id=parent_run_id, root=root)
 
 
 def load_pairs(artifact: Path, resolution: int) -> pd.DataFrame:
@@ -164,19 +147,10 @@ def _flow_errors(velocity: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (velocity.float() - target.float()).square().flatten(1).mean(dim=1)
 
 
-def _global_means(stats: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Batch means averaged over the ranks (equal slices), in one all-reduce (on the stats' device)."""
-    values = torch.stack([v.float() for v in stats.values()])
-    if dist.is_initialized():
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return dict(zip(stats, values.tolist(), strict=True))
-
-
 def train_preference(pipe: TextToImage, reference: torch.nn.Module, pairs: pd.DataFrame, loss: PreferenceLossConfig,
                      stage: PreferenceStageConfig, pretrain: PretrainConfig, env: DistEnv, *,
                      timestep_shift: float = 1.0, checkpoints: Path | None = None, log: Log | None = None,
-                     checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> None:
+                     checkpoint_every_s: float = ckpt.CHECKPOINT_EVERY_S) -> None:
     """Optimise ``pipe.model`` (parallelised) for ``stage.steps`` steps against ``reference`` on ``pairs``
     (``load_pairs``), every rank together. With ``checkpoints``: resume from its newest checkpoint, save every
     ``checkpoint_every_s`` and at the last step. ``log(step, metrics)`` gets every step's metrics (rank means)."""
@@ -206,7 +180,7 @@ def train_preference(pipe: TextToImage, reference: torch.nn.Module, pairs: pd.Da
             err_ref = _flow_errors(ref_pipe.velocity(x_t, t, grid, text, mask), target)
         value, stats = preference_loss(err[:per_rank], err[per_rank:], err_ref[:per_rank], err_ref[per_rank:], loss)
         value.backward()
-        metrics = _global_means(stats)
+        metrics = global_means(stats)
         metrics["grad_norm"] = clip_grad_norm(pipe.model, pretrain.optimizer.grad_clip)
         for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
             optimizer.step()

@@ -43,12 +43,16 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from krea2_core.config import PretrainStageConfig
+
 STATE_DIR = "state"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 EXTRA_FILE = "extra.json"
 SCHEDULERS_FILE = "schedulers.json"
 TMP_SUFFIX = ".tmp"
+# how often the post-training loops without a stage recipe save: a pretraining stage's default
+CHECKPOINT_EVERY_S = PretrainStageConfig.checkpoint_every_s
 _STEP_DIR = re.compile(r"step-(\d{8,})")
 
 

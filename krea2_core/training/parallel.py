@@ -256,3 +256,13 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
         for grads in groups.values():
             torch._foreach_mul_(grads, coef)
     return total
+
+
+def global_means(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-rank means (each rank holds the mean of its equal slice of the global batch) averaged over all ranks,
+    in one all-reduce on the stats' device."""
+    values = torch.stack([v.detach().float() for v in stats.values()])
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return dict(zip(stats, values.tolist(), strict=True))

@@ -25,10 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from krea2_core.artifacts import read_manifest, to_plain
+from krea2_core.artifacts import to_plain
 from krea2_core.config import DiTConfig, PretrainConfig, PretrainStageConfig
 from krea2_core.data.loader import PackedLoader
 from krea2_core.diffusion.flow import add_noise, flow_loss, sample_timesteps, validation_loss
@@ -36,11 +35,12 @@ from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.models.autoencoders import load_autoencoder
 from krea2_core.models.dit import Krea2DiT
 from krea2_core.models.text_encoders import load_text_encoder
-from krea2_core.stages import StageOutput, execute_stage, output_root, stage_location
+from krea2_core.stages import StageOutput
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
+from krea2_core.training.distributed_stage import run_distributed_stage
 from krea2_core.training.optim import build_optimizers
-from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, init_distributed, parallelize
+from krea2_core.training.parallel import DistEnv, clip_grad_norm, global_means, data_parallel_rank, parallelize
 from krea2_core.training.pma import merge_safetensors
 from krea2_core.training.repa import IRepaProjector, load_patch_encoder, repa_active, repa_loss
 from krea2_core.training.schedules import wsd_scheduler
@@ -91,31 +91,17 @@ def run_training_stage(packed: Path, init: Path | None, name: str, stage: Pretra
     """Flow-matching training of ``config.model`` on packed shards with the recipe ``stage``: a pretraining
     resolution stage, midtraining or a domain SFT (they differ in data, recipe and ``config.eval`` prompts).
     Every rank calls it; returns the checkpoint artifact on rank 0, None on the other ranks."""
-    env = init_distributed(config.parallel.device)
-    try:
-        if env.world_size != config.parallel.world_size:
-            raise RuntimeError(f"launched with {env.world_size} processes but parallel.nnodes x nproc_per_node is "
-                               f"{config.parallel.world_size}: the launch and the config must agree")
+    def check(env: DistEnv) -> None:
         dp = env.world_size // config.parallel.tp
         if stage.global_batch % dp:
             raise ValueError(f"{name}: global_batch ({stage.global_batch}) must be divisible by the data-parallel "
                              f"size ({dp})")
-        root = root or output_root()
-        inputs = {"packed": Path(packed), **({"init": Path(init)} if init else {})}
-        view = training_view(config, name, stage)
-        if env.rank == 0:
-            def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-                return _train(env, paths, name, stage, config, run.work_dir, staging, run)
-            out, _ = execute_stage(name, "checkpoint", body, config=view, inputs=inputs,
-                                   parent_run_id=parent_run_id, root=root)
-            return out
-        manifests = {key: read_manifest(path) for key, path in inputs.items()}
-        _, scratch = stage_location(name, "checkpoint", config=view, manifests=manifests, root=root)
-        _train(env, inputs, name, stage, config, scratch, None, None)
-        return None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+    inputs = {"packed": Path(packed), **({"init": Path(init)} if init else {})}
+    return run_distributed_stage(
+        name, lambda env, scratch, run, staging: _train(env, inputs, name, stage, config, scratch, staging, run),
+        parallel=config.parallel, view=training_view(config, name, stage), inputs=inputs, check=check,
+        parent_run_id=parent_run_id, root=root)
 
 
 def new_model(config: PretrainConfig, init: Path | None, device: torch.device) -> Krea2DiT:
@@ -144,15 +130,6 @@ def _noise_and_timesteps(tokens: torch.Tensor, sample_index: torch.Tensor, *, se
         noise.append(torch.randn(tokens.shape[1:], generator=g))
         t.append(sample_timesteps(1, shift=shift, generator=g))
     return torch.stack(noise).to(tokens.device, tokens.dtype), torch.cat(t).to(tokens.device)
-
-
-def _global_mean(value: torch.Tensor) -> float:
-    """A loss averaged over all ranks (each holds the mean of its slice of the global batch)."""
-    value = value.detach().float().clone()
-    if dist.is_initialized():
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value.item()
 
 
 def _validation_set(pipe: TextToImage, config: PretrainConfig, resolution: int) -> tuple[torch.Tensor, ...]:
@@ -186,7 +163,7 @@ def _prompt_following(pipe: TextToImage, config: PretrainConfig, resolution: int
 
 
 def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: PretrainStageConfig, config: PretrainConfig,
-           scratch: Path, staging: Path | None, run: StageRun | None) -> StageOutput:
+           scratch: Path, staging: Path | None, run: StageRun | None) -> StageOutput | None:
     init = inputs.get("init")
     model = new_model(config, init, env.device)
     projector, encoder = None, None
@@ -230,11 +207,12 @@ def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: Pretrain
                             return_block=config.repa.block if aligned else None)
         velocity = out[0] if aligned else out
         loss = flow_loss(velocity, tokens, noise)
-        metrics = {"loss": _global_mean(loss)}
+        losses = {"loss": loss}
         if aligned:
             alignment = repa_loss(out[1].float(), grid, encoder.encode(batch.pixels.to(env.device)), projector)
-            metrics["loss.repa"] = _global_mean(alignment)
+            losses["loss.repa"] = alignment
             loss = loss + config.repa.weight * alignment
+        metrics = global_means(losses)
         loss.backward()
         metrics["grad_norm"] = clip_grad_norm(model, config.optimizer.grad_clip)
         for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
@@ -256,7 +234,7 @@ def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: Pretrain
                                  extra={"step": done}, model_config=to_plain(config.model), keep=2,
                                  protect=set(pma_steps))
     if staging is None or run is None:
-        return StageOutput(counts={})
+        return None
     merge_safetensors([checkpoints / ckpt.step_dir_name(s) / ckpt.WEIGHTS_FILE for s in pma_steps],
                       staging / WEIGHTS_FILE, drop_prefix=f"{_PROJECTOR}.")
     (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(config.model), indent=2))
