@@ -3,6 +3,7 @@
     krea2 curate ./images [--preset tiny] [--config overrides.yaml]
     krea2 rerun <stage> --from-run <mlflow run id> [--preset tiny] [--config overrides.yaml] [--dry-run]
     krea2 lineage <mlflow run id>
+    krea2 report [<pipeline or stage run id>]
     krea2 expand --model <expander artifact, model dir or id> [--n N --sample --seed S --show-thinking] PROMPT...
 """
 
@@ -44,6 +45,15 @@ def _lineage(args: argparse.Namespace) -> int:
         uri = tags.get("krea2.output_uri", "")
         digest = read_manifest(uri).digest[:16] if uri and Path(uri).is_dir() else tags.get("krea2.output_digest", "")[:16]
         print(f"{stage:<12} run {run_id}  output {digest}  {uri}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from krea2_core.report import format_report, latest_pipeline_run, stage_report
+    from krea2_core.tracking import configure_tracking
+
+    configure_tracking(output_root())
+    print(format_report(stage_report(args.run_id or latest_pipeline_run())))
     return 0
 
 
@@ -96,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     trace = commands.add_parser("lineage", help="the stage runs and outputs upstream of an MLflow run")
     trace.add_argument("run_id")
     trace.set_defaults(run=_lineage)
+    table = commands.add_parser("report", help="each stage of a pipeline run: its run, wall time, headline metrics")
+    table.add_argument("run_id", nargs="?", default="", help="a pipeline or stage run (default: the newest pipeline run)")
+    table.set_defaults(run=_report)
     grow = commands.add_parser("expand", help="expand user prompts with a prompt-expander model")
     grow.add_argument("prompts", nargs="+", metavar="PROMPT")
     grow.add_argument("--model", required=True, help="expander artifact, model directory, hub id or 'smollm2'")
