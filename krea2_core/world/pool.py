@@ -137,7 +137,8 @@ def recolored(scene: Scene, rng: np.random.Generator) -> Scene:
 
 
 def real_image_files(dirs: list[str], limit: int) -> list[Path]:
-    """Real photos from installed packages: "skimage" names scikit-image's bundled data."""
+    """Real photos from installed packages ("skimage" names scikit-image's bundled data); at most ``limit``, evenly
+    spaced over the sorted listing so that a small limit still draws from every folder."""
     files: list[Path] = []
     for entry in dirs:
         if entry == "skimage":
@@ -150,7 +151,9 @@ def real_image_files(dirs: list[str], limit: int) -> list[Path]:
             raise FileNotFoundError(f"real image folder {root} is missing; install it (see .ci/setup) or "
                                     f"remove it from world.real_image_dirs")
         files += sorted(p for p in root.rglob("*") if p.suffix.lower() in _REAL_SUFFIXES and p.is_file())
-    return files[:limit]
+    if len(files) <= limit:
+        return files
+    return [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
 
 
 def build_world_pool(config: WorldPoolConfig, out_dir: Path) -> dict[str, int]:
