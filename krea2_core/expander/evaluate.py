@@ -18,13 +18,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from krea2_core.config import ExpanderRLConfig, ExpansionConfig, PretrainConfig
 from krea2_core.curation.embedders import make_embedder
 from krea2_core.diffusion.text_to_image import TextToImage
-from krea2_core.expander.faithfulness import faithfulness, gate_failures
+from krea2_core.expander.faithfulness import judge
 from krea2_core.expander.format import Expansion, parse
 from krea2_core.expander.model import Completions, expand_loaded, sample_completions
 from krea2_core.expander.user_prompts import prompt_set
@@ -75,11 +74,6 @@ def expand_prompts(expander: Expander, prompts: Sequence[Prompt], config: Expand
                          batch_size=max(1, config.prompts_per_step * config.group_size // n))
 
 
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
 def evaluate_expander(expanders: Mapping[str, Expander], pipe: TextToImage, config: ExpanderRLConfig,
                       expansion: ExpansionConfig, pretrain: PretrainConfig, resolution: int
                       ) -> tuple[dict[str, Any], Image.Image]:
@@ -99,10 +93,9 @@ def evaluate_expander(expanders: Mapping[str, Expander], pipe: TextToImage, conf
     for name in SETTINGS:
         result = score_images(images[name], held_out)
         report[name] = {"score": result.score, "pass_rate": result.pass_rate}
-    for name, ex in expansions.items():
-        pairs = list(zip(held_out, ex, strict=True))
-        report[name]["faithfulness"] = _nanmean([faithfulness(p.rubric, e.text) for p, e in pairs])
-        report[name]["gate_pass"] = float(np.mean([not gate_failures(p.rubric, e, expansion) for p, e in pairs]))
+    judged = {name: judge(held_out, ex, expansion) for name, ex in expansions.items()}
+    for name, j in judged.items():
+        report[name].update(faithfulness=j.mean_faithfulness, gate_pass=j.gate_pass)
 
     embedder = make_embedder(config.embedder)
     k = config.diversity_samples
@@ -118,7 +111,7 @@ def evaluate_expander(expanders: Mapping[str, Expander], pipe: TextToImage, conf
          "raw": {"score": score_images([images["raw"][i]], [p]).score},
          **{name: {"thinking": ex[i].thinking, "expansion": ex[i].text, "well_formed": ex[i].well_formed,
                    "score": score_images([images[name][i]], [p]).score,
-                   "gates": gate_failures(p.rubric, ex[i], expansion)}
+                   "gates": judged[name].gates[i]}
             for name, ex in expansions.items()}}
         for i, p in enumerate(held_out[:EXAMPLES])]
     shown = min(EXAMPLES, len(held_out))
@@ -129,4 +122,4 @@ def evaluate_expander(expanders: Mapping[str, Expander], pipe: TextToImage, conf
 def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
     """``eval.<setting>.<metric>`` of the finite numbers in an ``evaluate_expander`` report."""
     return {f"eval.{name}.{key}": float(value) for name in SETTINGS for key, value in report[name].items()
-            if math.isfinite(value)}
+            if value is not None and math.isfinite(value)}

@@ -28,7 +28,7 @@ from typing import Sequence
 
 from krea2_core.config import ExpansionConfig
 from krea2_core.expander.format import Expansion
-from krea2_core.world.captions import NUMBER_WORDS, Requirement
+from krea2_core.world.captions import NUMBER_WORDS, Prompt, Requirement
 from krea2_core.world.scene import BACKGROUNDS, COLORS, KINDS, SIZES
 
 # Words allowed between the number and the colour ("two small bright red circles").
@@ -149,3 +149,31 @@ def gate_failures(user_rubric: Sequence[Requirement], expansion: Expansion, conf
     if any(_key(r) in users and r not in users[_key(r)] for r in claims.requirements()):
         reasons.append("contradiction")
     return reasons
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """Faithfulness and gate reasons of one expansion per user prompt."""
+
+    faithfulness: list[float]  # per prompt; NaN for a prompt without requirements
+    gates: list[list[str]]  # per prompt; [] = passes
+
+    @property
+    def mean_faithfulness(self) -> float | None:
+        """Mean over the prompts that have requirements; None (JSON null, no metric) if none has."""
+        defined = [f for f in self.faithfulness if math.isfinite(f)]
+        return sum(defined) / len(defined) if defined else None
+
+    @property
+    def gate_pass(self) -> float:
+        return sum(not g for g in self.gates) / len(self.gates)
+
+
+def judge(prompts: Sequence[Prompt], expansions: Sequence[Expansion], config: ExpansionConfig) -> Judgement:
+    """``faithfulness`` and ``gate_failures`` of ``expansions[i]`` against ``prompts[i]``'s rubric."""
+    if len(prompts) != len(expansions) or not prompts:
+        raise ValueError(f"judge needs one expansion per prompt (and at least one), got {len(prompts)} prompts and "
+                         f"{len(expansions)} expansions")
+    pairs = list(zip(prompts, expansions, strict=True))
+    return Judgement([faithfulness(p.rubric, e.text) for p, e in pairs],
+                     [gate_failures(p.rubric, e, config) for p, e in pairs])

@@ -22,6 +22,9 @@ from krea2_core.expander import format as fmt
 from krea2_core.expander.format import Expansion
 
 ARTIFACT_KIND = "expander"
+# Sequences per forward/backward pass of SFT and RL updates (gradients accumulated, weighted by answer tokens): a pass
+# holds every layer's activations and float32 logits over the whole vocabulary (49k for SmolLM2) per token.
+MICRO_BATCH = 4
 
 
 def resolve_model(path_or_id: str) -> str:

@@ -60,7 +60,7 @@ from krea2_core.expander.evaluate import (
 )
 from krea2_core.expander.faithfulness import faithfulness, gate_failures
 from krea2_core.expander.format import Expansion
-from krea2_core.expander.model import Completions, load_expander, save_expander, token_logprobs
+from krea2_core.expander.model import MICRO_BATCH, Completions, load_expander, save_expander, token_logprobs
 from krea2_core.expander.user_prompts import prompt_set
 from krea2_core.post.diversity import embedding_spread
 from krea2_core.post.grpo import grpo_loss, reward_metrics
@@ -80,7 +80,6 @@ METRICS_FILE = "metrics.jsonl"
 MINED_FILE = "mined.parquet"
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.png"
-MICRO_BATCH = 16  # sequences per forward/backward pass of the update
 
 Log = Callable[[int, dict[str, float]], None]
 

@@ -34,8 +34,9 @@ from krea2_core.artifacts import to_plain
 from krea2_core.config import ExpanderSFTConfig, ExpansionConfig
 from krea2_core.expander import format as fmt
 from krea2_core.expander.data import read_pairs
-from krea2_core.expander.faithfulness import faithfulness, gate_failures
-from krea2_core.expander.model import ARTIFACT_KIND, expand_loaded, load_expander, prompt_texts, save_expander
+from krea2_core.expander.faithfulness import judge
+from krea2_core.expander.model import (ARTIFACT_KIND, MICRO_BATCH, expand_loaded, load_expander, prompt_texts,
+                                       save_expander)
 from krea2_core.expander.user_prompts import prompt_set
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import MetricsLog, StageRun
@@ -98,6 +99,22 @@ def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+def backward_batch(model: Any, examples: Sequence[Example], pad_id: int) -> tuple[float, int, int]:
+    """Accumulate the gradient of the batch's answer-token mean loss, ``MICRO_BATCH`` examples per pass (bounded
+    memory, the same gradient as one pass). Returns (loss, tokens, answer tokens)."""
+    parts = [collate(examples[s:s + MICRO_BATCH], pad_id, model.device) for s in range(0, len(examples), MICRO_BATCH)]
+    n_answer = sum(answer_tokens(part) for part in parts)
+    if not n_answer:
+        raise ValueError("the batch has no answer tokens to train on (every example cut before its answer?)")
+    loss = 0.0
+    for part in parts:
+        if answer_tokens(part):
+            part_loss = model(**part).loss * (answer_tokens(part) / n_answer)
+            part_loss.backward()
+            loss += part_loss.item()
+    return loss, sum(int(part["attention_mask"].sum()) for part in parts), n_answer
+
+
 def mean_loss(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int) -> float:
     """Answer-token-weighted mean loss over ``examples``."""
     total, count = 0.0, 0
@@ -111,25 +128,18 @@ def mean_loss(model: Any, examples: Sequence[Example], batch_size: int, pad_id: 
     return total / count
 
 
-def _mean_defined(values: Sequence[float]) -> float | None:
-    """Mean of the finite values (faithfulness is NaN for a prompt without requirements); None if there are none."""
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else None
-
-
 def evaluate(tokenizer: Any, model: Any, prompts: Sequence[Prompt], expansion: ExpansionConfig, batch_size: int
              ) -> dict[str, Any]:
     """Greedy expansions of ``prompts``: {well_formed, faithfulness, gate_pass, words, examples} (JSON-safe)."""
     expansions = expand_loaded(tokenizer, model, [p.text for p in prompts], greedy=True,
                                max_new_tokens=expansion.max_new_tokens, batch_size=batch_size)
-    faith = [faithfulness(p.rubric, e.text) for p, e in zip(prompts, expansions, strict=True)]
-    gates = [gate_failures(p.rubric, e, expansion) for p, e in zip(prompts, expansions, strict=True)]
-    return {"well_formed": float(np.mean([e.well_formed for e in expansions])), "faithfulness": _mean_defined(faith),
-            "gate_pass": float(np.mean([not g for g in gates])),
+    judged = judge(prompts, expansions, expansion)
+    return {"well_formed": float(np.mean([e.well_formed for e in expansions])),
+            "faithfulness": judged.mean_faithfulness, "gate_pass": judged.gate_pass,
             "words": float(np.mean([len(e.text.split()) for e in expansions])),
             "examples": [{"prompt": p.text, "thinking": e.thinking, "expansion": e.text, "well_formed": e.well_formed,
-                          "faithfulness": _mean_defined([f]), "gates": g}
-                         for p, e, f, g in zip(prompts, expansions, faith, gates, strict=True)]}
+                          "faithfulness": f if math.isfinite(f) else None, "gates": g}
+                         for p, e, f, g in zip(prompts, expansions, judged.faithfulness, judged.gates, strict=True)]}
 
 
 def _numbers(prefix: str, report: dict[str, Any]) -> dict[str, float]:
@@ -176,16 +186,14 @@ def run_expander_sft(pairs: Path, config: ExpanderSFTConfig, expansion: Expansio
         start = time.perf_counter()
         for step in tqdm(range(1, config.steps + 1), desc="expander sft", mininterval=5):
             rows = batch_rows(len(train), config.batch_size, config.seed, step)
-            batch = collate([train[i] for i in rows], pad_id, model.device)
-            loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, tokens, n_answer = backward_batch(model, [train[i] for i in rows], pad_id)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
-            step_metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                            "tokens": int(batch["attention_mask"].sum()), "answer_tokens": answer_tokens(batch)}
+            step_metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
+                            "tokens": tokens, "answer_tokens": n_answer}
             if step == config.steps and val:
                 metrics["val.loss_after"] = step_metrics["val.loss"] = mean_loss(model, val, config.batch_size,
                                                                                   pad_id)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from krea2_core.config import ExpansionConfig
-from krea2_core.expander.faithfulness import faithfulness, gate_failures, parse_requirements
+from krea2_core.expander.faithfulness import faithfulness, gate_failures, judge, parse_requirements
 from krea2_core.expander.format import Expansion
-from krea2_core.world.captions import Requirement, captions, rubric_for
+from krea2_core.world.captions import Prompt, Requirement, captions, rubric_for
 from krea2_core.world.scene import sample_scene
 
 R = Requirement.make
@@ -121,3 +121,20 @@ def test_gate_passes_what_the_user_left_open() -> None:
     user = parse_requirements('something with the word "SALE"')
     assert gate_failures(user, _expansion('a green triangle and the word "SALE"'), ExpansionConfig()) == []
     assert gate_failures(user, _expansion("a green triangle"), ExpansionConfig()) == []  # adds nothing contrary
+
+
+def test_judge_summarises_faithfulness_and_gates_per_prompt() -> None:
+    prompts = [Prompt("two red circles", parse_requirements("two red circles")),
+               Prompt("anything", ()),  # no requirement: faithfulness undefined, left out of the mean
+               Prompt("a blue square on grey sand", parse_requirements("a blue square on grey sand"))]
+    expansions = [Expansion(p.text, "", text, True) for p, text in zip(prompts, (
+        "two red circles, large, on the left", "a calm scene",
+        "a blue square on lavender haze"), strict=True)]  # the last keeps the square, contradicts the background
+    judged = judge(prompts, expansions, ExpansionConfig())
+    assert judged.faithfulness[0] == 1.0 and math.isnan(judged.faithfulness[1])
+    assert judged.faithfulness[2] == 0.75  # 3 of its 4 requirements stated
+    assert judged.mean_faithfulness == 0.875
+    assert judged.gates == [[], [], ["contradiction"]] and judged.gate_pass == pytest.approx(2 / 3)
+    assert judge(prompts[1:2], expansions[1:2], ExpansionConfig()).mean_faithfulness is None
+    with pytest.raises(ValueError, match="one expansion per prompt"):
+        judge(prompts, expansions[:2], ExpansionConfig())

@@ -10,8 +10,8 @@ from krea2_core.config import ExpanderSFTConfig, ExpansionConfig
 from krea2_core.data.schemas import ExpanderPairs, write_table
 from krea2_core.expander.data import PAIRS_FILE
 from krea2_core.expander.format import answer
-from krea2_core.expander.model import expand, load_expander, prompt_texts
-from krea2_core.expander.sft import IGNORE, batch_rows, collate, encode_pairs, run_expander_sft
+from krea2_core.expander.model import MICRO_BATCH, expand, load_expander, prompt_texts
+from krea2_core.expander.sft import IGNORE, backward_batch, batch_rows, collate, encode_pairs, run_expander_sft
 
 PAIRS = [("p0", "a red cube", "one red cube", "A big red cube."),
          ("p1", "two blue balls", "two blue spheres", "Two small blue spheres.")]
@@ -70,6 +70,23 @@ def test_long_examples_are_cut_and_counted(tokenizer) -> None:
     with pytest.raises(ValueError, match="pair 'p0': its prompt alone"):
         encode_pairs(tokenizer, table, max_tokens=40)
     assert encode_pairs(tokenizer, table.iloc[:0], max_tokens=90) == ([], 0)  # e.g. no val split
+
+
+def test_micro_batches_give_the_one_pass_gradient(tiny_llm: Path) -> None:
+    tokenizer, model = load_expander(str(tiny_llm), "cpu")
+    rows = [(f"p{i}", f"{i + 1} red cubes" + " please" * i, "count them", "Red cubes. " * (i + 1)) for i in range(6)]
+    examples, _ = encode_pairs(tokenizer, pairs_table(rows, ["train"] * 6), max_tokens=192)
+    assert len(examples) > MICRO_BATCH  # more than one pass, of unequal answer lengths
+    batch = collate(examples, tokenizer.pad_token_id, torch.device("cpu"))
+    model(**batch).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    loss, tokens, n_answer = backward_batch(model, examples, tokenizer.pad_token_id)
+    assert tokens == int(batch["attention_mask"].sum()) and n_answer == int((batch["labels"][:, 1:] != IGNORE).sum())
+    with torch.no_grad():
+        assert loss == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_batches_are_a_function_of_seed_and_step() -> None:
