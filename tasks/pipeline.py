@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from math import nan
+from math import isfinite, nan
 from pathlib import Path
 
 from flytekit import task
@@ -54,9 +54,10 @@ def post_training_summary(root: Path, stage_runs: dict[str, str]) -> list[str]:
     if "merge" in stage_runs:
         merge = run_metrics(root, stage_runs["merge"])
         for domain in sorted({key.split(".")[-1] for key in merge if key.startswith("score.base.")}):
+            kept = merge.get(f"gain_retained.{domain}", nan)  # NaN when the SFT did not raise its domain's score
             lines.append(f"    SFT {domain:<9} : domain score base {merge[f'score.base.{domain}']:.3f} -> SFT "
-                         f"{merge.get(f'score.sft_{domain}.{domain}', nan):.3f}; the merge keeps "
-                         f"{merge.get(f'gain_retained.{domain}', nan):.0%} of the gain")
+                         f"{merge.get(f'score.sft_{domain}.{domain}', nan):.3f}; "
+                         + (f"the merge keeps {kept:.0%} of the gain" if isfinite(kept) else "no gain to keep"))
     for stage in ("synthetic", "calibration"):
         if f"preference_{stage}" in stage_runs:
             metrics = run_metrics(root, stage_runs[f"preference_{stage}"])

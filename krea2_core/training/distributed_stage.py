@@ -40,7 +40,8 @@ def run_distributed_stage(name: str, work: StageWork, *, parallel: TrainParallel
         if env.rank == 0:
             def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
                 output = work(env, run.work_dir, run, staging)
-                assert output is not None, f"{name}: rank 0's work must return its StageOutput"
+                if output is None:
+                    raise RuntimeError(f"{name}: rank 0's work returned no StageOutput")
                 return output
 
             out, _ = execute_stage(name, "checkpoint", body, config=view, inputs=inputs,
