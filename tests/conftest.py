@@ -18,9 +18,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 SERIAL = ParallelConfig(backend="serial", shard_size=32)
-# Small but complete: every defect class, every near-duplicate transform, colour variants, real photos.
+# Small but complete: every defect class, every near-duplicate transform, colour variants, all the real photos.
 SMALL_WORLD = WorldPoolConfig(seed=7, n_scenes=80, min_side=160, max_side=320, n_exact_duplicates=8,
-                              n_near_duplicates=16, n_color_variants=8, n_per_defect=2)
+                              n_near_duplicates=16, n_color_variants=8, n_per_defect=2, max_real_images=300)
 
 
 @pytest.fixture(autouse=True)
