@@ -63,8 +63,9 @@ def _row(stage: str, run: Run) -> StageRow:
 
 def latest_pipeline_run() -> str:
     """The newest pipeline run of the configured tracking store."""
-    found = MlflowClient().search_runs(
-        [e.experiment_id for e in MlflowClient().search_experiments()],
+    client = MlflowClient()
+    found = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
         filter_string="tags.`krea2.kind` = 'pipeline'", order_by=["attributes.start_time DESC"], max_results=1)
     if not found:
         raise RerunError("no pipeline run in this tracking store (run the pipeline first, or name a run id)")

@@ -103,13 +103,14 @@ def backward_batch(model: Any, examples: Sequence[Example], pad_id: int) -> tupl
     """Accumulate the gradient of the batch's answer-token mean loss, ``MICRO_BATCH`` examples per pass (bounded
     memory, the same gradient as one pass). Returns (loss, tokens, answer tokens)."""
     parts = [collate(examples[s:s + MICRO_BATCH], pad_id, model.device) for s in range(0, len(examples), MICRO_BATCH)]
-    n_answer = sum(answer_tokens(part) for part in parts)
+    counts = [answer_tokens(part) for part in parts]
+    n_answer = sum(counts)
     if not n_answer:
         raise ValueError("the batch has no answer tokens to train on (every example cut before its answer?)")
     loss = 0.0
-    for part in parts:
-        if answer_tokens(part):
-            part_loss = model(**part).loss * (answer_tokens(part) / n_answer)
+    for part, count in zip(parts, counts, strict=True):
+        if count:
+            part_loss = model(**part).loss * (count / n_answer)
             part_loss.backward()
             loss += part_loss.item()
     return loss, sum(int(part["attention_mask"].sum()) for part in parts), n_answer

@@ -44,7 +44,7 @@ from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
 from krea2_core.training.distributed_stage import run_distributed_stage
 from krea2_core.training.optim import build_optimizers
-from krea2_core.training.parallel import DistEnv, clip_grad_norm, global_means, data_parallel_rank, parallelize
+from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, global_means, parallelize
 from krea2_core.training.pretrain import (
     CONFIG_FILE,
     METRICS_FILE,
