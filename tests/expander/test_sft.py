@@ -11,7 +11,7 @@ from krea2_core.data.schemas import ExpanderPairs, write_table
 from krea2_core.expander.data import PAIRS_FILE
 from krea2_core.expander.format import answer
 from krea2_core.expander.model import MICRO_BATCH, expand, load_expander, prompt_texts
-from krea2_core.expander.sft import IGNORE, backward_batch, batch_rows, collate, encode_pairs, run_expander_sft
+from krea2_core.expander.sft import IGNORE, Example, backward_batch, batch_rows, collate, encode_pairs, run_expander_sft
 
 PAIRS = [("p0", "a red cube", "one red cube", "A big red cube."),
          ("p1", "two blue balls", "two blue spheres", "Two small blue spheres.")]
@@ -87,6 +87,12 @@ def test_micro_batches_give_the_one_pass_gradient(tiny_llm: Path) -> None:
         assert loss == pytest.approx(model(**batch).loss.item(), rel=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_batch_without_answer_tokens_is_a_clear_error(tiny_llm: Path) -> None:
+    _, model = load_expander(str(tiny_llm), "cpu")
+    with pytest.raises(ValueError, match="no answer tokens"):
+        backward_batch(model, [Example(ids=[1, 2, 3], prompt_len=3)] * 2, pad_id=0)
 
 
 def test_batches_are_a_function_of_seed_and_step() -> None:
