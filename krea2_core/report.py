@@ -9,6 +9,7 @@ from fnmatch import fnmatchcase
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from krea2_core.evaluation.stats import format_metric
 from krea2_core.rerun import RerunError, stage_runs
 
 # (stage name pattern, metric key patterns), first matching stage pattern wins
@@ -19,8 +20,9 @@ HEADLINES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("semantic_selection", ("count.input", "count.sampled")),
     ("pack_*", ("count.packed",)),
     ("sft_data_*", ("count.packed",)),
-    ("pretrain_256", ("eval.untrained.score", "eval.score", "final.val_loss", "images_per_s")),
-    ("pretrain_*", ("eval.score", "final.val_loss", "images_per_s")),
+    ("pretrain_256", ("eval.vs_untrained.score", "eval.kind", "eval.count", "final.val_loss", "images_per_s")),
+    ("pretrain_*", ("eval.vs_previous.score", "eval.vs_untrained.score", "eval.kind", "eval.count", "final.val_loss",
+                    "images_per_s")),
     ("midtrain", ("eval.score", "final.val_loss")),
     ("sft_*", ("eval.score", "final.val_loss")),
     ("merge", ("eval.*.score",)),
@@ -43,15 +45,16 @@ class StageRow:
     run_id: str
     status: str
     seconds: float | None  # None while the run has not ended
-    metrics: dict[str, float]
+    metrics: dict[str, str]  # headline metric -> its value as text (with its CI, or as a paired change)
 
 
-def headline(stage: str, metrics: dict[str, float]) -> dict[str, float]:
-    """The metrics of ``HEADLINES`` for ``stage``, in pattern order (matches of one pattern sorted by key)."""
+def headline(stage: str, metrics: dict[str, float]) -> dict[str, str]:
+    """The metrics of ``HEADLINES`` for ``stage``, in pattern order (matches of one pattern sorted by key), each
+    formatted with its interval or as ``a -> b (diff, 95% CI)`` where the run logged those."""
     patterns = next((keys for pattern, keys in HEADLINES if fnmatchcase(stage, pattern)), ())
-    shown: dict[str, float] = {}
+    shown: dict[str, str] = {}
     for pattern in patterns:
-        shown.update({key: metrics[key] for key in sorted(metrics) if fnmatchcase(key, pattern)})
+        shown.update({key: format_metric(key, metrics) for key in sorted(metrics) if fnmatchcase(key, pattern)})
     return shown
 
 
@@ -85,7 +88,7 @@ def format_report(rows: list[StageRow]) -> str:
     lines = ["| stage | seconds | headline metrics |", "|---|---:|---|"]
     for row in rows:
         seconds = f"{row.seconds:.0f}" if row.seconds is not None else row.status.lower()
-        metrics = ", ".join(f"{key} {value:.3g}" for key, value in row.metrics.items())
+        metrics = ", ".join(f"{key} {value}" for key, value in row.metrics.items())
         lines.append(f"| {row.stage} | {seconds} | {metrics} |")
     total = sum(row.seconds or 0.0 for row in rows)
     lines.append(f"\n{len(rows)} stages, {total:.0f} s in their runs ({total / 60:.1f} min)")

@@ -12,6 +12,8 @@ from flytekit.types.directory import FlyteDirectory
 from containers.images import DATA_IMAGE
 from krea2_core.artifacts import read_manifest
 from krea2_core.config import PipelineConfig, load_config
+from krea2_core.evaluation.prompt_following import REPORT_KINDS
+from krea2_core.evaluation.stats import format_metric
 from krea2_core.stages import output_root
 from krea2_core.tracking import end_pipeline_run, run_metrics, start_pipeline_run
 from tasks.common import from_flyte_dir
@@ -30,17 +32,20 @@ def start_pipeline(config: PipelineConfig) -> str:
 
 
 def pretraining_summary(root: Path, stage_runs: dict[str, str]) -> list[str]:
-    """Held-out prompt-following (world checker) before training and after each resolution stage."""
+    """Held-out prompt following (world checker, 95% CIs, paired by prompt) after each resolution stage, against the
+    stage before it and against the untrained model."""
     lines = []
     for stage in ("256", "512", "1024"):
         run_id = stage_runs.get(f"pretrain_{stage}")
         if run_id is None:
             continue
         metrics = run_metrics(root, run_id)
-        if "eval.untrained.score" in metrics:
-            lines.append(f"    untrained     : prompt-following {metrics['eval.untrained.score']:.3f}")
-        lines.append(f"    after {stage:>5} : prompt-following {metrics.get('eval.score', nan):.3f}, "
-                     f"final loss {metrics.get('loss', nan):.4f}")
+        lines.append(f"    after {stage:>5} : " + ", ".join(
+            f"{kind} {format_metric(f'eval.{kind}', metrics)}" for kind in ("score", *REPORT_KINDS[:5])
+            if f"eval.{kind}" in metrics))
+        for versus in ("previous", "untrained"):
+            if f"eval.vs_{versus}.score" in metrics:
+                lines.append(f"      vs {versus:<9}: score {format_metric(f'eval.vs_{versus}.score', metrics)}")
     return lines
 
 

@@ -61,14 +61,15 @@ class TextToImage:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, width: int, height: int, steps: int, cfg_scale: float,
-                 shift: float, seed: int) -> list[Image.Image]:
-        """One image per prompt; image i's noise depends only on (seed, i), so a prompt set is reproducible."""
+                 shift: float, seed: int, first_index: int = 0) -> list[Image.Image]:
+        """One image per prompt; image i's noise depends only on (seed, first_index + i), so a prompt set is
+        reproducible and the same in any batching."""
         grid = self.token_grid(width, height)
         channels = self.autoencoder.channels
         noise = torch.stack([
             torch.randn((channels, height // self.autoencoder.downsample, width // self.autoencoder.downsample),
                         generator=torch.Generator().manual_seed(seed * 100_003 + i))
-            for i in range(len(prompts))]).to(self.device)
+            for i in range(first_index, first_index + len(prompts))]).to(self.device)
         cond = self.text_encoder.encode(list(prompts))
         uncond = self.text_encoder.encode([""] * len(prompts))
 

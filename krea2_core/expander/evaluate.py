@@ -29,7 +29,7 @@ from krea2_core.expander.model import Completions, expand_loaded, sample_complet
 from krea2_core.expander.user_prompts import prompt_set
 from krea2_core.post.diversity import group_diversity
 from krea2_core.post.pairs import call_seed
-from krea2_core.training.world_eval import image_grid, score_images
+from krea2_core.evaluation.prompt_following import image_grid, score_images
 from krea2_core.world.captions import Prompt
 
 IMAGE_BATCH = 16  # images per generate call (part of the noise: call seeds hash the batch number)

@@ -59,7 +59,7 @@ from krea2_core.training.optim import build_optimizers
 from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, global_means
 from krea2_core.training.pretrain import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, diffusers_config, new_model
 from krea2_core.training.schedules import wsd_scheduler
-from krea2_core.training.world_eval import eval_sampler, held_out_prompts, image_grid, score_images
+from krea2_core.evaluation.prompt_following import eval_sampler, held_out_prompts, image_grid, score_images
 from krea2_core.world.captions import Prompt
 
 STAGE = "rl"

@@ -26,7 +26,7 @@ from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
 from krea2_core.training.merging import merge_checkpoints
 from krea2_core.training.pretrain import CONFIG_FILE, WEIGHTS_FILE, diffusers_config, new_model, text_to_image
-from krea2_core.training.world_eval import eval_sampler, evaluate, held_out_prompts, image_grid
+from krea2_core.evaluation.prompt_following import eval_sampler, evaluate, held_out_prompts, image_grid
 
 EVAL_FILE = "eval.json"
 METHODS: tuple[str, ...] = get_args(get_type_hints(MergeConfig)["method"])

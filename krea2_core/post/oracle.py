@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 
 from PIL import Image
 
-from krea2_core.training.world_eval import score_images
+from krea2_core.evaluation.prompt_following import score_images
 from krea2_core.world.captions import Prompt
 
 

@@ -39,7 +39,7 @@ from krea2_core.post.oracle import PreferenceOracle, WorldCheckerOracle, judge
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
 from krea2_core.training.pretrain import new_model, text_to_image
-from krea2_core.training.world_eval import image_grid
+from krea2_core.evaluation.prompt_following import image_grid
 from krea2_core.world.captions import Prompt, sample_prompts
 
 PAIRS_FILE = "pairs.parquet"

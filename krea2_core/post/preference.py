@@ -55,7 +55,7 @@ from krea2_core.training.pretrain import (
     text_to_image,
 )
 from krea2_core.training.schedules import wsd_scheduler
-from krea2_core.training.world_eval import eval_sampler, held_out_prompts, image_grid, score_images
+from krea2_core.evaluation.prompt_following import eval_sampler, held_out_prompts, image_grid, score_images
 
 STAGES = ("synthetic", "calibration")
 

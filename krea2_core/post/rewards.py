@@ -28,7 +28,7 @@ from krea2_core.config import REWARD_NAMES, OcrConfig, RewardsConfig
 from krea2_core.curation.embedders import resolve_device
 from krea2_core.data.images import to_rgb
 from krea2_core.post.oracle import WorldCheckerOracle
-from krea2_core.training.world_eval import for_checker
+from krea2_core.evaluation.prompt_following import for_checker
 from krea2_core.world.captions import Prompt
 from krea2_core.world.checker import Detected, analyze
 

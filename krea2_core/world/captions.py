@@ -130,7 +130,7 @@ def prompt_for(scene: Scene) -> Prompt:
 def sample_prompts(
     rng: np.random.Generator, n: int, width: int, height: int, **sample_kwargs: Any
 ) -> list[tuple[Prompt, Scene]]:
-    """n (prompt, reference scene) pairs; use a generator seeded apart from training data for held-out sets."""
+    """n (prompt, reference scene) pairs; ``split="held_out"`` (a sample_scene argument) for evaluation sets."""
     out = []
     for _ in range(n):
         scene = sample_scene(rng, width, height, **sample_kwargs)

@@ -197,7 +197,19 @@ def match_text(analysis: Analysis, word: str) -> tuple[bool, dict[str, float]]:
     return ok, {"ncc": round(best, 3), "log_aspect": round(log_aspect, 3)}
 
 
-def _evaluate(req: Requirement, a: Analysis, image: Image.Image, text_matcher: TextMatcher | None) -> Detail:
+def _asked_counts(reqs: Sequence[Requirement]) -> dict[tuple[str, str], int]:
+    """How many shapes of each (kind, colour) the rubric asks for: its colour requirement, else one per position."""
+    asked: dict[tuple[str, str], int] = {}
+    for req in reqs:
+        if req.kind == "position":
+            key = (req.p["shape"], req.p["color"])
+            asked[key] = asked.get(key, 0) + 1
+    asked.update({(r.p["shape"], r.p["color"]): r.p["n"] for r in reqs if r.kind == "color"})
+    return asked
+
+
+def _evaluate(req: Requirement, a: Analysis, image: Image.Image, text_matcher: TextMatcher | None,
+              asked: dict[tuple[str, str], int]) -> Detail:
     p = req.p
     if req.kind == "background":
         return Detail(req, a.background == p["background"], {"background": a.background, "mean": list(a.background_mean)})
@@ -210,12 +222,15 @@ def _evaluate(req: Requirement, a: Analysis, image: Image.Image, text_matcher: T
     same = [s for s in a.shapes if s.kind == p["shape"] and s.color == p["color"]]
     if req.kind == "color":
         return Detail(req, len(same) == p["n"], len(same))
+    # Where and how large "the red circle" is only means something if there are no more red circles than asked:
+    # otherwise an image of many random blobs would meet position and size requirements by chance.
+    surplus = len(same) > asked.get((p["shape"], p["color"]), 1)
     if req.kind == "position":
         found = [s.position for s in same]
-        return Detail(req, p["position"] in found, found)
+        return Detail(req, p["position"] in found and not surplus, found)
     if req.kind == "size":
         found = [s.size for s in same]
-        return Detail(req, p["size"] in found, found)
+        return Detail(req, p["size"] in found and not surplus, found)
     raise ValueError(f"unknown requirement kind {req.kind!r}")
 
 
@@ -226,7 +241,8 @@ def check(
     built-in template match for "text" requirements (e.g. an OCR model)."""
     reqs = rubric.rubric if isinstance(rubric, Prompt) else tuple(rubric)
     analysis = analyze(image)
-    details = tuple(_evaluate(r, analysis, image, text_matcher) for r in reqs)
+    asked = _asked_counts(reqs)
+    details = tuple(_evaluate(r, analysis, image, text_matcher, asked) for r in reqs)
     ok = sum(d.ok for d in details)
     return CheckResult(ok / len(details) if details else 1.0, ok == len(details), details)
 

@@ -8,6 +8,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .split import Split, draw_streams, split_of
+
 # Saturated colours, pairwise >= ~88 apart in RGB and far from every pale background,
 # so nearest-palette segmentation stays reliable after blur and JPEG.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -122,6 +124,9 @@ def _pick(rng: np.random.Generator, options: Sequence[str], weights: Mapping[str
     return options[int(rng.choice(len(options), p=w / w.sum()))]
 
 
+_MAX_DRAWS = 10_000
+
+
 def sample_scene(
     rng: np.random.Generator,
     width: int,
@@ -130,12 +135,25 @@ def sample_scene(
     max_shapes: int = 3,
     text_prob: float = 0.3,
     weights: Mapping[str, Mapping[str, float]] | None = None,
+    split: Split | None = "train",
 ) -> Scene:
     """Random scene. `weights` maps "kind"/"color"/"size"/"background" to relative option weights
-    (missing options weigh 1.0), so callers can make some scene types rare."""
+    (missing options weigh 1.0), so callers can make some scene types rare. `split` draws again until the
+    scene's content belongs to that split (world.split: "train" for every training source, "held_out" for
+    evaluation); None takes the first draw."""
     if not 1 <= max_shapes <= 9:
         raise ValueError("max_shapes must be in 1..9")
-    w = weights or {}
+    if split not in ("train", "held_out", None):
+        raise ValueError(f"split must be 'train', 'held_out' or None, got {split!r}")
+    for stream in draw_streams(rng, _MAX_DRAWS):
+        scene = _draw_scene(stream, width, height, max_shapes, text_prob, weights or {})
+        if split is None or split_of(scene) == split:
+            return scene
+    raise ValueError(f"no {split} scene in {_MAX_DRAWS} draws: the weights leave (almost) no scene of that split")
+
+
+def _draw_scene(rng: np.random.Generator, width: int, height: int, max_shapes: int, text_prob: float,
+                w: Mapping[str, Mapping[str, float]]) -> Scene:
     text = WORDS[int(rng.integers(len(WORDS)))] if rng.random() < text_prob else None
     n = int(rng.integers(1, max_shapes + 1))
     if text is not None:

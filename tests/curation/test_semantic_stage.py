@@ -29,7 +29,7 @@ def world() -> tuple[Candidates, list[str]]:
     """240 world scenes with two rare backgrounds (weight 0.06 each), embedded with EfficientNet-Lite0."""
     rng = np.random.default_rng(3)
     weights = {"background": {name: 0.06 for name in RARE}}
-    scenes = [sample_scene(rng, 160, 160, weights=weights) for _ in range(240)]
+    scenes = [sample_scene(rng, 160, 160, weights=weights, split=None) for _ in range(240)]
     vectors = make_embedder(EmbedderConfig(kind="efficientnet_lite0", device="cpu")).embed([render(s) for s in scenes])
     candidates = Candidates(ids=np.array([f"s{k:03d}" for k in range(len(scenes))]), vectors=vectors,
                             captions=[captions(s)["long"] for s in scenes],
