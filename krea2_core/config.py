@@ -460,9 +460,11 @@ class TextEncoderConfig(_Strict):
     layers: list[int] = field(default_factory=lambda: [2, 4, 6])
     max_tokens: int = 64
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    cache_mb: int = 0  # > 0: keep up to this many MB of encoded captions per process (float16, valid tokens only)
 
     def __post_init__(self) -> None:
         _require(self.kind != "hf" or bool(self.model_id), "model_id is required when kind is 'hf'")
+        _require(self.cache_mb >= 0, f"cache_mb must be >= 0, got {self.cache_mb}")
         _require(len(self.layers) >= 1 and all(i >= 0 for i in self.layers),
                  f"layers must be a non-empty list of indices >= 0, got {self.layers}")
         _require(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
@@ -527,37 +529,6 @@ class RepaConfig(_Strict):
 
 
 @dataclass
-class PretrainStageConfig(_Strict):
-    """One resolution stage (its name is the report's: 256, 512, 1024; ``resolution`` is the real pixel size)."""
-
-    resolution: int
-    steps: int
-    global_batch: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    decay_fraction: float = 0.2  # WSD: the last fraction of steps decays linearly to 0
-    timestep_shift: float = 1.0  # shifted logit-normal; grows with resolution
-    float8: Literal["none", "tensorwise", "rowwise"] = "none"
-    repa: bool = False  # iREPA during this stage's first RepaConfig.epochs
-    pma_checkpoints: int = 4  # average of the last K checkpoints (1 = no merging)
-    pma_interval: int = 25  # steps between the checkpoints that PMA averages
-    checkpoint_every_s: float = 120.0
-    val_every: int = 50
-
-    def __post_init__(self) -> None:
-        _require(self.resolution >= 16, f"resolution must be >= 16, got {self.resolution}")
-        _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        _require(self.global_batch >= 1, f"global_batch must be >= 1, got {self.global_batch}")
-        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
-        _require(0.0 <= self.decay_fraction <= 1.0, f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
-        _require(self.timestep_shift > 0, f"timestep_shift must be > 0, got {self.timestep_shift}")
-        _require(self.pma_checkpoints >= 1 and self.pma_interval >= 1, "pma_checkpoints and pma_interval must be >= 1")
-        _require(self.checkpoint_every_s > 0, f"checkpoint_every_s must be > 0, got {self.checkpoint_every_s}")
-        _require(self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}")
-
-
-@dataclass
 class SceneDomainConfig(_Strict):
     """A slice of the verifiable world as ``world.sample_scene`` arguments: which scenes held-out evaluation
     prompts and the world's SFT domain sets are drawn from (the defaults are the whole world)."""
@@ -586,31 +557,83 @@ class SceneDomainConfig(_Strict):
 
 
 @dataclass
+class WorldScenesConfig(_Strict):
+    """Procedural world scenes a resolution stage trains on besides its curated images: ``n`` training-split scenes
+    (world.split) drawn for this stage, rendered at its square bucket with their exact scene-graph captions. The
+    world costs nothing to draw; on the tiny preset they give pretraining the thousands of unique scenes that
+    composition needs, without sending each one through OCR and embedding."""
+
+    n: int = 0
+    scenes: SceneDomainConfig = field(default_factory=SceneDomainConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.n >= 0, f"n must be >= 0, got {self.n}")
+
+
+@dataclass
+class PretrainStageConfig(_Strict):
+    """One resolution stage (its name is the report's: 256, 512, 1024; ``resolution`` is the real pixel size)."""
+
+    resolution: int
+    steps: int
+    global_batch: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # WSD: the last fraction of steps decays linearly to 0
+    timestep_shift: float = 1.0  # shifted logit-normal; grows with resolution
+    float8: Literal["none", "tensorwise", "rowwise"] = "none"
+    repa: bool = False  # iREPA during this stage's first RepaConfig.epochs
+    pma_checkpoints: int = 4  # average of the last K checkpoints (1 = no merging)
+    pma_interval: int = 25  # steps between the checkpoints that PMA averages
+    checkpoint_every_s: float = 120.0
+    val_every: int = 50
+    eval_every: int = 0  # > 0: held-out prompt following of the live weights every this many steps (a learning curve)
+    world_scenes: WorldScenesConfig = field(default_factory=WorldScenesConfig)  # packed with the curated images
+
+    def __post_init__(self) -> None:
+        _require(self.resolution >= 16, f"resolution must be >= 16, got {self.resolution}")
+        _require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+        _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _require(self.global_batch >= 1, f"global_batch must be >= 1, got {self.global_batch}")
+        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+        _require(0.0 <= self.decay_fraction <= 1.0, f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        _require(self.timestep_shift > 0, f"timestep_shift must be > 0, got {self.timestep_shift}")
+        _require(self.pma_checkpoints >= 1 and self.pma_interval >= 1, "pma_checkpoints and pma_interval must be >= 1")
+        _require(self.checkpoint_every_s > 0, f"checkpoint_every_s must be > 0, got {self.checkpoint_every_s}")
+        _require(self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}")
+
+
+@dataclass
 class EvalConfig(_Strict):
     """Held-out world prompts sampled with the Euler sampler and scored by the world's checker."""
 
-    n_prompts: int = 24
-    seed: int = 10_000  # apart from the pool's seeds
+    n_prompts: int = 96  # enough for 95% CIs of about +-0.05 on a score
+    seed: int = 10_000
     steps: int = 20
     cfg_scale: float = 4.0
     shift: float = 1.0  # inference shift stays constant across resolutions (report)
     grid_size: int = 8  # images in the logged sample grid
+    batch: int = 96  # prompts sampled together (memory vs speed; results do not depend on it)
     scenes: SceneDomainConfig = field(default_factory=SceneDomainConfig)
 
     def __post_init__(self) -> None:
         _require(self.n_prompts >= 1 and self.steps >= 1, "n_prompts and steps must be >= 1")
         _require(self.cfg_scale >= 1.0, f"cfg_scale must be >= 1, got {self.cfg_scale}")
+        _require(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
 
 
 @dataclass
 class PretrainConfig(_Strict):
     model: DiTConfig = field(default_factory=lambda: _TINY_DIT)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    # every caption of the tiny pool stays encoded: MiniLM on a batch costs more than the tiny DiT's training step
+    text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(cache_mb=1024))
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    parallel: TrainParallelConfig = field(default_factory=lambda: TrainParallelConfig(dtype="bfloat16"))
+    # float32 on CPU: without AVX512-BF16 a bf16 matmul runs 100x slower than float32 (docs/pretraining.md)
+    parallel: TrainParallelConfig = field(default_factory=TrainParallelConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(n_prompts=16, steps=12))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(steps=10, batch=48))
     stages: dict[str, PretrainStageConfig] = field(default_factory=lambda: _tiny_pretrain_stages())
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.333, 2.0])  # width / height
     # how often a training step draws each caption length (long, medium, short): mostly long, short and
@@ -661,6 +684,7 @@ class PackingConfig(_Strict):
     multiple: int  # image sides are multiples of this (autoencoder downsample x patch size)
     global_batch: int
     seed: int
+    world_scenes: WorldScenesConfig = field(default_factory=WorldScenesConfig)
 
     def __post_init__(self) -> None:
         _require(self.resolution >= 16 and self.multiple >= 1 and self.global_batch >= 1,
@@ -694,7 +718,7 @@ class MidtrainConfig(_Strict):
     })
     n_images: int = 64
     stage: PretrainStageConfig = field(default_factory=lambda: PretrainStageConfig(
-        resolution=128, steps=12, global_batch=8, lr=1e-4, warmup_steps=2, timestep_shift=3.0, pma_checkpoints=3,
+        resolution=64, steps=12, global_batch=8, lr=1e-4, warmup_steps=2, timestep_shift=2.0, pma_checkpoints=3,
         pma_interval=3, val_every=12))
 
     def __post_init__(self) -> None:
@@ -1010,7 +1034,7 @@ class DistillConfig(_Strict):
 class PostTrainConfig(_Strict):
     """Midtraining -> SFT per domain + merging -> preference optimisation. The model, autoencoder, text encoder,
     parallelism and evaluation settings are pretraining's; ``resolution`` is where SFT and PO run (the tiny
-    preset uses 64 px, below its 128 px top stage, to fit a 2-core CPU budget)."""
+    preset's top pretraining resolution, 64 px)."""
 
     resolution: int = 64
     midtrain: MidtrainConfig = field(default_factory=MidtrainConfig)
@@ -1195,22 +1219,32 @@ def _gpu_expander() -> ExpanderConfig:
 
 
 def _tiny_pretrain_stages() -> dict[str, PretrainStageConfig]:
-    # 32/64/128 px stand for 256/512/1024; the shift grows with resolution, iREPA only in the first stage;
-    # budgets sized for the whole pipeline's ~15 min on 2 cores (benchmarks/tiny_long.yaml: the longer ones)
+    # 32/48/64 px stand for 256/512/1024 (64, 144 and 256 image tokens beside 64 text tokens); the shift grows with
+    # resolution; iREPA in the first epoch of the first stage. Most of the ~7 min budget goes to the cheap first
+    # stage, where composition is learned; the upper stages adapt to their resolution. Each stage also trains on
+    # 500 world scenes: more did not help at this budget, and each new caption costs a MiniLM pass
+    # (docs/pretraining.md).
+    scenes = WorldScenesConfig(n=500)
     return {
-        "256": PretrainStageConfig(resolution=32, steps=120, global_batch=32, lr=1e-3, warmup_steps=10,
-                                   timestep_shift=1.0, repa=True, pma_interval=10),
-        "512": PretrainStageConfig(resolution=64, steps=50, global_batch=16, lr=5e-4, warmup_steps=10,
-                                   timestep_shift=2.0, pma_checkpoints=3, pma_interval=10),
-        "1024": PretrainStageConfig(resolution=128, steps=16, global_batch=8, lr=2e-4, warmup_steps=3,
-                                    timestep_shift=3.0, pma_checkpoints=3, pma_interval=5, val_every=8),
+        "256": PretrainStageConfig(resolution=32, steps=320, global_batch=32, lr=2e-3, warmup_steps=20,
+                                   timestep_shift=1.0, repa=True, pma_checkpoints=3, pma_interval=40, val_every=150,
+                                   world_scenes=scenes),
+        "512": PretrainStageConfig(resolution=48, steps=30, global_batch=32, lr=1e-3, warmup_steps=5,
+                                   timestep_shift=1.5, pma_checkpoints=3, pma_interval=5, val_every=30,
+                                   world_scenes=scenes),
+        "1024": PretrainStageConfig(resolution=64, steps=12, global_batch=32, lr=5e-4, warmup_steps=2,
+                                    timestep_shift=2.0, pma_checkpoints=3, pma_interval=3, val_every=12,
+                                    world_scenes=scenes),
     }
 
 
-# The tiny preset's DiT (4.1 M params, half of them in the text fusion): the token width (48 = 3 x 4 x 4 pixels)
-# stays well below the model width (192), or a pixel-space model cannot carry the noise through to its output.
-_TINY_DIT = DiTConfig(num_layers=4, num_attention_heads=6, num_key_value_heads=2, intermediate_size=512,
-                      text_num_key_value_heads=2, text_intermediate_size=384)
+# The tiny preset's DiT (1.06 M params): hidden 128, 4 blocks. The text fusion keeps its learned mix of the three
+# tapped MiniLM layers but no fusion blocks: at MiniLM's width (384) one block costs more than the whole DiT per text
+# token, and the tiny scale model's sequence is half text. The token width (48 = 3 x 4 x 4 pixels) stays below the
+# model width, or a pixel-space model cannot carry the noise through to its output.
+_TINY_DIT = DiTConfig(num_layers=4, attention_head_dim=32, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=384, text_num_key_value_heads=2, text_intermediate_size=384,
+                      num_layerwise_text_blocks=0, num_refiner_text_blocks=0)
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -1220,6 +1254,8 @@ _TINY_DIT = DiTConfig(num_layers=4, num_attention_heads=6, num_key_value_heads=2
 class PipelineConfig(_Strict):
     preset: Literal["tiny", "small", "full"] = "tiny"
     world: WorldPoolConfig = field(default_factory=WorldPoolConfig)
+    # minimum sides at or above the stages' training sizes (32/48/64 px): the upper stages ask for more so the
+    # pool's shrunken near-copies still exercise the resolution filter
     curation: CurationConfig = field(default_factory=lambda: CurationConfig(stages=_stages(32, 64, 128)))
     captioning: CaptioningConfig = field(default_factory=CaptioningConfig)
     semantic: SemanticCurationConfig = field(default_factory=SemanticCurationConfig)

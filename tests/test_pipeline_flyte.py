@@ -37,9 +37,9 @@ pretrain:  # a 2-block model, a few steps per stage: the real code path, on 2 to
   eval: {n_prompts: 4, steps: 3}
   aspect_ratios: [1.0]
   stages:
-    "256": {steps: 4, global_batch: 8, warmup_steps: 1, pma_checkpoints: 2, pma_interval: 2}
-    "512": {steps: 2, global_batch: 8, warmup_steps: 0, pma_checkpoints: 1}
-    "1024": {steps: 2, global_batch: 4, warmup_steps: 0, pma_checkpoints: 1}
+    "256": {steps: 4, global_batch: 8, warmup_steps: 1, pma_checkpoints: 2, pma_interval: 2, world_scenes: {n: 8}}
+    "512": {steps: 2, global_batch: 8, warmup_steps: 0, pma_checkpoints: 1, world_scenes: {n: 8}}
+    "1024": {steps: 2, global_batch: 4, warmup_steps: 0, pma_checkpoints: 1, world_scenes: {n: 8}}
 post:  # every post-training stage for a step or two, at 32 px
   resolution: 32
   midtrain: {n_images: 8, stage: {steps: 2, global_batch: 4, warmup_steps: 0, pma_checkpoints: 1}}

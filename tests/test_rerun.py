@@ -35,7 +35,8 @@ SMALL = {
                            "intermediate_size": 128, "text_intermediate_size": 256},
                  "text_encoder": {"max_tokens": 32}, "eval": {"n_prompts": 1, "steps": 1, "grid_size": 1},
                  "aspect_ratios": [1.0],
-                 "stages": {stage: {"steps": 1, "global_batch": 4, "warmup_steps": 0, "pma_checkpoints": 1}
+                 "stages": {stage: {"steps": 1, "global_batch": 4, "warmup_steps": 0, "pma_checkpoints": 1,
+                                    "world_scenes": {"n": 4}}
                             for stage in ("256", "512", "1024")}},
 }
 PRETRAIN_STAGES = ("256", "512", "1024")

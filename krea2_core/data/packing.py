@@ -11,6 +11,7 @@ Layout of a ``packed`` artifact:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -22,11 +23,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 from tqdm.auto import tqdm
 
 from krea2_core.artifacts import Manifest, read_manifest
 from krea2_core.captioning.stages import CAPTIONS_FILE
-from krea2_core.config import PackingConfig, ParallelConfig, PretrainConfig
+from krea2_core.config import PackingConfig, ParallelConfig, PretrainConfig, WorldScenesConfig
 from krea2_core.data.buckets import assign_bucket, bucket_sizes, resize_crop
 from krea2_core.data.images import BadImage, load_image
 from krea2_core.data.schemas import Captions, Packed, Verdicts, read_table, validate
@@ -34,6 +36,9 @@ from krea2_core.models.autoencoders import pixel_multiple
 from krea2_core.parallel import map_shards
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
+from krea2_core.world.captions import captions as scene_captions
+from krea2_core.world.render import render
+from krea2_core.world.scene import Scene, sample_scene
 
 SHARDS_DIR = "shards"
 INDEX_FILE = "index.json"
@@ -43,8 +48,9 @@ _CHUNK = 4096  # images per map_shards call: the driver holds one chunk's PNGs a
 _PNG_LEVEL = 1  # zlib level: packing runs once, so speed wins over a few percent of size
 _SERIAL = ParallelConfig(backend="serial")
 
-Row = tuple[str, str, int, int]  # id, uri, width, height (oriented, from scoring)
+Row = tuple[str, str, int, int, str]  # id, uri, width, height (oriented, from scoring), world scene JSON or ""
 Prepared = tuple[int, bytes, str, str]  # bucket number (-1: failed), PNG bytes, reason, detail
+WORLD_SCENE_PREFIX = "world-scene-"  # ids of the procedural scenes a stage adds (WorldScenesConfig)
 
 
 def _decode_side(width: int, height: int, bucket: tuple[int, int]) -> int:
@@ -56,8 +62,12 @@ def _decode_side(width: int, height: int, bucket: tuple[int, int]) -> int:
 
 def _prepare(rows: Sequence[Row], buckets: list[tuple[int, int]]) -> list[Prepared]:
     prepared = []
-    for _, uri, width, height in rows:
+    for _, uri, width, height, scene in rows:
         bucket = assign_bucket(width, height, buckets)
+        if scene:  # drawn at the bucket's own size: no crop, the captions stay exact
+            image = render(dataclasses.replace(Scene.from_dict(json.loads(scene)), width=bucket[0], height=bucket[1]))
+            prepared.append((buckets.index(bucket), _png(image), "", ""))
+            continue
         try:
             image = resize_crop(load_image(uri, side=_decode_side(width, height, bucket)), bucket)
         except BadImage as err:
@@ -66,10 +76,26 @@ def _prepare(rows: Sequence[Row], buckets: list[tuple[int, int]]) -> list[Prepar
         except OSError as err:  # missing file, unreachable URI
             prepared.append((-1, b"", "unreadable", f"{type(err).__name__}: {err}"))
             continue
-        png = io.BytesIO()
-        image.save(png, format="PNG", compress_level=_PNG_LEVEL)
-        prepared.append((buckets.index(bucket), png.getvalue(), "", ""))
+        prepared.append((buckets.index(bucket), _png(image), "", ""))
     return prepared
+
+
+def _png(image: Image.Image) -> bytes:
+    png = io.BytesIO()
+    image.save(png, format="PNG", compress_level=_PNG_LEVEL)
+    return png.getvalue()
+
+
+def world_scene_rows(config: WorldScenesConfig, resolution: int, seed: int) -> pd.DataFrame:
+    """``config.n`` training-split world scenes for a stage at ``resolution`` (square), as packing rows with their
+    scene JSON and captions; the same (config, resolution, seed) always gives the same scenes."""
+    rng = np.random.default_rng([seed, resolution, 0x5CE])
+    scenes = [sample_scene(rng, resolution, resolution, split="train", **config.scenes.sample_kwargs())
+              for _ in range(config.n)]
+    return pd.DataFrame([{"id": f"{WORLD_SCENE_PREFIX}{resolution}-{i:06d}", "uri": "", "width": resolution,
+                          "height": resolution, "scene": json.dumps(scene.to_dict()), **scene_captions(scene)}
+                         for i, scene in enumerate(scenes)],
+                        columns=["id", "uri", "width", "height", "scene", "long", "medium", "short"])
 
 
 def _decode_all(rows: list[Row], buckets: list[tuple[int, int]], path: Path, parallel: ParallelConfig) -> pd.DataFrame:
@@ -103,8 +129,9 @@ def _plan(buckets_of: np.ndarray, n_buckets: int, global_batch: int,
 
 def pack_stage(kept: pd.DataFrame, captions: pd.DataFrame, *, resolution: int, aspect_ratios: list[float],
                multiple: int, global_batch: int, seed: int, out_dir: Path, parallel: ParallelConfig = _SERIAL,
-               batches_per_shard: int = 8) -> dict[str, int]:
-    """Pack ``kept`` (id, uri, width, height) with ``captions`` (id, long, medium, short) into ``out_dir``.
+               batches_per_shard: int = 8, world_scenes: WorldScenesConfig | None = None) -> dict[str, int]:
+    """Pack ``kept`` (id, uri, width, height) with ``captions`` (id, long, medium, short), plus ``world_scenes``
+    procedural scenes, into ``out_dir``.
 
     The result depends only on the rows and the arguments (not on row order or ``parallel``). Returns
     counts: packed samples, batches, shards, batches per bucket, dropped rows per reason.
@@ -112,9 +139,11 @@ def pack_stage(kept: pd.DataFrame, captions: pd.DataFrame, *, resolution: int, a
     if global_batch < 1 or batches_per_shard < 1:
         raise ValueError(f"global_batch and batches_per_shard must be >= 1, got {global_batch}, {batches_per_shard}")
     buckets = bucket_sizes(resolution, aspect_ratios, multiple)
-    rows = (kept[["id", "uri", "width", "height"]]
-            .merge(captions[["id", "long", "medium", "short"]], on="id", how="left", validate="one_to_one")
-            .sort_values("id", ignore_index=True))
+    curated = (kept[["id", "uri", "width", "height"]]
+               .merge(captions[["id", "long", "medium", "short"]], on="id", how="left", validate="one_to_one")
+               .assign(scene=""))
+    scenes = world_scene_rows(world_scenes or WorldScenesConfig(), resolution, seed)
+    rows = pd.concat([curated, scenes], ignore_index=True).sort_values("id", ignore_index=True)
     no_caption = rows["long"].isna() | (rows["long"] == "")
     no_size = ~((rows["width"].fillna(0) > 0) & (rows["height"].fillna(0) > 0))  # never measured
     dropped = [rows.loc[no_caption, ["id", "uri"]].assign(reason="no_caption", detail=""),
@@ -122,7 +151,8 @@ def pack_stage(kept: pd.DataFrame, captions: pd.DataFrame, *, resolution: int, a
     rows = rows[~no_caption & ~no_size].reset_index(drop=True)
 
     decoded_path = out_dir / _DECODED_FILE
-    items = list(zip(rows["id"], rows["uri"], rows["width"].astype(int), rows["height"].astype(int), strict=True))
+    items = list(zip(rows["id"], rows["uri"], rows["width"].astype(int), rows["height"].astype(int), rows["scene"],
+                     strict=True))
     meta = _decode_all(items, buckets, decoded_path, parallel)
     buckets_of = meta["bucket"].to_numpy(np.int64)
     failed = buckets_of < 0
@@ -146,7 +176,8 @@ def pack_stage(kept: pd.DataFrame, captions: pd.DataFrame, *, resolution: int, a
              "shards": shards}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
     reasons = dropped_frame["reason"].value_counts()
-    return {"kept": len(kept), "packed": index["n_samples"], "batches": len(batches), "shards": len(shards),
+    return {"kept": len(kept), "world_scenes": len(scenes), "packed": index["n_samples"], "batches": len(batches),
+            "shards": len(shards),
             "dropped": len(dropped_frame), **{f"dropped.{k}": int(v) for k, v in reasons.items()},
             **{f"bucket.{w}x{h}": sizes.count((w, h)) for w, h in buckets}}
 
@@ -191,7 +222,7 @@ def packing_config(config: PretrainConfig, stage: str) -> PackingConfig:
         raise ValueError(f"stage {stage!r} is not a pretraining stage of this config; it has {sorted(config.stages)}")
     return PackingConfig(stage=stage, resolution=config.stages[stage].resolution, aspect_ratios=config.aspect_ratios,
                          multiple=pixel_multiple(config.autoencoder), global_batch=config.stages[stage].global_batch,
-                         seed=config.seed)
+                         seed=config.seed, world_scenes=config.stages[stage].world_scenes)
 
 
 def run_packing(curated: Path, captions: Path, packing: PackingConfig, *, parent_run_id: str = "",
@@ -206,8 +237,9 @@ def run_packing(curated: Path, captions: Path, packing: PackingConfig, *, parent
         texts = read_table(inputs["captions"] / CAPTIONS_FILE, Captions)
         counts = pack_stage(kept, texts, resolution=packing.resolution, aspect_ratios=packing.aspect_ratios,
                             multiple=packing.multiple, global_batch=packing.global_batch, seed=packing.seed,
-                            out_dir=staging, parallel=parallel)
-        return StageOutput(counts=counts, metrics={"packed_fraction": counts["packed"] / max(1, counts["kept"])})
+                            out_dir=staging, parallel=parallel, world_scenes=packing.world_scenes)
+        return StageOutput(counts=counts, metrics={
+            "packed_fraction": counts["packed"] / max(1, counts["kept"] + counts["world_scenes"])})
 
     return execute_stage(f"pack_{packing.stage}", "packed", body, config=packing,
                          inputs={"curated": curated, "captions": captions}, parent_run_id=parent_run_id, root=root)

@@ -10,12 +10,14 @@ Artifact (kind ``checkpoint``), a diffusers model directory plus training record
 ``diffusion_pytorch_model.safetensors`` (PMA merge of the last K checkpoints) and ``config.json``, so
 ``Krea2Transformer2DModel.from_pretrained(artifact)`` loads it (ablation switches, when not at their defaults,
 sit under ``"krea2"`` and diffusers cannot run them); ``train_state/`` (DCP: model, optimizer, scheduler of the
-final step); ``metrics.jsonl`` (the loss curve); ``samples.png`` (held-out prompts).
+final step); ``metrics.jsonl`` (the loss curve); ``samples.png`` (held-out prompts); ``eval.json`` (per-prompt
+checker outcomes of the merged weights, and of the untrained model, for paired comparisons downstream).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import shutil
@@ -25,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from PIL import Image
 from tqdm import tqdm
 
 from krea2_core.artifacts import to_plain
@@ -45,13 +49,15 @@ from krea2_core.training.pma import merge_safetensors
 from krea2_core.training.repa import IRepaProjector, load_patch_encoder, repa_active, repa_loss
 from krea2_core.training.schedules import wsd_scheduler
 from krea2_core.training.throughput import dit_parameters, peak_flops, train_flops_per_image
-from krea2_core.training.world_eval import eval_sampler, evaluate, held_out_prompts, image_grid
+from krea2_core.evaluation.prompt_following import (PromptFollowing, comparison_metrics, eval_sampler,
+                                                    evaluate_shared, held_out_prompts, image_grid)
 from krea2_core.world.captions import sample_prompts
 from krea2_core.world.render import render
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
 _PROJECTOR = "repa_projector"
 
 
@@ -135,7 +141,8 @@ def _noise_and_timesteps(tokens: torch.Tensor, sample_index: torch.Tensor, *, se
 def _validation_set(pipe: TextToImage, config: PretrainConfig, resolution: int) -> tuple[torch.Tensor, ...]:
     """Held-out world scenes (never in the pool) at the stage resolution, with their captions, fixed noise."""
     rng = np.random.default_rng(config.eval.seed + 1)
-    pairs = sample_prompts(rng, config.eval.n_prompts, resolution, resolution, **config.eval.scenes.sample_kwargs())
+    pairs = sample_prompts(rng, config.eval.n_prompts, resolution, resolution, split="held_out",
+                           **config.eval.scenes.sample_kwargs())
     pixels = torch.stack([torch.from_numpy(np.array(render(scene))).permute(2, 0, 1)
                           for _, scene in pairs]).float() / 127.5 - 1
     tokens, grid, text, mask = pipe.encode(pixels, [prompt.text for prompt, _ in pairs])
@@ -149,17 +156,47 @@ def _validation_loss(pipe: TextToImage, val: tuple[torch.Tensor, ...]) -> dict[s
     return {"val_loss": sum(losses.values()) / len(losses), **{f"val_loss.t{t:.1f}": v for t, v in losses.items()}}
 
 
-def _prompt_following(pipe: TextToImage, config: PretrainConfig, resolution: int, run: StageRun, prefix: str,
-                      step: int, grid_file: Path | None) -> dict[str, float]:
-    prompts = held_out_prompts(config.eval, resolution)
-    result, images = evaluate(eval_sampler(pipe, config.eval, resolution), prompts)
-    metrics = result.metrics(prefix)
-    run.log_metrics(metrics, step=step)
-    grid = image_grid(images[:config.eval.grid_size])
-    run.log_image(grid, f"samples/{prefix}_step{step:06d}.png")
-    if grid_file is not None:
-        grid.save(grid_file)
-    return metrics
+class _HeldOut:
+    """Held-out prompt following of one training stage: every rank samples its share, rank 0 scores and logs.
+
+    The published artifact's ``eval.json`` keeps the per-prompt outcomes, so the next stage (same prompts) reports
+    its change as a paired difference; the untrained model's outcomes travel along the chain of stages."""
+
+    def __init__(self, env: DistEnv, config: PretrainConfig, resolution: int, run: StageRun | None, scratch: Path,
+                 start: int) -> None:
+        self.env, self.config, self.resolution, self.run = env, config, resolution, run
+        self.prompts = held_out_prompts(config.eval, resolution)
+        self.share, self.shares = data_parallel_rank(env, config.parallel.tp)
+        # every evaluation's estimates (for eval.json), kept in the scratch dir so a resumed run still has them
+        self.curve_file = scratch / "curve.jsonl"
+        kept = self.curve_file.read_text().splitlines() if self.curve_file.is_file() else []
+        self.curve: list[dict[str, Any]] = [p for p in map(json.loads, kept) if p["step"] <= start]
+
+    def __call__(self, pipe: TextToImage, prefix: str, step: int) -> tuple[PromptFollowing, Image.Image] | None:
+        """Evaluate ``pipe`` (every rank calls); on rank 0 log ``prefix`` metrics and the sample grid at ``step``."""
+        out = evaluate_shared(eval_sampler(pipe, self.config.eval, self.resolution), self.prompts, share=self.share,
+                              shares=self.shares, rank=self.env.rank)
+        if out is None or self.run is None:
+            return None
+        result, images = out
+        grid = image_grid(images[:self.config.eval.grid_size])
+        self.run.log_metrics(result.metrics(prefix), step=step)
+        self.curve.append({"name": prefix, "step": step, **{k: e.to_dict() for k, e in result.estimates().items()}})
+        self.curve_file.write_text("".join(json.dumps(point) + "\n" for point in self.curve))
+        self.run.log_image(grid, f"samples/{prefix}_step{step:06d}.png")
+        return result, grid
+
+    def digest(self) -> str:
+        return hashlib.sha256("\n".join(p.text for p in self.prompts).encode()).hexdigest()[:16]
+
+
+def _previous_eval(init: Path | None, digest: str) -> dict[str, Any]:
+    """The init checkpoint's ``eval.json`` if it scored the same prompts, else {}."""
+    path = init / EVAL_FILE if init is not None else None
+    if path is None or not path.is_file():
+        return {}
+    previous = json.loads(path.read_text())
+    return previous if previous.get("prompts") == digest else {}
 
 
 def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: PretrainStageConfig, config: PretrainConfig,
@@ -184,10 +221,15 @@ def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: Pretrain
     start = 0 if latest is None else int(
         ckpt.load_checkpoint(latest, model=model, optimizers=optimizers, schedulers=schedulers)["step"])
     log = MetricsLog(scratch / METRICS_FILE, run) if run is not None else None  # rank 0 records
-    if run is not None and start == 0 and init is None:
-        # the baseline every later number is compared with: the same model before any training
-        _prompt_following(dataclasses.replace(pipe, model=new_model(config, None, env.device)), config,
-                          stage_cfg.resolution, run, "eval.untrained", 0, None)
+    held_out = _HeldOut(env, config, stage_cfg.resolution, run, scratch, start)
+    previous = _previous_eval(init, held_out.digest())
+    untrained_file = scratch / "untrained.json"
+    if start == 0 and init is None:  # the baseline every later number is compared with: the untrained model
+        untrained = held_out(pipe, "eval.untrained", 0)
+        if untrained is not None:
+            untrained_file.write_text(json.dumps(untrained[0].to_dict()))
+    if init is None and untrained_file.is_file():
+        previous = {"untrained": json.loads(untrained_file.read_text())}
     val = _validation_set(pipe, config, stage_cfg.resolution)
     pma_steps = sorted(s for s in (stage_cfg.steps - i * stage_cfg.pma_interval
                                    for i in range(stage_cfg.pma_checkpoints)) if s > 0)
@@ -227,24 +269,46 @@ def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: Pretrain
             model.eval()
             metrics.update(_validation_loss(pipe, val))
             model.train()
+        if stage_cfg.eval_every and done % stage_cfg.eval_every == 0 and done < stage_cfg.steps:
+            held_out(pipe, "curve", done)  # the live (unmerged) weights: a learning curve
         if log is not None:
             log(done, metrics)
         if done in pma_steps or timer.due():
             ckpt.save_checkpoint(checkpoints, step=done, model=model, optimizers=optimizers, schedulers=schedulers,
                                  extra={"step": done}, model_config=to_plain(config.model), keep=2,
                                  protect=set(pma_steps))
-    if staging is None or run is None:
+    # PMA merge into the shared scratch dir, then every rank evaluates its share of the prompts on the merged weights
+    merged_dir = scratch / "merged"
+    if env.rank == 0:
+        merged_dir.mkdir(exist_ok=True)
+        merge_safetensors([checkpoints / ckpt.step_dir_name(s) / ckpt.WEIGHTS_FILE for s in pma_steps],
+                          merged_dir / WEIGHTS_FILE, drop_prefix=f"{_PROJECTOR}.")
+    if dist.is_initialized():
+        dist.barrier()
+    merged = dataclasses.replace(pipe, model=new_model(config, merged_dir, env.device))
+    final = held_out(merged, "eval", stage_cfg.steps)
+    if staging is None or run is None or final is None:
         return None
-    merge_safetensors([checkpoints / ckpt.step_dir_name(s) / ckpt.WEIGHTS_FILE for s in pma_steps],
-                      staging / WEIGHTS_FILE, drop_prefix=f"{_PROJECTOR}.")
+    result, grid = final
+    shutil.copy(merged_dir / WEIGHTS_FILE, staging / WEIGHTS_FILE)
     (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(config.model), indent=2))
     shutil.copytree(checkpoints / ckpt.step_dir_name(stage_cfg.steps) / ckpt.STATE_DIR, staging / "train_state")
     shutil.copy(scratch / METRICS_FILE, staging / METRICS_FILE)
-    # the merged weights, evaluated with the frozen autoencoder and text encoder already loaded
-    merged = dataclasses.replace(pipe, model=new_model(config, staging, env.device))
-    metrics = _prompt_following(merged, config, stage_cfg.resolution, run, "eval", stage_cfg.steps,
-                                staging / "samples.png")
+    grid.save(staging / "samples.png")
+    metrics = result.metrics("eval")
+    report: dict[str, Any] = {"prompts": held_out.digest(), "resolution": stage_cfg.resolution, "stage": name,
+                              "global_batch": stage_cfg.global_batch, "eval": result.to_dict(),
+                              "curve": held_out.curve}
+    if "untrained" in previous:
+        report["untrained"] = previous["untrained"]
+        metrics.update(comparison_metrics(PromptFollowing.from_dict(previous["untrained"]), result,
+                                          "eval.vs_untrained"))
+    if "eval" in previous:
+        report["previous"] = {"stage": previous["stage"], "resolution": previous["resolution"]}
+        metrics.update(comparison_metrics(PromptFollowing.from_dict(previous["eval"]), result, "eval.vs_previous"))
+    (staging / EVAL_FILE).write_text(json.dumps(report))
     metrics.update({f"final.{k}": v for k, v in _validation_loss(merged, val).items()})
+    run.log_metrics(metrics, step=stage_cfg.steps)
     return StageOutput(counts={"steps": stage_cfg.steps, "merged_checkpoints": len(pma_steps),
                                "parameters": dit_parameters(config.model)},
                        metrics=metrics)

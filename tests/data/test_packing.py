@@ -16,13 +16,20 @@ import pytest
 from PIL import Image
 
 from krea2_core.artifacts import ArtifactError
-from krea2_core.config import AutoencoderConfig, DiTConfig, ParallelConfig, PretrainConfig, PretrainStageConfig
+from krea2_core.config import (AutoencoderConfig, DiTConfig, ParallelConfig, PretrainConfig, PretrainStageConfig,
+                               SceneDomainConfig, WorldScenesConfig)
 from krea2_core.data.buckets import assign_bucket, bucket_sizes, resize_crop
 from krea2_core.data.images import load_image
-from krea2_core.data.packing import DROPPED_FILE, INDEX_FILE, pack_stage, packing_config, run_packing
+from krea2_core.data.packing import (DROPPED_FILE, INDEX_FILE, WORLD_SCENE_PREFIX, pack_stage, packing_config,
+                                     run_packing, world_scene_rows)
 from krea2_core.data.schemas import Captions, Verdicts, write_table
 from krea2_core.models.autoencoders import pixel_multiple
 from krea2_core.stages import StageOutput, execute_stage
+from krea2_core.world.captions import captions as world_captions
+from krea2_core.world.captions import prompt_for
+from krea2_core.world.checker import check
+from krea2_core.world.scene import Scene
+from krea2_core.world.split import split_of
 
 BUCKETS = [(24, 48), (32, 32), (48, 24)]  # bucket_sizes(32, [0.5, 1, 2], 8)
 PACK = {"resolution": 32, "aspect_ratios": [0.5, 1.0, 2.0], "multiple": 8, "global_batch": 4, "seed": 3}
@@ -119,7 +126,7 @@ def test_every_kept_image_is_packed_once_or_dropped_with_a_reason(sources, tmp_p
     assert reasons["corrupt"] in ("broken_file", "not_an_image")
     # 11 wide, 12 square, 8 tall in batches of 4: remainders 3 + 0 + 0
     assert (reasons == "remainder").sum() == 3
-    assert counts == {"kept": 35, "packed": 28, "batches": 7, "shards": 4, "dropped": 7, "dropped.remainder": 3,
+    assert counts == {"kept": 35, "world_scenes": 0, "packed": 28, "batches": 7, "shards": 4, "dropped": 7, "dropped.remainder": 3,
                       "dropped.no_caption": 1, "dropped.no_size": 1, "dropped.unreadable": 1,
                       f"dropped.{reasons['corrupt']}": 1,
                       "bucket.24x48": 2, "bucket.32x32": 3, "bucket.48x24": 2}
@@ -167,6 +174,27 @@ def test_layout_depends_on_the_seed_only(sources, tmp_path: Path) -> None:
     assert a["id"].tolist() != c["id"].tolist() and len(a) == len(c)  # another seed: other order and remainder
     assert [p.read_bytes() for p in sorted((tmp_path / "a").rglob("*.parquet"))] == \
         [p.read_bytes() for p in sorted((tmp_path / "b").rglob("*.parquet"))]
+
+
+def test_world_scenes_are_drawn_at_their_bucket_with_exact_captions(sources, tmp_path: Path) -> None:
+    kept, captions = sources
+    scenes = WorldScenesConfig(n=9, scenes=SceneDomainConfig(max_shapes=1, text_prob=0.0))
+    counts = _pack(kept, captions, tmp_path / "p", world_scenes=scenes)
+    assert counts["world_scenes"] == 9 and counts["kept"] == 35
+    packed = _rows(tmp_path / "p").set_index("id")
+    drawn = packed[packed.index.str.startswith(WORLD_SCENE_PREFIX)]
+    dropped = pd.read_parquet(tmp_path / "p" / DROPPED_FILE)
+    assert len(drawn) + dropped["id"].str.startswith(WORLD_SCENE_PREFIX).sum() == 9  # 12 + 9 square: 1 remainder
+    rows = world_scene_rows(scenes, 32, PACK["seed"]).set_index("id")
+    for scene_id, row in drawn.iterrows():
+        scene = Scene.from_dict(json.loads(rows.loc[scene_id, "scene"]))
+        assert len(scene.shapes) == 1 and scene.text is None and split_of(scene) == "train"
+        assert row["long"] == world_captions(scene)["long"] and (row["width"], row["height"]) == (32, 32)
+        image = Image.open(io.BytesIO(row["pixels"]))
+        assert image.size == (32, 32) and check(image.resize((128, 128)), prompt_for(scene)).score == 1.0
+    again = world_scene_rows(scenes, 32, PACK["seed"])
+    assert again.equals(rows.reset_index()) and not again.equals(world_scene_rows(scenes, 32, PACK["seed"] + 1))
+    assert not set(world_scene_rows(scenes, 64, PACK["seed"])["scene"]) & set(rows["scene"])  # stages differ
 
 
 def test_too_few_images_for_a_global_batch_is_an_error(sources, tmp_path: Path) -> None:

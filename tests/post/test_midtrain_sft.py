@@ -78,9 +78,9 @@ def test_domain_set_obeys_its_slice_of_the_world(tmp_path) -> None:
 
 def test_post_training_config_rules() -> None:
     tiny = preset("tiny")
-    assert top_stage(tiny.pretrain) == "1024" and tiny.post.midtrain.stage.resolution == 128
+    assert top_stage(tiny.pretrain) == "1024" and tiny.post.midtrain.stage.resolution == 64
     data = tiny.to_dict()
-    data["post"]["midtrain"]["stage"]["resolution"] = 64
+    data["post"]["midtrain"]["stage"]["resolution"] = 48
     with pytest.raises(ConfigError, match="highest pretraining resolution"):
         PipelineConfig.from_dict(data)
     with pytest.raises(ConfigError, match="sum to 1"):

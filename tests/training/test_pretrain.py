@@ -23,7 +23,8 @@ from krea2_core.config import PretrainConfig
 from krea2_core.data.packing import pack_stage
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.training.launch import launch_local
-from krea2_core.training.pretrain import METRICS_FILE, WEIGHTS_FILE, run_pretrain_stage
+from krea2_core.evaluation.prompt_following import PromptFollowing
+from krea2_core.training.pretrain import EVAL_FILE, METRICS_FILE, WEIGHTS_FILE, run_pretrain_stage
 from krea2_core.world.captions import captions, sample_prompts
 from krea2_core.world.render import render
 
@@ -38,7 +39,7 @@ CONFIG = {
     "eval": {"n_prompts": 4, "steps": 3, "grid_size": 4},
     "stages": {
         "256": {"resolution": 32, "steps": 6, "global_batch": 8, "warmup_steps": 1, "repa": True,
-                "pma_checkpoints": 2, "pma_interval": 2, "val_every": 3, "checkpoint_every_s": 3600},
+                "pma_checkpoints": 2, "pma_interval": 2, "val_every": 3, "eval_every": 3, "checkpoint_every_s": 3600},
         "512": {"resolution": 32, "steps": 2, "global_batch": 8, "warmup_steps": 0, "pma_checkpoints": 1,
                 "val_every": 2},
     },
@@ -94,9 +95,19 @@ def test_stage_publishes_diffusers_loadable_weights_and_logs_metrics(packed: Pat
 
     metrics = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(manifest.mlflow_run_id).data.metrics
     for key in ("loss", "loss.repa", "grad_norm", "lr", "images_per_s", "mfu", "val_loss", "val_loss.t0.5",
-                "eval.score", "eval.untrained.score", "final.val_loss"):
+                "eval.score", "eval.score.low", "eval.score.high", "eval.kind", "eval.untrained.score",
+                "eval.vs_untrained.score", "eval.vs_untrained.score.low", "eval.vs_untrained.score.before",
+                "curve.score", "final.val_loss"):
         assert key in metrics, key
-    assert 0.0 <= metrics["eval.score"] <= 1.0
+    assert metrics["eval.score.low"] <= metrics["eval.score"] <= metrics["eval.score.high"]
+    assert metrics["eval.vs_untrained.score.after"] - metrics["eval.vs_untrained.score.before"] == pytest.approx(
+        metrics["eval.vs_untrained.score"])
+    # eval.json: per-prompt outcomes of the merged weights and of the untrained model, and the learning curve
+    report = json.loads((out / EVAL_FILE).read_text())
+    assert report["resolution"] == 32 and report["stage"] == "pretrain_256"
+    result, untrained = PromptFollowing.from_dict(report["eval"]), PromptFollowing.from_dict(report["untrained"])
+    assert result.n_prompts == untrained.n_prompts == 4 and result.score == pytest.approx(metrics["eval.score"])
+    assert [(p["name"], p["step"]) for p in report["curve"]] == [("eval.untrained", 0), ("curve", 3), ("eval", 6)]
 
 
 def test_next_stage_starts_from_the_previous_checkpoint(packed: Path, tmp_path: Path) -> None:
@@ -105,6 +116,13 @@ def test_next_stage_starts_from_the_previous_checkpoint(packed: Path, tmp_path: 
     second = run_pretrain_stage(packed, first, "512", config, root=tmp_path)
     manifest = read_manifest(second, kind="checkpoint")
     assert manifest.inputs["init"] == read_manifest(first).digest
+    # the held-out change against the stage before (same prompts, paired) and against the untrained model
+    metrics = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(manifest.mlflow_run_id).data.metrics
+    assert {"eval.vs_previous.score", "eval.vs_previous.score.low", "eval.vs_untrained.kind"} <= set(metrics)
+    assert "eval.untrained.score" not in metrics  # the untrained model is evaluated once, in the first stage
+    report = json.loads((second / EVAL_FILE).read_text())
+    assert report["previous"] == {"stage": "pretrain_256", "resolution": 32}
+    assert report["untrained"] == json.loads((first / EVAL_FILE).read_text())["untrained"]
     # the trained init predicts the data far better than a fresh model does on the same first batch
     scratch = run_pretrain_stage(packed, None, "512", config, root=tmp_path / "scratch")
     assert losses(second)[0] < losses(scratch)[0]
