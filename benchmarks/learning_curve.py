@@ -8,7 +8,8 @@ At ``--evals`` evenly spaced steps of the first stage the live weights are evalu
 shared evaluator: score, pass rate and per-kind accuracy with 95% CIs); each stage's end is its PMA-merged weights. Data:
 each stage's procedural world scenes (``pretrain.stages.<s>.world_scenes``), packed as the pipeline packs them
 (the pipeline adds the few hundred curated images of its pool). Writes ``results/learning_curve.json``,
-``results/learning_curve.md`` and ``results/learning_curve.png``.
+``results/learning_curve.md``, ``results/learning_curve.png`` and each run's last sample grid
+(``results/learning_curve_{first_stage,schedule}.png``, the held-out prompts listed in the .md).
 
     python benchmarks/learning_curve.py [--first-stage-factor 8] [--evals 6] [--config overrides.yaml]
 
@@ -29,9 +30,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
 
 from _common import RESULTS_DIR, markdown_table, write_json
 from krea2_core.config import PretrainConfig, load_config
+from krea2_core.evaluation.prompt_following import held_out_prompts
 from krea2_core.data.packing import pack_stage, packing_config
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.training.launch import launch_local
@@ -56,8 +59,10 @@ def pack(config: PretrainConfig, stage: str, root: Path) -> Path:
     return out
 
 
-def train(config: PretrainConfig, stages: list[str], evals: int, root: Path) -> list[dict[str, object]]:
-    """Train ``stages`` in order (each from the previous one); every evaluation as a row with images seen."""
+def train(config: PretrainConfig, stages: list[str], evals: int, root: Path, samples: Path
+          ) -> list[dict[str, object]]:
+    """Train ``stages`` in order (each from the previous one); every evaluation as a row with images seen. The last
+    stage's sample grid is saved to ``samples``, 4x enlarged."""
     rows: list[dict[str, object]] = []
     init, seen = None, 0
     for stage in stages:
@@ -76,6 +81,8 @@ def train(config: PretrainConfig, stages: list[str], evals: int, root: Path) -> 
                          "merged" if point["name"] == "eval" else "live", "stage_seconds": seconds,
                          **{k: point[k] for k in KINDS if k in point}})
         seen += recipe.steps * recipe.global_batch
+    grid = Image.open(init / "samples.png")
+    grid.resize((grid.width * 4, grid.height * 4), Image.Resampling.NEAREST).save(samples)
     return rows
 
 
@@ -124,19 +131,24 @@ def main() -> None:
     root = args.keep or Path(tempfile.mkdtemp(prefix="learning_curve_"))
     runs = {}
     began = time.perf_counter()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     long = dataclasses.replace(base, stages=dict(base.stages))
     first = long.stages["256"]
     long.stages["256"] = dataclasses.replace(first, steps=round(first.steps * args.first_stage_factor))
-    runs[f"first stage alone, {args.first_stage_factor:g}x its steps"] = train(long, ["256"], args.evals,
-                                                                              root / "first_stage")
-    runs["three-stage schedule (default budgets)"] = train(dataclasses.replace(base, stages=dict(base.stages)),
-                                                           list(STAGES), args.evals, root / "schedule")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    runs[f"first stage alone, {args.first_stage_factor:g}x its steps"] = train(
+        long, ["256"], args.evals, root / "first_stage", RESULTS_DIR / "learning_curve_first_stage.png")
+    runs["three-stage schedule (default budgets)"] = train(
+        dataclasses.replace(base, stages=dict(base.stages)), list(STAGES), args.evals, root / "schedule",
+        RESULTS_DIR / "learning_curve_schedule.png")
     plot(runs, RESULTS_DIR / "learning_curve.png")
+    prompts = [p.text for p in held_out_prompts(base.eval, base.stages["256"].resolution)[:base.eval.grid_size]]
     text = "\n\n".join(f"### {title}\n\n{table(rows)}" for title, rows in runs.items())
+    text += "\n\nSample grids (`learning_curve_first_stage.png`, `learning_curve_schedule.png`; row by row):\n\n"
+    text += "\n".join(f"{i + 1}. {prompt}" for i, prompt in enumerate(prompts))
     (RESULTS_DIR / "learning_curve.md").write_text(text + "\n")
     write_json("learning_curve.json", {"benchmark": "learning_curve", "seconds": time.perf_counter() - began,
-                                       "settings": vars(args) | {"keep": str(args.keep)}, "runs": runs})
+                                       "settings": vars(args) | {"keep": str(args.keep)}, "runs": runs,
+                                       "sample_prompts": prompts})
     print(text)
     if args.keep is None:
         shutil.rmtree(root, ignore_errors=True)
