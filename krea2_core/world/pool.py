@@ -24,7 +24,7 @@ from krea2_core.config import WorldPoolConfig
 from krea2_core.world.captions import captions
 from krea2_core.world.render import render
 from krea2_core.world.scene import COLORS, Scene, sample_scene
-from krea2_core.world.split import draw_streams, split_of
+from krea2_core.world.split import MAX_DRAWS, draw_streams, split_of
 
 IMAGES_DIR = "images"
 LABELS_FILE = "labels.parquet"
@@ -133,13 +133,13 @@ def near_copy(transform: str, rng: np.random.Generator, image: Image.Image) -> b
 def recolored(scene: Scene, rng: np.random.Generator) -> Scene:
     """Same layout, every shape in another colour: a different image that pHash alone would merge. Drawn again
     until the new content is a training scene (world.split)."""
-    for stream in draw_streams(rng, 10_000):
+    for stream in draw_streams(rng, MAX_DRAWS):
         shapes = tuple(dataclasses.replace(s, color=str(stream.choice([c for c in COLORS if c != s.color])))
                        for s in scene.shapes)
         variant = dataclasses.replace(scene, shapes=shapes)
         if split_of(variant) == "train":
             return variant
-    raise ValueError(f"no training-split recolouring of {scene} in 10000 draws")
+    raise ValueError(f"no training-split recolouring of {scene} in {MAX_DRAWS} draws")
 
 
 def real_image_files(dirs: list[str], limit: int) -> list[Path]:

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .split import Split, draw_streams, split_of
+from .split import MAX_DRAWS, Split, draw_streams, split_of
 
 # Saturated colours, pairwise >= ~88 apart in RGB and far from every pale background,
 # so nearest-palette segmentation stays reliable after blur and JPEG.
@@ -124,9 +124,6 @@ def _pick(rng: np.random.Generator, options: Sequence[str], weights: Mapping[str
     return options[int(rng.choice(len(options), p=w / w.sum()))]
 
 
-_MAX_DRAWS = 10_000
-
-
 def sample_scene(
     rng: np.random.Generator,
     width: int,
@@ -145,11 +142,11 @@ def sample_scene(
         raise ValueError("max_shapes must be in 1..9")
     if split not in ("train", "held_out", None):
         raise ValueError(f"split must be 'train', 'held_out' or None, got {split!r}")
-    for stream in draw_streams(rng, _MAX_DRAWS):
+    for stream in draw_streams(rng, MAX_DRAWS):
         scene = _draw_scene(stream, width, height, max_shapes, text_prob, weights or {})
         if split is None or split_of(scene) == split:
             return scene
-    raise ValueError(f"no {split} scene in {_MAX_DRAWS} draws: the weights leave (almost) no scene of that split")
+    raise ValueError(f"no {split} scene in {MAX_DRAWS} draws: the weights leave (almost) no scene of that split")
 
 
 def _draw_scene(rng: np.random.Generator, width: int, height: int, max_shapes: int, text_prob: float,

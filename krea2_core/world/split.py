@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # scene.py imports this module
 
 Split = Literal["train", "held_out"]
 HELD_OUT_BUCKETS = 8  # one bucket of 8 (12.5% of all scene contents) is held out
+MAX_DRAWS = 10_000  # draws before a caller filtering by split gives up
 
 
 def content_key(scene: Scene) -> str:
