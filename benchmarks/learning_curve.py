@@ -7,11 +7,13 @@ budget buys. Two runs of the real pretraining stages (2 torchrun processes, as t
 At ``--evals`` evenly spaced steps of the first stage the live weights are evaluated on the held-out prompts (the
 shared evaluator: score, pass rate and per-kind accuracy with 95% CIs); each stage's end is its PMA-merged weights. Data:
 each stage's procedural world scenes (``pretrain.stages.<s>.world_scenes``), packed as the pipeline packs them
-(the pipeline adds the few hundred curated images of its pool). Writes ``results/learning_curve.json``,
-``results/learning_curve.md``, ``results/learning_curve.png`` and each run's last sample grid
-(``results/learning_curve_{first_stage,schedule}.png``, the held-out prompts listed in the .md).
+(the pipeline adds the few hundred curated images of its pool). Writes ``results/<name>.json``, ``<name>.md``,
+``<name>.png`` and each run's last sample grid (``<name>_{first_stage,schedule}.png``, the held-out prompts
+listed in the .md); ``--name`` defaults to ``learning_curve``. ``--first-stage-only`` skips the schedule run (for a
+long first-stage budget alone).
 
     python benchmarks/learning_curve.py [--first-stage-factor 8] [--evals 6] [--config overrides.yaml]
+        [--first-stage-only] [--name learning_curve]
 
 Stage seconds include the extra learning-curve evaluations (about 13-35 s each), so they overstate the
 default run's pretraining time.
@@ -126,6 +128,8 @@ def main() -> None:
     parser.add_argument("--evals", type=int, default=6, help="evaluations in the first stage (plus each stage's end)")
     parser.add_argument("--config", default="", help="YAML overrides of the tiny preset")
     parser.add_argument("--keep", type=Path, help="keep the runs' output root here (default: a temp dir)")
+    parser.add_argument("--first-stage-only", action="store_true", help="skip the three-stage schedule run")
+    parser.add_argument("--name", default="learning_curve", help="stem of the result files in results/")
     args = parser.parse_args()
     base = load_config("tiny", args.config).pretrain
     root = args.keep or Path(tempfile.mkdtemp(prefix="learning_curve_"))
@@ -136,17 +140,19 @@ def main() -> None:
     first = long.stages["256"]
     long.stages["256"] = dataclasses.replace(first, steps=round(first.steps * args.first_stage_factor))
     runs[f"first stage alone, {args.first_stage_factor:g}x its steps"] = train(
-        long, ["256"], args.evals, root / "first_stage", RESULTS_DIR / "learning_curve_first_stage.png")
-    runs["three-stage schedule (default budgets)"] = train(
-        dataclasses.replace(base, stages=dict(base.stages)), list(STAGES), args.evals, root / "schedule",
-        RESULTS_DIR / "learning_curve_schedule.png")
-    plot(runs, RESULTS_DIR / "learning_curve.png")
+        long, ["256"], args.evals, root / "first_stage", RESULTS_DIR / f"{args.name}_first_stage.png")
+    if not args.first_stage_only:
+        runs["three-stage schedule (default budgets)"] = train(
+            dataclasses.replace(base, stages=dict(base.stages)), list(STAGES), args.evals, root / "schedule",
+            RESULTS_DIR / f"{args.name}_schedule.png")
+    plot(runs, RESULTS_DIR / f"{args.name}.png")
     prompts = [p.text for p in held_out_prompts(base.eval, base.stages["256"].resolution)[:base.eval.grid_size]]
     text = "\n\n".join(f"### {title}\n\n{table(rows)}" for title, rows in runs.items())
-    text += "\n\nSample grids (`learning_curve_first_stage.png`, `learning_curve_schedule.png`; row by row):\n\n"
+    grids = ", ".join(f"`{args.name}_{run}.png`" for run in ("first_stage", "schedule")[:len(runs)])
+    text += f"\n\nSample grids ({grids}; row by row):\n\n"
     text += "\n".join(f"{i + 1}. {prompt}" for i, prompt in enumerate(prompts))
-    (RESULTS_DIR / "learning_curve.md").write_text(text + "\n")
-    write_json("learning_curve.json", {"benchmark": "learning_curve", "seconds": time.perf_counter() - began,
+    (RESULTS_DIR / f"{args.name}.md").write_text(text + "\n")
+    write_json(f"{args.name}.json", {"benchmark": "learning_curve", "seconds": time.perf_counter() - began,
                                        "settings": vars(args) | {"keep": str(args.keep)}, "runs": runs,
                                        "sample_prompts": prompts})
     print(text)
