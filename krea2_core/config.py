@@ -458,7 +458,9 @@ class TextEncoderConfig(_Strict):
     kind: Literal["minilm", "hf"] = "minilm"
     model_id: str = ""
     layers: list[int] = field(default_factory=lambda: [2, 4, 6])
-    max_tokens: int = 64
+    # the tiny world's longest captions (three shapes and a word) are ~76 MiniLM tokens: below that the cut-off
+    # clauses' requirements would be asked of a model that never read them
+    max_tokens: int = 80
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cache_mb: int = 0  # > 0: keep up to this many MB of encoded captions per process (float16, valid tokens only)
 
@@ -1185,7 +1187,7 @@ class ExpansionConfig(_Strict):
     scenes: SceneDomainConfig = field(default_factory=SceneDomainConfig)
     blocked_words: list[str] = field(default_factory=lambda: [
         "nude", "naked", "gore", "blood", "corpse", "weapon", "gun", "kill", "violence", "drugs"])
-    max_words: int = 90  # longer expansions fail the constraint gate (the image model reads ~64 tokens)
+    max_words: int = 90  # longer expansions fail the constraint gate (the tiny image model reads 80 tokens)
     max_new_tokens: int = 112  # thinking + expansion
 
     def __post_init__(self) -> None:
@@ -1219,8 +1221,8 @@ def _gpu_expander() -> ExpanderConfig:
 
 
 def _tiny_pretrain_stages() -> dict[str, PretrainStageConfig]:
-    # 32/48/64 px stand for 256/512/1024 (64, 144 and 256 image tokens beside 64 text tokens); the shift grows with
-    # resolution; iREPA in the first epoch of the first stage. Most of the ~7 min budget goes to the cheap first
+    # 32/48/64 px stand for 256/512/1024 (64, 144 and 256 image tokens beside up to 80 text tokens); the shift
+    # grows with resolution; iREPA in the first epoch of the first stage. Most of the ~7 min budget goes to the cheap first
     # stage, where composition is learned; the upper stages adapt to their resolution. Each stage also trains on
     # 500 world scenes: more did not help at this budget, and each new caption costs a MiniLM pass
     # (docs/pretraining.md).

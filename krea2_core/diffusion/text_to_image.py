@@ -23,6 +23,7 @@ class TextToImage:
     text_encoder: TextEncoder
     patch_size: int
     compute_dtype: torch.dtype = torch.float32  # bfloat16: the DiT runs under autocast (weights stay float32)
+    drop_text_padding: bool = True  # see ``text_columns``; False keeps every batch at max_tokens (static shapes)
 
     @property
     def device(self) -> torch.device:
@@ -34,11 +35,22 @@ class TextToImage:
         """(image tokens (B, N, C), token grid (h, w), text hidden states, text mask) of one same-shape batch."""
         latents = self.autoencoder.encode(pixels.to(self.device))
         grid = (latents.shape[-2] // self.patch_size, latents.shape[-1] // self.patch_size)
-        text, mask = self.text_encoder.encode(list(captions))
+        text, mask = self.text_columns(*self.text_encoder.encode(list(captions)))
         return patchify(latents, self.patch_size), grid, text.to(self.device), mask.to(self.device)
+
+    def text_columns(self, text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``text`` (B, L, ...) and ``mask`` (B, L) without the columns that every row pads, if
+        ``drop_text_padding``. Exact: a padded token is a masked key that no output reads, and text has no RoPE
+        position (index 0) nor any other positional input in the DiT, so the image tokens' velocity is the same
+        while the sequence is shorter: a batch costs what its longest caption does, not ``max_tokens``."""
+        used = mask.any(dim=0)
+        if not self.drop_text_padding or bool(used.all()):
+            return text, mask
+        return text[:, used], mask[:, used]
 
     def velocity(self, tokens: torch.Tensor, t: torch.Tensor, grid: tuple[int, int], text: torch.Tensor,
                  mask: torch.Tensor, *, return_block: int | None = None):  # noqa: ANN201 - tensor or pair
+        text, mask = self.text_columns(text, mask)
         positions = position_ids(text.shape[1], grid[0], grid[1]).to(tokens.device)
         with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16):
             return self.model(tokens, text, t, positions, mask, return_block=return_block)

@@ -17,6 +17,7 @@ checker outcomes of the merged weights, and of the untrained model, for paired c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -123,7 +124,8 @@ def text_to_image(model: torch.nn.Module, config: PretrainConfig, device: torch.
     """``model`` with the config's frozen autoencoder and text encoder."""
     return TextToImage(model, load_autoencoder(config.autoencoder, device),
                        load_text_encoder(config.text_encoder, device), config.autoencoder.patch_size,
-                       getattr(torch, config.parallel.dtype))
+                       getattr(torch, config.parallel.dtype),
+                       drop_text_padding=not config.parallel.compile)  # compiled blocks: one shape, no recompiles
 
 
 def _noise_and_timesteps(tokens: torch.Tensor, sample_index: torch.Tensor, *, seed: int, step: int, shift: float
@@ -233,8 +235,8 @@ def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: Pretrain
     val = _validation_set(pipe, config, stage_cfg.resolution)
     pma_steps = sorted(s for s in (stage_cfg.steps - i * stage_cfg.pma_interval
                                    for i in range(stage_cfg.pma_checkpoints)) if s > 0)
-    flops_per_image = train_flops_per_image(config.model, config.autoencoder, stage_cfg.resolution,
-                                            config.text_encoder.max_tokens)
+    flops_per_image = functools.cache(functools.partial(train_flops_per_image, config.model, config.autoencoder,
+                                                        stage_cfg.resolution))  # of a batch's text length
     timer = ckpt.CheckpointTimer(stage_cfg.checkpoint_every_s)
     model.train()
     for step in tqdm(range(start, stage_cfg.steps), initial=start, total=stage_cfg.steps, desc=name,
@@ -263,7 +265,7 @@ def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: Pretrain
             scheduler.step()
         images_per_s = stage_cfg.global_batch / (time.perf_counter() - t0)
         metrics.update(lr=schedulers[0].get_last_lr()[0], images_per_s=images_per_s,
-                       mfu=images_per_s * flops_per_image / (peak_flops(env.device, pipe.compute_dtype) * env.world_size))
+                       mfu=images_per_s * flops_per_image(text.shape[1]) / (peak_flops(env.device, pipe.compute_dtype) * env.world_size))
         done = step + 1
         if done % stage_cfg.val_every == 0 or done == stage_cfg.steps:
             model.eval()

@@ -126,3 +126,18 @@ def test_the_split_replaces_only_the_other_splits_scenes() -> None:
     assert replaced and all(split_of(train) == "train" and train != first for first, train in replaced)
     with pytest.raises(ValueError, match="split must be"):
         sample_scene(rng_all, 64, 64, split="test")  # type: ignore[arg-type]
+
+
+def test_the_tiny_text_encoder_reads_every_held_out_prompt_and_world_caption_whole() -> None:
+    # A prompt cut at max_tokens would be judged on clauses (a word, the last shape's place) the model never read.
+    from krea2_core.config import preset
+    from krea2_core.models.text_encoders import MiniLMTextEncoder
+    from krea2_core.world.captions import captions
+
+    config = preset("tiny").pretrain
+    tokenizer = MiniLMTextEncoder(config.text_encoder.layers, config.text_encoder.max_tokens).tokenizer
+    rng = np.random.default_rng(0)
+    longest = [captions(sample_scene(rng, 64, 64, max_shapes=3, text_prob=1.0))["long"] for _ in range(2000)]
+    texts = [p.text for p in held_out_prompts(config.eval, 64)] + longest
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    assert max(lengths) <= config.text_encoder.max_tokens, max(lengths)
