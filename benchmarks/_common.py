@@ -102,6 +102,10 @@ def git_revision() -> dict[str, object]:
         return {"commit": None, "krea2_core_dirty": None}
 
 
+# the code a benchmark runs is the checkout it started from, not whatever HEAD is when a long run ends
+STARTED_AT = git_revision()
+
+
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
 
@@ -110,7 +114,7 @@ def write_json(name: str, payload: dict[str, object]) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / name
     payload = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "command": command_line(), "git": git_revision(), "machine": machine_info(), **payload}
+               "command": command_line(), "git": STARTED_AT, "machine": machine_info(), **payload}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
 
