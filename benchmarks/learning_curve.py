@@ -9,11 +9,11 @@ shared evaluator: score, pass rate and per-kind accuracy with 95% CIs); each sta
 each stage's procedural world scenes (``pretrain.stages.<s>.world_scenes``), packed as the pipeline packs them
 (the pipeline adds the few hundred curated images of its pool). Writes ``results/<name>.json``, ``<name>.md``,
 ``<name>.png`` and each run's last sample grid (``<name>_{first_stage,schedule}.png``, the held-out prompts
-listed in the .md); ``--name`` defaults to ``learning_curve``. ``--first-stage-only`` skips the schedule run (for a
-long first-stage budget alone).
+listed in the .md); ``--name`` defaults to ``learning_curve``. ``--runs`` picks one of the two runs (a long
+first-stage budget alone, or the default schedule alone).
 
     python benchmarks/learning_curve.py [--first-stage-factor 8] [--evals 6] [--config overrides.yaml]
-        [--first-stage-only] [--name learning_curve]
+        [--runs both|first_stage|schedule] [--name learning_curve]
 
 Stage seconds include the extra learning-curve evaluations (about 13-35 s each), so they overstate the
 default run's pretraining time.
@@ -128,7 +128,8 @@ def main() -> None:
     parser.add_argument("--evals", type=int, default=6, help="evaluations in the first stage (plus each stage's end)")
     parser.add_argument("--config", default="", help="YAML overrides of the tiny preset")
     parser.add_argument("--keep", type=Path, help="keep the runs' output root here (default: a temp dir)")
-    parser.add_argument("--first-stage-only", action="store_true", help="skip the three-stage schedule run")
+    parser.add_argument("--runs", choices=["both", "first_stage", "schedule"], default="both",
+                        help="the long first stage, the default three-stage schedule, or both")
     parser.add_argument("--name", default="learning_curve", help="stem of the result files in results/")
     args = parser.parse_args()
     base = load_config("tiny", args.config).pretrain
@@ -136,20 +137,23 @@ def main() -> None:
     runs = {}
     began = time.perf_counter()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    long = dataclasses.replace(base, stages=dict(base.stages))
-    first = long.stages["256"]
-    long.stages["256"] = dataclasses.replace(first, steps=round(first.steps * args.first_stage_factor))
-    runs[f"first stage alone, {args.first_stage_factor:g}x its steps"] = train(
-        long, ["256"], args.evals, root / "first_stage", RESULTS_DIR / f"{args.name}_first_stage.png")
-    if not args.first_stage_only:
+    grids = []
+    if args.runs != "schedule":
+        long = dataclasses.replace(base, stages=dict(base.stages))
+        first = long.stages["256"]
+        long.stages["256"] = dataclasses.replace(first, steps=round(first.steps * args.first_stage_factor))
+        runs[f"first stage alone, {args.first_stage_factor:g}x its steps"] = train(
+            long, ["256"], args.evals, root / "first_stage", RESULTS_DIR / f"{args.name}_first_stage.png")
+        grids.append(f"`{args.name}_first_stage.png`")
+    if args.runs != "first_stage":
+        grids.append(f"`{args.name}_schedule.png`")
         runs["three-stage schedule (default budgets)"] = train(
             dataclasses.replace(base, stages=dict(base.stages)), list(STAGES), args.evals, root / "schedule",
             RESULTS_DIR / f"{args.name}_schedule.png")
     plot(runs, RESULTS_DIR / f"{args.name}.png")
     prompts = [p.text for p in held_out_prompts(base.eval, base.stages["256"].resolution)[:base.eval.grid_size]]
     text = "\n\n".join(f"### {title}\n\n{table(rows)}" for title, rows in runs.items())
-    grids = ", ".join(f"`{args.name}_{run}.png`" for run in ("first_stage", "schedule")[:len(runs)])
-    text += f"\n\nSample grids ({grids}; row by row):\n\n"
+    text += f"\n\nSample grids ({', '.join(grids)}; row by row):\n\n"
     text += "\n".join(f"{i + 1}. {prompt}" for i, prompt in enumerate(prompts))
     (RESULTS_DIR / f"{args.name}.md").write_text(text + "\n")
     write_json(f"{args.name}.json", {"benchmark": "learning_curve", "seconds": time.perf_counter() - began,
