@@ -9,11 +9,11 @@ shared evaluator: score, pass rate and per-kind accuracy with 95% CIs); each sta
 each stage's procedural world scenes (``pretrain.stages.<s>.world_scenes``), packed as the pipeline packs them
 (the pipeline adds the few hundred curated images of its pool). Writes ``results/<name>.json``, ``<name>.md``,
 ``<name>.png`` and each run's last sample grid (``<name>_{first_stage,schedule}.png``, the held-out prompts
-listed in the .md); ``--name`` defaults to ``learning_curve``. ``--runs`` picks one of the two runs (a long
-first-stage budget alone, or the default schedule alone).
+listed in the .md); ``--name`` defaults to ``learning_curve``. ``--runs`` picks the runs: a long first stage, the
+default schedule, or (``upper``) the 512 and 1024 stages from a first-stage checkpoint ``--init``.
 
     python benchmarks/learning_curve.py [--first-stage-factor 8] [--evals 6] [--config overrides.yaml]
-        [--runs both|first_stage|schedule] [--name learning_curve]
+        [--runs first_stage schedule upper] [--init CHECKPOINT] [--name learning_curve]
 
 Stage seconds include the extra learning-curve evaluations (about 13-35 s each), so they overstate the
 default run's pretraining time.
@@ -61,12 +61,16 @@ def pack(config: PretrainConfig, stage: str, root: Path) -> Path:
     return out
 
 
-def train(config: PretrainConfig, stages: list[str], evals: int, root: Path, samples: Path
-          ) -> list[dict[str, object]]:
-    """Train ``stages`` in order (each from the previous one); every evaluation as a row with images seen. The last
-    stage's sample grid is saved to ``samples``, 4x enlarged."""
+def train(config: PretrainConfig, stages: list[str], evals: int, root: Path, samples: Path,
+          init: Path | None = None) -> list[dict[str, object]]:
+    """Train ``stages`` in order (each from the previous one, the first from ``init`` if given); every evaluation as
+    a row with images seen (``init``'s own included). The last stage's sample grid is saved to ``samples``, 4x
+    enlarged."""
     rows: list[dict[str, object]] = []
-    init, seen = None, 0
+    seen = 0
+    if init is not None:
+        previous = json.loads((init / EVAL_FILE).read_text())
+        seen = previous["curve"][-1]["step"] * previous["global_batch"]
     for stage in stages:
         recipe = config.stages[stage]
         if stage == STAGES[0]:  # the short upper stages are evaluated at their end only
@@ -128,28 +132,39 @@ def main() -> None:
     parser.add_argument("--evals", type=int, default=6, help="evaluations in the first stage (plus each stage's end)")
     parser.add_argument("--config", default="", help="YAML overrides of the tiny preset")
     parser.add_argument("--keep", type=Path, help="keep the runs' output root here (default: a temp dir)")
-    parser.add_argument("--runs", choices=["both", "first_stage", "schedule"], default="both",
-                        help="the long first stage, the default three-stage schedule, or both")
+    parser.add_argument("--runs", nargs="+", choices=["first_stage", "schedule", "upper"],
+                        default=["first_stage", "schedule"],
+                        help="first_stage: the first stage at --first-stage-factor; schedule: the default three "
+                             "stages; upper: the 512 and 1024 stages at their default budgets from --init")
+    parser.add_argument("--init", type=Path, help="for 'upper': a first-stage checkpoint artifact (e.g. a long "
+                                                  "first stage's, kept with --keep)")
     parser.add_argument("--name", default="learning_curve", help="stem of the result files in results/")
     args = parser.parse_args()
+    if ("upper" in args.runs) != (args.init is not None):
+        parser.error("--init goes with --runs upper, and --runs upper needs --init")
     base = load_config("tiny", args.config).pretrain
     root = args.keep or Path(tempfile.mkdtemp(prefix="learning_curve_"))
     runs = {}
     began = time.perf_counter()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     grids = []
-    if args.runs != "schedule":
+    if "first_stage" in args.runs:
         long = dataclasses.replace(base, stages=dict(base.stages))
         first = long.stages["256"]
         long.stages["256"] = dataclasses.replace(first, steps=round(first.steps * args.first_stage_factor))
         runs[f"first stage alone, {args.first_stage_factor:g}x its steps"] = train(
             long, ["256"], args.evals, root / "first_stage", RESULTS_DIR / f"{args.name}_first_stage.png")
         grids.append(f"`{args.name}_first_stage.png`")
-    if args.runs != "first_stage":
+    if "schedule" in args.runs:
         grids.append(f"`{args.name}_schedule.png`")
         runs["three-stage schedule (default budgets)"] = train(
             dataclasses.replace(base, stages=dict(base.stages)), list(STAGES), args.evals, root / "schedule",
             RESULTS_DIR / f"{args.name}_schedule.png")
+    if "upper" in args.runs:
+        grids.append(f"`{args.name}_upper.png`")
+        runs[f"512 and 1024 stages (default budgets) from checkpoint {args.init.name}"] = train(
+            dataclasses.replace(base, stages=dict(base.stages)), list(STAGES[1:]), args.evals, root / "upper",
+            RESULTS_DIR / f"{args.name}_upper.png", init=args.init)
     plot(runs, RESULTS_DIR / f"{args.name}.png")
     prompts = [p.text for p in held_out_prompts(base.eval, base.stages["256"].resolution)[:base.eval.grid_size]]
     text = "\n\n".join(f"### {title}\n\n{table(rows)}" for title, rows in runs.items())
