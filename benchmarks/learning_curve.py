@@ -8,7 +8,7 @@ At ``--evals`` evenly spaced steps of the first stage the live weights are evalu
 shared evaluator: score, pass rate and per-kind accuracy with 95% CIs); each stage's end is its PMA-merged weights. Data:
 each stage's procedural world scenes (``pretrain.stages.<s>.world_scenes``), packed as the pipeline packs them
 (the pipeline adds the few hundred curated images of its pool). Writes ``results/<name>.json``, ``<name>.md``,
-``<name>.png`` and each run's last sample grid (``<name>_{first_stage,schedule}.png``, the held-out prompts
+``<name>.png`` and each run's last sample grid (``<name>_{first_stage,schedule,upper}.png``, the held-out prompts
 listed in the .md); ``--name`` defaults to ``learning_curve``. ``--runs`` picks the runs: a long first stage, the
 default schedule, or (``upper``) the 512 and 1024 stages from a first-stage checkpoint ``--init``.
 
@@ -156,15 +156,15 @@ def main() -> None:
             long, ["256"], args.evals, root / "first_stage", RESULTS_DIR / f"{args.name}_first_stage.png")
         grids.append(f"`{args.name}_first_stage.png`")
     if "schedule" in args.runs:
-        grids.append(f"`{args.name}_schedule.png`")
         runs["three-stage schedule (default budgets)"] = train(
             dataclasses.replace(base, stages=dict(base.stages)), list(STAGES), args.evals, root / "schedule",
             RESULTS_DIR / f"{args.name}_schedule.png")
+        grids.append(f"`{args.name}_schedule.png`")
     if "upper" in args.runs:
-        grids.append(f"`{args.name}_upper.png`")
         runs[f"512 and 1024 stages (default budgets) from checkpoint {args.init.name}"] = train(
             dataclasses.replace(base, stages=dict(base.stages)), list(STAGES[1:]), args.evals, root / "upper",
             RESULTS_DIR / f"{args.name}_upper.png", init=args.init)
+        grids.append(f"`{args.name}_upper.png`")
     plot(runs, RESULTS_DIR / f"{args.name}.png")
     prompts = [p.text for p in held_out_prompts(base.eval, base.stages["256"].resolution)[:base.eval.grid_size]]
     text = "\n\n".join(f"### {title}\n\n{table(rows)}" for title, rows in runs.items())

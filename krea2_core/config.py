@@ -1222,8 +1222,8 @@ def _gpu_expander() -> ExpanderConfig:
 
 def _tiny_pretrain_stages() -> dict[str, PretrainStageConfig]:
     # 32/48/64 px stand for 256/512/1024 (64, 144 and 256 image tokens beside up to 80 text tokens); the shift
-    # grows with resolution; iREPA in the first epoch of the first stage. Most of the ~7 min budget goes to the cheap first
-    # stage, where composition is learned; the upper stages adapt to their resolution. Each stage also trains on
+    # grows with resolution; iREPA in the first epoch of the first stage. Most of the ~7 min budget goes to the
+    # cheap first stage, where composition is learned; the upper stages adapt to their resolution. Each stage also trains on
     # 500 world scenes: more did not help at this budget, and each new caption costs a MiniLM pass
     # (docs/pretraining.md).
     scenes = WorldScenesConfig(n=500)

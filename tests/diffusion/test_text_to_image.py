@@ -38,6 +38,7 @@ def test_dropping_shared_text_padding_changes_no_velocity(fusion_blocks: int) ->
 
     trimmed_text, trimmed_mask = pipe.text_columns(text, mask)
     assert trimmed_mask.shape == (3, 7) and torch.equal(trimmed_mask.sum(1), mask.sum(1))  # columns 6, 7, 9 go
+    assert torch.equal(trimmed_text, text[:, [0, 1, 2, 3, 4, 5, 8]])
     with torch.no_grad():
         full = keep_all.velocity(tokens, t, (4, 4), text, mask)
         dropped = pipe.velocity(tokens, t, (4, 4), text, mask)
