@@ -3,8 +3,8 @@
 A prompt's requirements are judged on one image, so they are not independent: every interval here is a
 percentile bootstrap over prompts (scipy.stats.bootstrap), of a pooled share (requirements met / requirements
 asked, summed over the resampled prompts) or of a paired difference (two models on the same prompts and noise,
-resampled together). Where every resample gives the same value (all met, or none) the bootstrap interval would
-have zero width; there the Wilson interval of the pooled counts is used instead.
+resampled together). Where every resample gives the same value (every prompt's share the same: all met, or none)
+the bootstrap interval would have zero width; there the Wilson interval of the pooled counts is used instead.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def share(hits: np.ndarray, totals: np.ndarray, seed: int = 0) -> Estimate:
     if not len(totals):
         return Estimate(float("nan"), float("nan"), float("nan"))
     value = float(hits.sum() / totals.sum())
-    if len(totals) < 2 or np.all(hits == totals) or np.all(hits == 0):
+    if len(totals) < 2 or np.all(hits * totals[0] == hits[0] * totals):
         # every resample agrees: fall back to the binomial interval of the pooled counts
         ci = stats.binomtest(int(round(hits.sum())), int(round(totals.sum()))).proportion_ci(LEVEL, method="wilson")
         return Estimate(value, float(ci.low), float(ci.high))
@@ -97,7 +97,10 @@ def format_change(before: Estimate, after: Estimate, difference: Estimate) -> st
 
 def format_metric(key: str, metrics: dict[str, float]) -> str:
     """``key``'s value as ``a -> b (diff, 95% CI [lo, hi])`` when ``metrics`` has its ``.before`` / ``.after`` / ``.low``
-    / ``.high`` companions (a paired comparison), ``v [lo, hi]`` when it has its interval, else ``v``."""
+    / ``.high`` companions (a paired comparison), ``v [lo, hi]`` when it has its interval, ``v`` without, and ``n/a``
+    when ``metrics`` lacks ``key``."""
+    if key not in metrics:
+        return "n/a"
     value = metrics[key]
     parts = {part: metrics.get(f"{key}.{part}") for part in ("low", "high", "before", "after")}
     if None not in parts.values():

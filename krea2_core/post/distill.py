@@ -50,7 +50,8 @@ from krea2_core.training.optim import build_optimizers
 from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, global_means, parallelize
 from krea2_core.training.pretrain import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, diffusers_config, new_model
 from krea2_core.training.schedules import wsd_scheduler
-from krea2_core.evaluation.prompt_following import Generate, held_out_prompts, image_grid, score_images
+from krea2_core.evaluation.prompt_following import Generate, comparison_metrics, held_out_prompts, image_grid, \
+    score_images
 from krea2_core.world.captions import sample_prompts
 
 STAGE = "distill"
@@ -278,7 +279,8 @@ def evaluate_distillation(student: TextToImage, teacher: TextToImage, config: Di
                           pretrain: PretrainConfig, resolution: int
                           ) -> tuple[dict[str, float], dict[str, list[Image.Image]]]:
     """Held-out checker scores of the student (K steps, no CFG), the teacher (``teacher_eval_steps``, CFG) and the
-    naive few-step teacher (K steps, CFG), one noise per prompt for all three; then the latency of the student's and
+    naive few-step teacher (K steps, CFG), one noise per prompt for all three, and the student minus each teacher
+    (``eval.student_vs_*``, paired by prompt, 95% CIs); then the latency of the student's and
     the teacher's samplers on the first ``LATENCY_PROMPTS`` of those prompts in this process (the scored runs were
     the warm-up), best of ``LATENCY_REPEATS``. Returns (metrics, images by sampler)."""
     eval_cfg = dataclasses.replace(pretrain.eval, n_prompts=config.eval_prompts)
@@ -294,8 +296,11 @@ def evaluate_distillation(student: TextToImage, teacher: TextToImage, config: Di
     }
     images = {name: generate(texts) for name, generate in samplers.items()}
     metrics: dict[str, float] = {}
-    for name, generated in images.items():
-        metrics.update(score_images(generated, prompts).metrics(f"eval.{name}"))
+    results = {name: score_images(generated, prompts) for name, generated in images.items()}
+    for name, result in results.items():
+        metrics.update(result.metrics(f"eval.{name}"))
+    for name in ("teacher", "teacher_few_step"):
+        metrics.update(comparison_metrics(results[name], results["student"], f"eval.student_vs_{name}"))
     latency = {name: seconds_per_image(samplers[name], texts[:LATENCY_PROMPTS]) for name in ("student", "teacher")}
     metrics.update({f"latency.{name}_s_per_image": value for name, value in latency.items()})
     metrics["latency.ratio"] = latency["teacher"] / latency["student"]

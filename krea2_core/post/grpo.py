@@ -59,7 +59,8 @@ from krea2_core.training.optim import build_optimizers
 from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, global_means
 from krea2_core.training.pretrain import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, diffusers_config, new_model
 from krea2_core.training.schedules import wsd_scheduler
-from krea2_core.evaluation.prompt_following import eval_sampler, held_out_prompts, image_grid, score_images
+from krea2_core.evaluation.prompt_following import comparison_metrics, eval_sampler, held_out_prompts, image_grid, \
+    score_images
 from krea2_core.world.captions import Prompt
 
 STAGE = "rl"
@@ -290,7 +291,8 @@ def train_grpo(pipe: TextToImage, reference: torch.nn.Module, pool: PromptPool, 
 def evaluate_rl(policy: TextToImage, init: TextToImage, config: RLConfig, eval_cfg: EvalConfig, resolution: int
                 ) -> tuple[dict[str, Any], dict[str, list[Image.Image]]]:
     """(eval.json content, the held-out images by setting). Checker scores (``score`` is the rubric reward) of
-    ``init_cfg`` (init with ``eval_cfg.cfg_scale``), ``init_nocfg`` and ``policy_nocfg``; ``diversity``: the mean
+    ``init_cfg`` (init with ``eval_cfg.cfg_scale``), ``init_nocfg`` and ``policy_nocfg``; ``vs_init_nocfg`` /
+    ``vs_init_cfg``: ``policy_nocfg`` minus each, paired by prompt, with 95% CIs; ``diversity``: the mean
     embedding spread of ``config.diversity_samples`` seeds of ``config.diversity_prompts`` prompts, no CFG."""
     prompts = held_out_prompts(dataclasses.replace(eval_cfg, n_prompts=config.eval_prompts), resolution)
     texts = [p.text for p in prompts]
@@ -298,9 +300,12 @@ def evaluate_rl(policy: TextToImage, init: TextToImage, config: RLConfig, eval_c
     settings = {"init_cfg": (init, eval_cfg), "init_nocfg": (init, nocfg), "policy_nocfg": (policy, nocfg)}
     images = {name: eval_sampler(pipe, cfg, resolution)(texts) for name, (pipe, cfg) in settings.items()}
     report: dict[str, Any] = {}
-    for name, shown in images.items():
-        result = score_images(shown, prompts)
+    results = {name: score_images(shown, prompts) for name, shown in images.items()}
+    for name, result in results.items():
         report[name] = {"score": result.score, "pass_rate": result.pass_rate, **result.per_kind}
+    for start in ("init_nocfg", "init_cfg"):  # the policy without CFG against the start without and with it
+        report[f"vs_{start}"] = {key.removeprefix("change."): value for key, value in
+                                 comparison_metrics(results[start], results["policy_nocfg"], "change").items()}
     few = [p.text for p in held_out_prompts(dataclasses.replace(eval_cfg, n_prompts=config.diversity_prompts),
                                             resolution)]
     embedder = make_embedder(config.reward_model.embedder)

@@ -3,7 +3,9 @@ what merging keeps: every candidate (the base, each domain's SFT, each merge met
 checker on every domain's held-out prompts.
 
 ``gain_retained.<domain>`` = (merged - base) / (domain SFT - base) on that domain's prompts: 1 keeps all of the
-domain's SFT gain, 0 none of it (undefined where the SFT did not beat the base).
+domain's SFT gain, 0 none of it (undefined where the SFT did not beat the base). ``vs_base.<candidate>.<domain>.score``
+is a candidate's score minus the base's on a domain's prompts, paired by prompt, with its 95% CI (``.low``/``.high``);
+the published merge is the candidate ``merged``.
 
 Artifact (kind ``checkpoint``): the merged weights (``MergeConfig.method``) in the diffusers layout,
 ``eval.json`` (the candidate x domain score matrix) and ``samples.png`` (the merged model on each domain).
@@ -26,7 +28,8 @@ from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
 from krea2_core.training.merging import merge_checkpoints
 from krea2_core.training.pretrain import CONFIG_FILE, WEIGHTS_FILE, diffusers_config, new_model, text_to_image
-from krea2_core.evaluation.prompt_following import eval_sampler, evaluate, held_out_prompts, image_grid
+from krea2_core.evaluation.prompt_following import PromptFollowing, comparison_metrics, eval_sampler, evaluate, \
+    held_out_prompts, image_grid
 
 EVAL_FILE = "eval.json"
 METHODS: tuple[str, ...] = get_args(get_type_hints(MergeConfig)["method"])
@@ -41,9 +44,10 @@ def merge_view(post: PostTrainConfig, pretrain: PretrainConfig) -> dict[str, obj
 
 
 def _score_matrix(pipe: TextToImage, candidates: dict[str, Path], post: PostTrainConfig, pretrain: PretrainConfig,
-                  device: torch.device, run: StageRun) -> tuple[dict[str, dict[str, float]], dict[str, list]]:
-    """{candidate: {domain: checker score}} and each candidate's images per domain (for the grids)."""
-    scores: dict[str, dict[str, float]] = {}
+                  device: torch.device, run: StageRun
+                  ) -> tuple[dict[str, dict[str, PromptFollowing]], dict[str, list]]:
+    """{candidate: {domain: checker results}} and each candidate's images per domain (for the grids)."""
+    scores: dict[str, dict[str, PromptFollowing]] = {}
     images: dict[str, list] = {}
     for candidate, weights in candidates.items():
         model = dataclasses.replace(pipe, model=new_model(pretrain, weights, device).eval())
@@ -52,7 +56,7 @@ def _score_matrix(pipe: TextToImage, candidates: dict[str, Path], post: PostTrai
             eval_cfg = dataclasses.replace(pretrain.eval, scenes=domain.scenes, n_prompts=post.sft.eval_prompts)
             prompts = held_out_prompts(eval_cfg, post.resolution)
             result, generated = evaluate(eval_sampler(model, eval_cfg, post.resolution), prompts)
-            scores[candidate][domain_name] = result.score
+            scores[candidate][domain_name] = result
             images[f"{candidate}/{domain_name}"] = generated
             run.log_metrics(result.metrics(f"eval.{candidate}.{domain_name}"))
     return scores, images
@@ -86,9 +90,14 @@ def run_merge(base: Path, sft: dict[str, Path], post: PostTrainConfig, pretrain:
             if method != post.merge.method:
                 (run.work_dir / method / CONFIG_FILE).write_text((staging / CONFIG_FILE).read_text())
         pipe = text_to_image(new_model(pretrain, None, device), pretrain, device)
-        scores, images = _score_matrix(pipe, candidates, post, pretrain, device, run)
+        results, images = _score_matrix(pipe, candidates, post, pretrain, device, run)
+        scores = {c: {d: result.score for d, result in row.items()} for c, row in results.items()}
         chosen = f"merged_{post.merge.method}"
         metrics = {f"score.{c}.{d}": s for c, row in scores.items() for d, s in row.items()}
+        for candidate, row in results.items():  # the published merge is "merged"
+            for domain, result in row.items() if candidate != "base" else ():
+                metrics.update(comparison_metrics(results["base"][domain], result,
+                                                  f"vs_base.{'merged' if candidate == chosen else candidate}.{domain}"))
         for name in domains:
             gain = scores[f"sft_{name}"][name] - scores["base"][name]
             for method in methods:

@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+import numpy as np
 from PIL import Image
 
 from krea2_core.evaluation.prompt_following import score_images
+from krea2_core.evaluation.stats import Estimate, share
 from krea2_core.world.captions import Prompt
 
 
@@ -52,8 +54,15 @@ class PreferredRate:
         total = self.wins + self.losses + self.ties
         return (self.wins + 0.5 * self.ties) / total if total else 0.5
 
+    def estimate(self) -> Estimate:
+        """The rate with its 95% CI: each prompt an outcome of 1 (win), 1/2 (tie) or 0, prompts resampled."""
+        outcomes = np.repeat([1.0, 0.5, 0.0], [self.wins, self.ties, self.losses])
+        return share(outcomes, np.ones_like(outcomes))
+
     def metrics(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}.preferred_rate": self.rate, f"{prefix}.wins": float(self.wins),
+        rate = self.estimate()
+        return {f"{prefix}.preferred_rate": self.rate, f"{prefix}.preferred_rate.low": rate.low,
+                f"{prefix}.preferred_rate.high": rate.high, f"{prefix}.wins": float(self.wins),
                 f"{prefix}.losses": float(self.losses), f"{prefix}.ties": float(self.ties)}
 
 

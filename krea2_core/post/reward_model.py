@@ -30,6 +30,7 @@ from tqdm import tqdm
 from krea2_core.artifacts import Manifest, read_manifest, to_plain
 from krea2_core.config import EmbedderConfig, RewardModelConfig
 from krea2_core.curation.embedders import Embedder, make_embedder
+from krea2_core.evaluation.stats import share
 from krea2_core.post.pairs import PAIRS_FILE, read_pairs
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import MetricsLog, StageRun
@@ -110,7 +111,8 @@ def _one_thread() -> Iterator[None]:
 def train_head(winners: np.ndarray, losers: np.ndarray, config: RewardModelConfig, log: Log | None = None
                ) -> tuple[nn.Sequential, dict[str, float], int]:
     """Fit the head on the pairs' embeddings, ``config.val_fraction`` of them held out (seeded). Returns the head,
-    the final ``train.*`` / ``val.*`` loss and accuracy (no ``val.*`` without held-out pairs), and the number of
+    the final ``train.*`` / ``val.*`` loss and accuracy (held-out accuracy with its 95% CI; no ``val.*`` without
+    held-out pairs), and the number of
     held-out pairs. ``log(step, metrics)`` gets every step's."""
     n = len(winners)
     order = np.random.default_rng(config.seed).permutation(n)
@@ -137,6 +139,11 @@ def train_head(winners: np.ndarray, losers: np.ndarray, config: RewardModelConfi
             if log is not None:
                 log(step, evaluate())
         metrics = evaluate()
+    if n_val:  # pairs are judged independently: the held-out accuracy's interval resamples pairs
+        with torch.no_grad():
+            correct = (head(data["val"][0])[:, 0] > head(data["val"][1])[:, 0]).float().numpy()
+        accuracy = share(correct, np.ones_like(correct))
+        metrics.update({"val.accuracy.low": accuracy.low, "val.accuracy.high": accuracy.high})
     return head.eval().requires_grad_(False), metrics, n_val
 
 

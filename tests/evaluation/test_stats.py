@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from krea2_core.evaluation.stats import Estimate, format_change, paired_difference, share
+from krea2_core.evaluation.stats import Estimate, format_change, format_metric, paired_difference, share
 
 
 def test_share_interval_covers_a_known_rate_about_95_percent_of_the_time() -> None:
@@ -27,6 +27,11 @@ def test_share_of_all_or_nothing_uses_the_binomial_interval() -> None:
     assert full.value == 1.0 and full.high == 1.0 and 0.95 < full.low < 1.0  # not a zero-width interval
     empty = share(np.zeros(40), np.ones(40))
     assert empty.value == 0.0 and empty.low == 0.0 and 0.0 < empty.high < 0.1
+
+
+def test_share_of_equal_partial_shares_uses_the_binomial_interval() -> None:
+    ties = share(np.full(40, 0.5), np.ones(40))  # e.g. a preferred rate of all ties: every resample gives 0.5
+    assert ties.value == 0.5 and ties.low < 0.5 < ties.high
 
 
 def test_prompts_without_the_requirement_are_ignored() -> None:
@@ -75,3 +80,11 @@ def test_bad_input_is_rejected() -> None:
 def test_format_change() -> None:
     line = format_change(Estimate(0.2, 0.18, 0.22), Estimate(0.6, 0.55, 0.65), Estimate(0.4, 0.35, 0.45))
     assert line == "0.200 -> 0.600 (+0.400, 95% CI [+0.350, +0.450])"
+
+
+def test_format_metric_reads_its_companions() -> None:
+    change = {"d": 0.4, "d.low": 0.35, "d.high": 0.45, "d.before": 0.2, "d.after": 0.6}
+    assert format_metric("d", change) == "0.200 -> 0.600 (+0.400, 95% CI [+0.350, +0.450])"
+    assert format_metric("v", {"v": 0.5, "v.low": 0.4, "v.high": 0.6}) == "0.500 [0.400, 0.600]"
+    assert format_metric("v", {"v": 0.5}) == "0.5"
+    assert format_metric("missing", change) == "n/a"

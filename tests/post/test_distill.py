@@ -386,6 +386,10 @@ def test_stage_publishes_the_student_with_its_sampling_recipe_and_one_run_evalua
     for key in ("loss", "fake_loss", "dmd_grad_rms", "fake_real_gap", "eval.student.score", "eval.teacher.score",
                 "eval.teacher_few_step.score", "latency.ratio"):
         assert key in metrics, key
+    for teacher_name in ("teacher", "teacher_few_step"):  # the student's paired change against each, with its CI
+        change = f"eval.student_vs_{teacher_name}.score"
+        assert metrics[change] == pytest.approx(metrics["eval.student.score"] - metrics[f"eval.{teacher_name}.score"])
+        assert metrics[f"{change}.low"] <= metrics[change] <= metrics[f"{change}.high"]
     assert sorted(m.step for m in client.get_metric_history(manifest.mlflow_run_id, "loss")) == [2]
 
 

@@ -229,15 +229,21 @@ def test_stage_publishes_a_checkpoint_with_reward_curves_pool_and_evaluation(ini
     assert len(pool) == 6 and pool["draws"].sum() == 6
 
     report = json.loads((out / EVAL_FILE).read_text())
-    assert set(report) == {"init_cfg", "init_nocfg", "policy_nocfg", "diversity"}
+    assert set(report) == {"init_cfg", "init_nocfg", "policy_nocfg", "vs_init_nocfg", "vs_init_cfg", "diversity"}
     for name in ("init_cfg", "init_nocfg", "policy_nocfg"):
         assert 0.0 <= report[name]["score"] <= 1.0 and "pass_rate" in report[name]
+    for start in ("init_nocfg", "init_cfg"):  # the policy's paired change against each start setting, with its CI
+        change = report[f"vs_{start}"]
+        assert change["score"] == pytest.approx(report["policy_nocfg"]["score"] - report[start]["score"])
+        assert change["score.low"] <= change["score"] <= change["score.high"]
+        assert (change["score.before"], change["score.after"]) == (report[start]["score"],
+                                                                    report["policy_nocfg"]["score"])
     assert set(report["diversity"]) == {"init", "policy"} and all(v >= 0 for v in report["diversity"].values())
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     metrics = client.get_run(manifest.mlflow_run_id).data.metrics
     for key in ("reward.rubric", "reward.total", "eval.init_cfg.score", "eval.policy_nocfg.score",
-                "eval.diversity.policy", "pool.active"):
+                "eval.vs_init_nocfg.score.low", "eval.diversity.policy", "pool.active"):
         assert key in metrics, key
     assert sorted(m.step for m in client.get_metric_history(manifest.mlflow_run_id, "reward.rubric")) == [2, 3]
 

@@ -258,7 +258,9 @@ def test_stage_publishes_a_loadable_checkpoint_with_the_implicit_curves(inputs: 
     for key in ("implicit_loglik.winner", "margin", "eval.preferred_rate", "eval.wins", "eval.policy.score",
                 "eval.reference.score"):
         assert key in metrics, key
-    assert 0.0 <= metrics["eval.preferred_rate"] <= 1.0
+    assert metrics["eval.preferred_rate.low"] <= metrics["eval.preferred_rate"] <= metrics["eval.preferred_rate.high"]
+    assert metrics["eval.vs_reference.score"] == pytest.approx(metrics["eval.policy.score"]
+                                                               - metrics["eval.reference.score"])
     history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(manifest.mlflow_run_id, "loss")
     assert sorted(m.step for m in history) == [2, 3]  # every log_every steps and the last
 

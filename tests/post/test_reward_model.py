@@ -78,6 +78,7 @@ def test_reward_model_learns_the_preference_of_both_tables(trained: Path, pairs:
     assert (info["embedder"]["kind"], info["dim"], info["hidden"]) == ("efficientnet_lite0", 1280, CONFIG.hidden)
     metrics = info["metrics"]
     assert metrics["train.accuracy"] == 1.0 and metrics["val.accuracy"] > 0.8
+    assert 0.5 < metrics["val.accuracy.low"] <= metrics["val.accuracy"] <= metrics["val.accuracy.high"] <= 1.0
     assert metrics["val.loss"] < np.log(2)  # better than chance (a constant head scores log 2)
     curve = [json.loads(line) for line in (trained / METRICS_FILE).read_text().splitlines()]
     assert [row["step"] for row in curve] == list(range(1, CONFIG.steps + 1))

@@ -67,6 +67,13 @@ def test_merge_publishes_the_configured_method_and_scores_every_candidate(sft_ch
     assert json.loads((out / EVAL_FILE).read_text())["method"] == "ties"
     metrics = MlflowClient().get_run(manifest.mlflow_run_id).data.metrics
     assert {f"gain_retained.{d}" for d in domains} <= set(metrics)
+    for candidate in ("sft_warm", "sft_cool", "merged", "merged_uniform"):  # "merged" is the published ties merge
+        for d in domains:  # each candidate against the base on each domain, paired by prompt, with its CI
+            change = f"vs_base.{candidate}.{d}.score"
+            scored = {"merged": "merged_ties"}.get(candidate, candidate)
+            assert metrics[change] == pytest.approx(metrics[f"score.{scored}.{d}"] - metrics[f"score.base.{d}"])
+            assert metrics[f"{change}.low"] <= metrics[change] <= metrics[f"{change}.high"]
+    assert "vs_base.merged_ties.warm.score" not in metrics
     assert 0 < metrics["merge.ties.ties_kept_fraction"] <= 1
     assert (out / "samples.png").is_file()
 
