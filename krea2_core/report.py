@@ -1,16 +1,21 @@
 """``krea2 report``: a pipeline run as one table: each stage's run (a cache hit shows the run that computed it), its
-wall time and the headline metrics a reader of that stage looks at first. README's measured tables come from it."""
+wall time and the headline metrics a reader of that stage looks at first. README's measured tables come from it.
+Also the pipeline's closing summary: the held-out effect of each training stage, in sentences."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from math import isfinite, nan
+from pathlib import Path
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from krea2_core.evaluation.prompt_following import REPORT_KINDS
 from krea2_core.evaluation.stats import format_metric
 from krea2_core.rerun import RerunError, stage_runs
+from krea2_core.tracking import run_metrics
 
 # (stage name pattern, metric key patterns), first matching stage pattern wins
 HEADLINES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -25,13 +30,13 @@ HEADLINES: tuple[tuple[str, tuple[str, ...]], ...] = (
                     "images_per_s")),
     ("midtrain", ("eval.score", "final.val_loss")),
     ("sft_*", ("eval.score", "final.val_loss")),
-    ("merge", ("eval.*.score",)),
+    ("merge", ("vs_base.*.score",)),
     ("preference_pairs", ("count.pairs", "winner_score", "loser_score")),
     ("preference_annotations", ("count.pairs",)),
-    ("preference_*", ("eval.preferred_rate", "eval.policy.score", "eval.reference.score")),
-    ("reward_model", ("train.accuracy", "val.accuracy")),
-    ("rl", ("eval.init_cfg.score", "eval.init_nocfg.score", "eval.policy_nocfg.score", "eval.diversity.*")),
-    ("distill", ("eval.teacher.score", "eval.teacher_few_step.score", "eval.student.score", "latency.ratio")),
+    ("preference_*", ("eval.preferred_rate", "eval.vs_reference.score")),
+    ("reward_model", ("val.accuracy", "count.val_pairs", "train.accuracy")),
+    ("rl", ("eval.vs_init_nocfg.score", "eval.vs_init_cfg.score", "eval.diversity.*")),
+    ("distill", ("eval.student_vs_teacher.score", "eval.student_vs_teacher_few_step.score", "latency.ratio")),
     ("expander_data", ("count.pairs", "fallback_rate.user")),
     ("expander_sft", ("val.loss_before", "val.loss_after", "eval.sft.well_formed", "eval.sft.faithfulness",
                       "eval.sft.gate_pass")),
@@ -93,3 +98,72 @@ def format_report(rows: list[StageRow]) -> str:
     total = sum(row.seconds or 0.0 for row in rows)
     lines.append(f"\n{len(rows)} stages, {total:.0f} s in their runs ({total / 60:.1f} min)")
     return "\n".join(lines)
+
+
+def pretraining_summary(root: Path, stage_runs: dict[str, str]) -> list[str]:
+    """Held-out prompt following (world checker, 95% CIs, paired by prompt) after each resolution stage, against the
+    stage before it and against the untrained model."""
+    lines = []
+    for stage in ("256", "512", "1024"):
+        run_id = stage_runs.get(f"pretrain_{stage}")
+        if run_id is None:
+            continue
+        metrics = run_metrics(root, run_id)
+        lines.append(f"    after {stage:>5} : " + ", ".join(
+            f"{kind} {format_metric(f'eval.{kind}', metrics)}" for kind in ("score", *REPORT_KINDS[:5])
+            if f"eval.{kind}" in metrics))
+        for versus in ("previous", "untrained"):
+            if f"eval.vs_{versus}.score" in metrics:
+                lines.append(f"      vs {versus:<9}: score {format_metric(f'eval.vs_{versus}.score', metrics)}")
+    return lines
+
+
+def post_training_summary(root: Path, stage_runs: dict[str, str]) -> list[str]:
+    """Midtraining, each SFT domain and the merge against the base, preference optimisation's preferred-rate over its
+    reference, the reward model's held-out accuracy, RL without CFG and the distilled student against its teacher:
+    world-checker scores on held-out prompts, paired changes with 95% CIs."""
+    lines = []
+    if "midtrain" in stage_runs:
+        lines.append(f"    midtraining   : prompt-following "
+                     f"{format_metric('eval.score', run_metrics(root, stage_runs['midtrain']))}")
+    if "merge" in stage_runs:
+        merge = run_metrics(root, stage_runs["merge"])
+        for domain in sorted({key.split(".")[-1] for key in merge if key.startswith("score.base.")}):
+            kept = merge.get(f"gain_retained.{domain}", nan)  # NaN when the SFT did not raise its domain's score
+            lines.append(f"    SFT {domain:<9} : domain score {format_metric(f'vs_base.sft_{domain}.{domain}.score', merge)}; "
+                         f"merged {format_metric(f'vs_base.merged.{domain}.score', merge)}, "
+                         + (f"{kept:.0%} of the gain kept" if isfinite(kept) else "no gain to keep"))
+    for stage in ("synthetic", "calibration"):
+        if f"preference_{stage}" in stage_runs:
+            metrics = run_metrics(root, stage_runs[f"preference_{stage}"])
+            lines.append(f"    PO {stage:<10} : preferred over its reference on "
+                         f"{format_metric('eval.preferred_rate', metrics)} of held-out prompts; score "
+                         f"{format_metric('eval.vs_reference.score', metrics)}")
+    if "reward_model" in stage_runs:
+        reward = run_metrics(root, stage_runs["reward_model"])
+        if "val.accuracy" in reward:
+            lines.append(f"    reward model  : held-out pairwise accuracy {format_metric('val.accuracy', reward)} "
+                         f"on {reward.get('count.val_pairs', nan):.0f} pairs")
+    if "rl" in stage_runs:
+        rl = run_metrics(root, stage_runs["rl"])
+        lines.append(f"    RL (no CFG)   : prompt-following without CFG {format_metric('eval.vs_init_nocfg.score', rl)}; "
+                     f"the start with CFG {rl.get('eval.init_cfg.score', nan):.3f}; diversity "
+                     f"{rl.get('eval.diversity.init', nan):.3f} -> {rl.get('eval.diversity.policy', nan):.3f}")
+    if "distill" in stage_runs:
+        tdm = run_metrics(root, stage_runs["distill"])
+        lines.append(f"    distilled     : teacher with CFG -> student without CFG "
+                     f"{format_metric('eval.student_vs_teacher.score', tdm)} (teacher at the student's steps "
+                     f"{tdm.get('eval.teacher_few_step.score', nan):.3f}), {tdm.get('latency.ratio', nan):.1f}x faster")
+    return lines
+
+
+def expander_summary(root: Path, stage_runs: dict[str, str]) -> list[str]:
+    """Held-out short user prompts: the checker's score of images from the raw prompt vs its expansions, and the
+    expansions' faithfulness and group diversity (SFT vs RL)."""
+    if "expander_rl" not in stage_runs:
+        return []
+    m = run_metrics(root, stage_runs["expander_rl"])
+    return [f"    expansion     : prompt-following raw prompt {m.get('eval.raw.score', nan):.3f}, SFT expansion "
+            f"{m.get('eval.sft.score', nan):.3f}, RL expansion {m.get('eval.rl.score', nan):.3f}; faithfulness SFT "
+            f"{m.get('eval.sft.faithfulness', nan):.2f} / RL {m.get('eval.rl.faithfulness', nan):.2f}; diversity SFT "
+            f"{m.get('eval.sft.diversity', nan):.3f} / RL {m.get('eval.rl.diversity', nan):.3f}"]

@@ -34,14 +34,17 @@ def test_report_lists_each_stage_in_run_order_with_its_headline_metrics(isolated
                        "eval.kind.high": 0.35},
                       {"packed": pool})
     merge = _stage(experiment, pipeline, "merge", t0 + 200_000, 30.0,
-                   {"eval.merged_uniform.warm.score": 0.18, "eval.base.warm.score": 0.14, "eval.base.warm.count": 0.2},
+                   {"eval.merged_uniform.warm.score": 0.18, "eval.base.warm.score": 0.14, "eval.base.warm.count": 0.2,
+                    "vs_base.merged.warm.score": 0.04, "vs_base.merged.warm.score.low": -0.01,
+                    "vs_base.merged.warm.score.high": 0.09, "vs_base.merged.warm.score.before": 0.14,
+                    "vs_base.merged.warm.score.after": 0.18},
                    {"init": pretrain})
     end_pipeline_run(isolated_outputs, pipeline, [merge])
 
     rows = stage_report(pipeline)
     assert [(r.stage, r.seconds) for r in rows] == [("world_pool", 6.4), ("pretrain_256", 120.0), ("merge", 30.0)]
     assert list(rows[1].metrics) == ["eval.vs_untrained.score", "eval.kind", "final.val_loss"]  # no loss curve
-    assert rows[2].metrics == {"eval.base.warm.score": "0.14", "eval.merged_uniform.warm.score": "0.18"}
+    assert rows[2].metrics == {"vs_base.merged.warm.score": "0.140 -> 0.180 (+0.040, 95% CI [-0.010, +0.090])"}
     assert [r.stage for r in stage_report(pretrain)] == ["world_pool", "pretrain_256"]  # a stage run: its upstream
 
     table = format_report(rows)
