@@ -136,7 +136,7 @@ def post_training_summary(root: Path, stage_runs: dict[str, str]) -> list[str]:
     for stage in ("synthetic", "calibration"):
         if f"preference_{stage}" in stage_runs:
             metrics = run_metrics(root, stage_runs[f"preference_{stage}"])
-            lines.append(f"    PO {stage:<10} : preferred over its reference on "
+            lines.append(f"    PO {stage:<11}: preferred over its reference on "
                          f"{format_metric('eval.preferred_rate', metrics)} of held-out prompts; score "
                          f"{format_metric('eval.vs_reference.score', metrics)}")
     if "reward_model" in stage_runs:
