@@ -94,10 +94,12 @@ def run_merge(base: Path, sft: dict[str, Path], post: PostTrainConfig, pretrain:
         scores = {c: {d: result.score for d, result in row.items()} for c, row in results.items()}
         chosen = f"merged_{post.merge.method}"
         metrics = {f"score.{c}.{d}": s for c, row in scores.items() for d, s in row.items()}
-        for candidate, row in results.items():  # the published merge is "merged"
-            for domain, result in row.items() if candidate != "base" else ():
-                metrics.update(comparison_metrics(results["base"][domain], result,
-                                                  f"vs_base.{'merged' if candidate == chosen else candidate}.{domain}"))
+        for candidate, row in results.items():
+            if candidate == "base":
+                continue
+            name = "merged" if candidate == chosen else candidate  # the published merge
+            for domain, result in row.items():
+                metrics.update(comparison_metrics(results["base"][domain], result, f"vs_base.{name}.{domain}"))
         for name in domains:
             gain = scores[f"sft_{name}"][name] - scores["base"][name]
             for method in methods:
