@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from krea2_core.artifacts import read_manifest
 from krea2_core.config import ConfigError, load_config
 from krea2_core.stages import output_root
+from krea2_core.tracking import describe_tracking_error
 
 
 def _curate(args: argparse.Namespace) -> int:
@@ -124,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, FileNotFoundError, ValueError, MlflowException) as err:
+    except MlflowException as err:
+        print(f"krea2: error: {describe_tracking_error(err)}", file=sys.stderr)
+        return 2
+    except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"krea2: error: {err}", file=sys.stderr)
         return 2
 

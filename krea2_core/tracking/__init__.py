@@ -4,6 +4,7 @@ from krea2_core.tracking.runs import (
     MetricsLog,
     StageRun,
     configure_tracking,
+    describe_tracking_error,
     end_pipeline_run,
     lineage,
     run_metrics,
@@ -11,4 +12,4 @@ from krea2_core.tracking.runs import (
     stage_run,
 )
 
-__all__ = ["MetricsLog", "StageRun", "configure_tracking", "end_pipeline_run", "lineage", "run_metrics", "start_pipeline_run", "stage_run"]
+__all__ = ["MetricsLog", "StageRun", "configure_tracking", "describe_tracking_error", "end_pipeline_run", "lineage", "run_metrics", "start_pipeline_run", "stage_run"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,27 @@ _LOG_FILES_BELOW_BYTES = 50 << 20  # artifact dirs larger than this are referenc
 
 
 _LOCAL_URI_ENV = "KREA2_LOCAL_TRACKING_URI"
+
+# MLflow retries an unreachable tracking server for minutes by default (7 retries, doubling backoff, 120 s timeout):
+# to a user that is a hang. These bound it to seconds; a variable set by the user wins.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+for _name, _value in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
+
+_UNREACHABLE = re.compile(r"Max retries exceeded|Failed to establish a new connection|timed out")
+_CAUSE = re.compile(r"\[Errno -?\d+\][^'\")]*|Read timed out[^'\")]*")
+
+
+def describe_tracking_error(error: Exception) -> str:
+    """One line for a tracking failure: an unreachable server with its URI and cause, else the error's first line."""
+    text = str(error)
+    if _UNREACHABLE.search(text):
+        cause = _CAUSE.search(text)
+        return (f"MLflow tracking server {mlflow.get_tracking_uri()} unreachable "
+                f"({cause.group(0).strip() if cause else 'no answer'}): start it, or unset MLFLOW_TRACKING_URI to "
+                f"track under the output root (MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT wait longer)")
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
 def _user_tracking_uri() -> str:
