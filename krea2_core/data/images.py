@@ -10,6 +10,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from typing import IO
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import fsspec
 import numpy as np
@@ -38,9 +39,12 @@ class Header:
 
 
 def open_uri(uri: str) -> IO[bytes]:
-    """A binary file object for a local path, file:// URI or any fsspec URI (s3://, gs://, https://)."""
+    """A binary file object for a local path, file:// URI (percent-encoded bytes, so any file name) or any fsspec
+    URI (s3://, gs://, https://)."""
     if "://" not in uri:
         return open(uri, "rb")
+    if uri.startswith("file://"):
+        return open(unquote_to_bytes(urlsplit(uri).path), "rb")
     return fsspec.open(uri, "rb").open()
 
 

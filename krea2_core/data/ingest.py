@@ -24,7 +24,19 @@ RAW_POOL_FILE = "raw_pool.parquet"
 
 
 def stable_id(source: str, key: str) -> str:
-    return hashlib.sha1(f"{source}\0{key}".encode()).hexdigest()[:16]
+    # surrogateescape: a file name that is not UTF-8 hashes as its own bytes (UTF-8 names hash as before)
+    return hashlib.sha1(f"{source}\0{key}".encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _local_uri(path: Path) -> str:
+    """The path itself, or, where its name is not UTF-8 (a table cannot hold it), its percent-encoded file:// URI
+    (the original bytes, which ``open_uri`` opens)."""
+    text = str(path)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return path.as_uri()
+    return text
 
 
 def list_folder(root: str | Path, source: str | None = None) -> pd.DataFrame:
@@ -38,7 +50,7 @@ def list_folder(root: str | Path, source: str | None = None) -> pd.DataFrame:
         raise ValueError(f"image folder {root} holds no files")
     return pd.DataFrame({
         "id": [stable_id(source, p.relative_to(root).as_posix()) for p in files],
-        "uri": [str(p.resolve()) for p in files],
+        "uri": [_local_uri(p.resolve()) for p in files],
         "source": source,
         "bytes": None,
     })

@@ -1,4 +1,5 @@
 import io
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -72,3 +73,18 @@ def test_raw_pool_schema_names_the_broken_column() -> None:
     with pytest.raises(SchemaError) as err:
         validate(frame, RawPool, "raw_pool.parquet")
     assert "raw_pool.parquet" in str(err.value) and "n_bytes" in str(err.value) and "id" in str(err.value)
+
+
+def test_a_file_name_that_is_not_utf8_gets_its_row_and_is_read(tmp_path: Path) -> None:
+    os.makedirs(tmp_path / "pool")
+    with open(os.fsencode(tmp_path / "pool") + b"/caf\xe9.png", "wb") as f:  # Latin-1 bytes, invalid UTF-8
+        f.write(_png())
+    (tmp_path / "pool" / "b.png").write_bytes(_png())
+    listing = list_folder(tmp_path / "pool", source="s")
+    assert listing["id"].tolist() == list_folder(tmp_path / "pool", source="s")["id"].tolist()  # stable
+    assert listing["id"].nunique() == 2
+    odd = listing["uri"][listing["uri"].str.startswith("file://")].tolist()
+    assert len(odd) == 1 and odd[0].endswith("/caf%E9.png")  # the original bytes, percent-encoded
+    pool = validate(build_raw_pool(listing, SERIAL), RawPool, "pool")
+    assert pool["probe_error"].isna().all() and set(pool["width"]) == {64}  # both headers read
+    pool.to_parquet(tmp_path / "raw_pool.parquet")  # a table holds it
