@@ -93,6 +93,9 @@ def targets(metrics: dict[str, dict[str, float]], domains: list[str]) -> list[li
     def m(stage: str, key: str) -> float:
         return metrics.get(stage, {}).get(key, nan)
 
+    def interval(stage: str, key: str, fmt: str = "+.3f") -> str:
+        return f"{m(stage, key):{fmt}} [{m(stage, key + '.low'):{fmt}}, {m(stage, key + '.high'):{fmt}}]"
+
     def row(target: str, measured: str, met: bool) -> list[str]:
         return [target, measured, "yes" if met else "no"]
 
@@ -100,30 +103,25 @@ def targets(metrics: dict[str, dict[str, float]], domains: list[str]) -> list[li
     for d in domains:
         key = f"vs_base.sft_{d}.{d}.score"
         rows.append(row(f"SFT {d} raises its domain (CI above 0)",
-                        f"{m('merge', key):+.3f} [{m('merge', key + '.low'):+.3f}, {m('merge', key + '.high'):+.3f}]",
-                        m("merge", key + ".low") > 0))
+                        interval("merge", key), m("merge", key + ".low") > 0))
         kept = m("merge", f"gain_retained.{d}")
         rows.append(row(f"merge keeps >= 80% of {d}'s gain", f"{kept:.0%}" if isfinite(kept) else "no gain",
                         isfinite(kept) and kept >= 0.8))
         key = f"vs_base.merged.{d}.score"
         rows.append(row(f"merge not below the base on {d} (CI reaches 0 or above)",
-                        f"{m('merge', key):+.3f} [{m('merge', key + '.low'):+.3f}, {m('merge', key + '.high'):+.3f}]",
-                        m("merge", key + ".high") >= 0))
+                        interval("merge", key), m("merge", key + ".high") >= 0))
     for stage in ("synthetic", "calibration"):
         s = f"preference_{stage}"
         rows.append(row(f"PO {stage}: preferred over its reference (CI above 0.5)",
-                        f"{m(s, 'eval.preferred_rate'):.3f} [{m(s, 'eval.preferred_rate.low'):.3f}, "
-                        f"{m(s, 'eval.preferred_rate.high'):.3f}]", m(s, "eval.preferred_rate.low") > 0.5))
+                        interval(s, "eval.preferred_rate", ".3f"), m(s, "eval.preferred_rate.low") > 0.5))
         rows.append(row(f"PO {stage}: the winner's implicit likelihood stays above the reference's (last training batch)",
                         f"{m(s, 'implicit_loglik.winner'):+.4f}", m(s, "implicit_loglik.winner") >= 0))
     rows.append(row("reward model: held-out accuracy above 0.5 (CI) on >= 64 pairs",
-                    f"{m('reward_model', 'val.accuracy'):.3f} [{m('reward_model', 'val.accuracy.low'):.3f}, "
-                    f"{m('reward_model', 'val.accuracy.high'):.3f}] on {m('reward_model', 'count.val_pairs'):.0f}",
+                    f"{interval('reward_model', 'val.accuracy', '.3f')} on {m('reward_model', 'count.val_pairs'):.0f}",
                     m("reward_model", "val.accuracy.low") > 0.5 and m("reward_model", "count.val_pairs") >= 64))
     key = "eval.vs_init_nocfg.score"
     rows.append(row("RL: no-CFG score rises (CI above 0)",
-                    f"{m('rl', key):+.3f} [{m('rl', key + '.low'):+.3f}, {m('rl', key + '.high'):+.3f}]",
-                    m("rl", key + ".low") > 0))
+                    interval("rl", key), m("rl", key + ".low") > 0))
     gap = m("rl", "eval.init_cfg.score") - m("rl", "eval.init_nocfg.score")
     closed = m("rl", key) / gap if gap > 0 else nan
     rows.append(row("RL: closes >= half the gap to the start's CFG score",
@@ -133,8 +131,8 @@ def targets(metrics: dict[str, dict[str, float]], domains: list[str]) -> list[li
     rows.append(row("RL: diversity falls by <= 10%", f"{before:.3f} -> {after:.3f}", after >= 0.9 * before))
     key = "eval.student_vs_teacher.score"
     rows.append(row("TDM: 4-step student without CFG within 0.05 of the CFG teacher (CI)",
-                    f"{m('distill', key):+.3f} [{m('distill', key + '.low'):+.3f}, {m('distill', key + '.high'):+.3f}]"
-                    f", {m('distill', 'latency.ratio'):.1f}x faster", m("distill", key + ".low") >= -0.05))
+                    f"{interval('distill', key)}, {m('distill', 'latency.ratio'):.1f}x faster",
+                    m("distill", key + ".low") >= -0.05))
     return rows
 
 

@@ -62,7 +62,7 @@ def share(hits: np.ndarray, totals: np.ndarray, seed: int = 0) -> Estimate:
     if not len(totals):
         return Estimate(float("nan"), float("nan"), float("nan"))
     value = float(hits.sum() / totals.sum())
-    if len(totals) < 2 or np.all(hits * totals[0] == hits[0] * totals):
+    if len(totals) < 2 or np.ptp(hits / totals) == 0:
         # every resample agrees: fall back to the binomial interval of the pooled counts
         ci = stats.binomtest(int(round(hits.sum())), int(round(totals.sum()))).proportion_ci(LEVEL, method="wilson")
         return Estimate(value, float(ci.low), float(ci.high))

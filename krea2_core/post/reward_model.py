@@ -90,9 +90,14 @@ def embed_pairs(pairs: pd.DataFrame, embedder: Embedder, batch_size: int) -> tup
     return vectors[[row[b] for b in pairs["winner"]]], vectors[[row[b] for b in pairs["loser"]]], len(pngs)
 
 
+def _margins(head: nn.Module, winners: torch.Tensor, losers: torch.Tensor) -> torch.Tensor:
+    """Each pair's winner score minus its loser score."""
+    return head(winners)[:, 0] - head(losers)[:, 0]
+
+
 def _pairwise(head: nn.Module, winners: torch.Tensor, losers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Bradley-Terry loss, accuracy: the fraction of pairs whose winner scores higher)."""
-    margin = head(winners)[:, 0] - head(losers)[:, 0]
+    margin = _margins(head, winners, losers)
     return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
 
 
@@ -141,7 +146,7 @@ def train_head(winners: np.ndarray, losers: np.ndarray, config: RewardModelConfi
         metrics = evaluate()
     if n_val:  # pairs are judged independently: the held-out accuracy's interval resamples pairs
         with torch.no_grad():
-            correct = (head(data["val"][0])[:, 0] > head(data["val"][1])[:, 0]).float().numpy()
+            correct = (_margins(head, *data["val"]) > 0).float().numpy()
         accuracy = share(correct, np.ones_like(correct))
         metrics.update({"val.accuracy.low": accuracy.low, "val.accuracy.high": accuracy.high})
     return head.eval().requires_grad_(False), metrics, n_val
