@@ -4,7 +4,11 @@
     krea2 rerun <stage> --from-run <mlflow run id> [--preset tiny] [--config overrides.yaml] [--dry-run]
     krea2 lineage <mlflow run id>
     krea2 report [<pipeline or stage run id>]
+    krea2 verify [<output root>] [--full] [--repair]
     krea2 expand --model <expander artifact, model dir or id> [--n N --sample --seed S --show-thinking] PROMPT...
+
+A failure is one line on stderr (exit 2 for bad input, a damaged artifact, a failed rank or an unreachable tracking
+server; 1 for anything else); `krea2 --debug ...` shows the traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from krea2_core.artifacts import read_manifest
 from krea2_core.config import ConfigError, load_config
 from krea2_core.stages import output_root
 from krea2_core.tracking import describe_tracking_error
+from krea2_core.training.launch import RankFailed
 
 
 def _curate(args: argparse.Namespace) -> int:
@@ -37,15 +42,16 @@ def _curate(args: argparse.Namespace) -> int:
 def _lineage(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from krea2_core.tracking import configure_tracking, lineage
+    from krea2_core.tracking import configure_tracking, lineage, output_location
 
-    configure_tracking(output_root())
+    root = output_root()
+    configure_tracking(root)
     client = MlflowClient()
     for stage, run_id in lineage(args.run_id).items():
         tags = client.get_run(run_id).data.tags
-        uri = tags.get("krea2.output_uri", "")
-        digest = read_manifest(uri).digest[:16] if uri and Path(uri).is_dir() else tags.get("krea2.output_digest", "")[:16]
-        print(f"{stage:<12} run {run_id}  output {digest}  {uri}")
+        path = output_location(tags, root)
+        digest = read_manifest(path).digest[:16] if path and path.is_dir() else tags.get("krea2.output_digest", "")[:16]
+        print(f"{stage:<12} run {run_id}  output {digest}  {path or ''}")
     return 0
 
 
@@ -74,6 +80,25 @@ def _rerun(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from krea2_core.verify import repair, verify_root
+
+    root = Path(args.root) if args.root else output_root()
+    if not (root / "artifacts").is_dir():
+        raise FileNotFoundError(f"{root} is not an output root: it has no artifacts/ directory")
+    findings = verify_root(root, full=args.full)
+    for finding in findings:
+        if finding.verdict != "sound":
+            print(f"{finding.verdict:<14} {finding.path}  {finding.detail}")
+    removed = repair(findings) if args.repair else []
+    for path in removed:
+        print(f"removed        {path}")
+    counts = {v: sum(f.verdict == v for f in findings) for v in ("sound", "damaged", "stale staging", "staging")}
+    print(f"{len(findings)} entries: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+          + (f"; removed {len(removed)}: their stages compute them again on the next run" if removed else ""))
+    return 1 if counts["damaged"] + counts["stale staging"] > len(removed) else 0
+
+
 def _expand(args: argparse.Namespace) -> int:
     from krea2_core.expander.model import expand
 
@@ -91,6 +116,7 @@ def _expand(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="krea2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     commands = parser.add_subparsers(dest="command", required=True)
     curate = commands.add_parser("curate", help="ingest, score and select an image folder or URI table")
     curate.add_argument("source", help="image folder, Parquet table with a 'uri' column, or a world_pool artifact")
@@ -110,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     table = commands.add_parser("report", help="each stage of a pipeline run: its run, wall time, headline metrics")
     table.add_argument("run_id", nargs="?", default="", help="a pipeline or stage run (default: the newest pipeline run)")
     table.set_defaults(run=_report)
+    check = commands.add_parser("verify", help="check every artifact of an output root against its manifest")
+    check.add_argument("root", nargs="?", default="", help="output root (default: $KREA2_OUTPUT_ROOT or ./krea2-outputs)")
+    check.add_argument("--full", action="store_true", help="re-hash every file, also of artifacts above "
+                                                           "KREA2_VERIFY_MAX_BYTES (checked by size otherwise)")
+    check.add_argument("--repair", action="store_true", help="remove damaged artifacts and staging directories of "
+                                                             "dead processes, so their stages recompute them")
+    check.set_defaults(run=_verify)
     grow = commands.add_parser("expand", help="expand user prompts with a prompt-expander model")
     grow.add_argument("prompts", nargs="+", metavar="PROMPT")
     grow.add_argument("--model", required=True, help="expander artifact, model directory, hub id or 'smollm2'")
@@ -125,12 +158,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except MlflowException as err:
-        print(f"krea2: error: {describe_tracking_error(err)}", file=sys.stderr)
-        return 2
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"krea2: error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        if args.debug:
+            if isinstance(err, RankFailed) and err.rank_traceback:
+                print(err.rank_traceback, file=sys.stderr)
+            raise
+        expected = isinstance(err, (MlflowException, ConfigError, OSError, ValueError, RankFailed))
+        print(f"krea2: error: {_one_line(err)}" + ("" if expected else " (krea2 --debug shows the traceback)"),
+              file=sys.stderr)
+        return 2 if expected else 1
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, MlflowException):
+        return describe_tracking_error(err)
+    lines = str(err).strip().splitlines()
+    first = lines[0] if lines else ""
+    return first if isinstance(err, (ConfigError, ValueError, RankFailed)) else f"{type(err).__name__}: {first}"
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Re-running one stage from a previous execution, and saying which stages a new config would re-run.
 
 A stage's inputs are found through MLflow lineage: its run's ``krea2.upstream.<input>`` tags name the runs
-that produced them, and those runs' ``krea2.output_uri`` tags say where the artifacts are. A dry run
+that produced them, and those runs' ``krea2.output_path`` tags say where the artifacts are under the output root. A dry run
 compares the config each stage recorded in its manifest with the config it would get now; a stage re-runs
-when its config changed or when one of its inputs re-runs (the same rule the Flyte cache applies).
+when its recorded output is damaged, when its config changed or when one of its inputs re-runs (the same rule the
+Flyte cache applies, plus the integrity check every artifact read makes).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Callable
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from krea2_core.artifacts import Manifest, read_manifest, to_plain
+from krea2_core.artifacts import DamagedArtifact, Manifest, read_manifest, to_plain
 from krea2_core.config import PipelineConfig
 
 
@@ -244,10 +245,14 @@ def stage_runs(run_id: str) -> dict[str, Run]:
 
 
 def _output(run: Run) -> Path:
-    uri = run.data.tags.get("krea2.output_uri")
-    if not uri or not Path(uri).is_dir():
-        raise RerunError(f"the output of run {run.info.run_id} ({run.data.tags.get('krea2.stage')}) is gone: {uri!r}")
-    return Path(uri)
+    from krea2_core.stages import output_root
+    from krea2_core.tracking import output_location
+
+    path = output_location(run.data.tags, output_root())
+    if path is None or not path.is_dir():
+        raise RerunError(f"the output of run {run.info.run_id} ({run.data.tags.get('krea2.stage')}) is gone: "
+                         f"{str(path) if path else 'none recorded'}")
+    return path
 
 
 def resolve_inputs(stage: str, runs: dict[str, Run], domains: tuple[str, ...] = ()) -> dict[str, Path]:
@@ -291,16 +296,21 @@ def plan(run_id: str, config: PipelineConfig) -> list[tuple[str, bool, str]]:
     reruns: set[str] = set()
     steps = []
     for stage in (s for s in stage_order(domains) if s in runs):
-        recorded = read_manifest(_output(runs[stage])).config
-        changed = _changed_keys(recorded, to_plain(specs[stage].config_of(config)))
+        damage, changed = "", []
+        try:
+            changed = _changed_keys(read_manifest(_output(runs[stage])).config, to_plain(specs[stage].config_of(config)))
+        except DamagedArtifact as err:
+            damage = err.what
         upstream = sorted({producer for producer in specs[stage].inputs.values() if producer in reruns})
-        if changed:
+        if damage:
+            why = "output damaged: " + damage
+        elif changed:
             why = "config changed: " + ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
         elif upstream:
             why = "input from re-run stage(s): " + ", ".join(upstream)
         else:
             why = "cached: same config and inputs"
-        if changed or upstream:
+        if damage or changed or upstream:
             reruns.add(stage)
         steps.append((stage, stage in reruns, why))
     return steps

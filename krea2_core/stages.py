@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from krea2_core.artifacts import Manifest, artifact_key, publish, read_manifest, staged_dir
+from krea2_core.artifacts import Manifest, artifact_key, existing_artifact, publish, read_manifest, staged_dir
 from krea2_core.tracking import StageRun, stage_run
 
 
@@ -47,15 +47,18 @@ def stage_location(stage: str, kind: str, *, config: Any, manifests: dict[str, M
 
 def execute_stage(stage: str, kind: str, body: StageBody, *, config: Any, inputs: dict[str, Path] | None = None,
                   parent_run_id: str = "", root: Path | None = None) -> tuple[Path, Manifest]:
-    """Run ``body`` and publish its output under ``<root>/artifacts/<kind>/<key>``.
+    """Run ``body`` and publish its output under ``<root>/artifacts/<kind>/<key>``; when a sound artifact is
+    already there, return it instead (a damaged one is computed again).
 
     The key digests the stage name, its config and its input digests, so the same work always lands in
-    the same place and a different config never overwrites another's output.
+    the same place and a different config never overwrites another's output. Inputs are verified first.
     """
     root = root or output_root()
     inputs = {name: Path(path) for name, path in (inputs or {}).items()}
     manifests = {name: read_manifest(path) for name, path in inputs.items()}
     out, scratch = stage_location(stage, kind, config=config, manifests=manifests, root=root)
+    if (cached := existing_artifact(out)) is not None:
+        return out, cached
     scratch.mkdir(parents=True, exist_ok=True)
     with stage_run(stage, output_root=root, parent_run_id=parent_run_id, config=config,
                    inputs={name: (inputs[name], manifests[name]) for name in inputs}, work_dir=scratch) as run:

@@ -38,3 +38,49 @@ def test_curate_reads_a_file_whose_name_is_not_utf8(tmp_path: Path, capsys: pyte
     shutil.copy(Path(skimage.__file__).parent / "data" / "chelsea.png", bytes(folder) + b"/chels\xe9a.png")
     assert main(["curate", str(folder), "--config", "curation: {parallel: {backend: serial}}"]) == 0
     assert json.loads(capsys.readouterr().out)["summary"]["256"] == {"total": 2, "kept": 2}
+
+
+def test_verify_finds_damage_and_repair_lets_the_stage_recompute(tmp_path: Path, isolated_outputs: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from diskcache import Cache
+
+    from krea2_core.owners import HOST
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(Path(skimage.__file__).parent / "data" / "astronaut.png", folder / "astronaut.png")
+    serial = "curation: {parallel: {backend: serial}}"
+    assert main(["curate", str(folder), "--config", serial]) == 0
+    curated = Path(json.loads(capsys.readouterr().out)["curated"])
+    assert main(["verify"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["3 entries: 3 sound"]  # raw pool, scores, curated
+
+    kept = next(curated.glob("*/kept.parquet"))
+    kept.write_bytes(kept.read_bytes()[:-1] + b"!")
+    stale = curated.parent / f".{curated.name}.{HOST}-999999999.0123abcd.tmp"
+    stale.mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the Flyte local cache: one output names the damaged artifact
+    with Cache(str(tmp_path / "home" / ".flyte" / "local-cache")) as cache:
+        cache.set("select_images-1-abc", b"\n\x0fo0" + str(curated).encode())
+        cache.set("score_images-1-def", b"\n\x0fo0" + str(curated.parent / "other").encode())
+    assert main(["verify", str(isolated_outputs)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"stale staging  {stale}  written by {HOST}-999999999")
+    assert lines[1].startswith(f"damaged        {curated}  {kept.relative_to(curated)} changed since it was published")
+    assert lines[-1] == "4 entries: 2 sound, 1 damaged, 1 stale staging"
+    # a damaged output is computed again, not served; the dead process's staging beside it is swept
+    assert main(["curate", str(folder), "--config", serial]) == 0
+    assert "krea2: recomputing" in capsys.readouterr().err and not stale.exists()
+    assert main(["verify"]) == 0
+    kept.write_bytes(b"x" + kept.read_bytes()[1:])
+
+    assert main(["verify", "--repair"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"removed        {curated}" in lines and not curated.exists()
+    assert lines[-1].endswith("removed 1: their stages compute them again on the next run")
+    with Cache(str(tmp_path / "home" / ".flyte" / "local-cache")) as cache:
+        assert list(cache.iterkeys()) == ["score_images-1-def"]
+    assert main(["verify"]) == 0
+    assert main(["verify", str(tmp_path / "nowhere")]) == 2
+    assert "is not an output root: it has no artifacts/ directory" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from krea2_core.config import deep_merge, load_config
 from krea2_core.rerun import plan
-from krea2_core.tracking import configure_tracking
+from krea2_core.tracking import configure_tracking, output_location
 from expander._llm import save_tiny_qwen3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,10 +134,10 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     # Outputs are content-addressed: a stage whose inputs are byte-identical to an earlier run's publishes where that
     # run did, and a stage that only consumes such outputs is a Flyte cache hit. This small config's 32 px PNG
     # samples can come out identical from checkpoints that differ slightly, so the PO pairs (and from them the
-    # calibrated checkpoint and the reward model) may land where they did: RL and distillation re-run exactly when
-    # their inputs moved (checked at the end), not on every upstream change; so do the expander's stages (the
-    # captions can come out the same from another curated set).
-    moved_only = {"rl", "distill", *EXPANDER}
+    # calibrated checkpoint and the reward model) may land where they did: the reward model, RL and distillation
+    # re-run exactly when their inputs moved (checked at the end), not on every upstream change; so do the expander's
+    # stages (the captions can come out the same from another curated set).
+    moved_only = {"reward_model", "rl", "distill", *EXPANDER}
     assert {stage: len(ids) for stage, ids in after.items() if stage not in moved_only} == {
         s: 1 + (s in downstream) for s in stages if s not in moved_only}
 
@@ -160,10 +160,12 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
 
     def used(parent: Run, stage: str) -> str:
         """Where the output of ``stage`` that pipeline execution ``parent`` used lies."""
-        return client.get_run(parent.data.tags[f"krea2.stage_run.{stage}"]).data.tags["krea2.output_uri"]
+        return str(output_location(client.get_run(parent.data.tags[f"krea2.stage_run.{stage}"]).data.tags, root))
 
-    # RL ran once per distinct (calibrated checkpoint, reward model) the executions fed it, distillation once per
-    # distinct RL checkpoint
+    # content addressing: every stage ran once per distinct output the executions used, never twice for one output;
+    # RL once per distinct (calibrated checkpoint, reward model) the executions fed it, distillation once per distinct
+    # RL checkpoint
+    assert {s: len(final[s]) for s in stages} == {s: len({used(p, s) for p in parents}) for s in stages}
     assert len(final["rl"]) == len({(used(p, "preference_calibration"), used(p, "reward_model")) for p in parents})
     assert len(final["distill"]) == len({used(p, "rl") for p in parents})
     assert len(final["expander_data"]) == len({used(p, "captioning") for p in parents})
@@ -176,7 +178,7 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
 
     # a sub-workflow runs alone on a previous execution's artifacts
     def output_of(stage: str) -> str:
-        return client.get_run(tags[f"krea2.stage_run.{stage}"]).data.tags["krea2.output_uri"]
+        return str(output_location(client.get_run(tags[f"krea2.stage_run.{stage}"]).data.tags, root))
 
     alone = _pyflyte(home, root, "workflows/semantic_curation.py", "semantic_curation",
                      "--curated", output_of("selection"), "--captions", output_of("captioning"))

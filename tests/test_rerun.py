@@ -235,3 +235,18 @@ def test_rerun_trains_a_stage_on_its_recorded_inputs(pretrained: tuple[str, Pipe
     steps = _why(plan(manifest.mlflow_run_id, changed))
     assert list(steps)[-3:] == ["pretrain_256", "pack_512", "pretrain_512"]
     assert set(steps.values()) == {CACHED}
+
+
+def test_a_damaged_input_is_one_line_and_the_dry_run_re_runs_its_stage(
+        recorded: tuple[str, PipelineConfig, dict[str, Path]], capsys: pytest.CaptureFixture[str]) -> None:
+    parent, config, paths = recorded
+    table = next(p for p in sorted(paths["scores"].rglob("*.parquet")))
+    pd.read_parquet(table).head(3).to_parquet(table)  # a valid table, not the one scoring published
+    name = table.relative_to(paths["scores"]).as_posix()
+    assert main(["rerun", "selection", "--from-run", parent]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"artifact {paths['scores']} (scores) is damaged: {name} is " in err
+    steps = _why(plan(parent, config))
+    assert steps["scoring"].startswith(f"RE-RUN output damaged: {name} is ")
+    assert steps["selection"] == "RE-RUN input from re-run stage(s): scoring"
+    assert steps["ingest"] == "cached cached: same config and inputs"

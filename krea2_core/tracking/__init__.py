@@ -7,9 +7,10 @@ from krea2_core.tracking.runs import (
     describe_tracking_error,
     end_pipeline_run,
     lineage,
+    output_location,
     run_metrics,
     start_pipeline_run,
     stage_run,
 )
 
-__all__ = ["MetricsLog", "StageRun", "configure_tracking", "describe_tracking_error", "end_pipeline_run", "lineage", "run_metrics", "start_pipeline_run", "stage_run"]
+__all__ = ["MetricsLog", "StageRun", "configure_tracking", "describe_tracking_error", "end_pipeline_run", "lineage", "output_location", "run_metrics", "start_pipeline_run", "stage_run"]

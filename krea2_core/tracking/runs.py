@@ -4,7 +4,8 @@ Tracking goes to ``MLFLOW_TRACKING_URI`` when set (a server or any store), else 
 under the output root with artifacts beside it. A stage run records:
 - params: the stage config, flattened to dotted keys;
 - inputs: each input artifact as an MLflow dataset (its manifest digest, its location);
-- tags: ``krea2.stage``, ``krea2.upstream.<input>`` = the run that produced that input (lineage);
+- tags: ``krea2.stage``, ``krea2.upstream.<input>`` = the run that produced that input (lineage),
+  ``krea2.output_path`` = where its artifact lies, relative to the output root so a moved root still resolves;
 - outputs: the output manifest (and the artifact files when small) plus metrics.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,11 +22,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
+from filelock import FileLock
 from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 
 from krea2_core.artifacts import Manifest, to_plain
+from krea2_core.owners import is_gone, this_process
 
 EXPERIMENT = "krea2"
 _MAX_PARAM_LEN = 6000
@@ -32,6 +36,9 @@ _LOG_FILES_BELOW_BYTES = 50 << 20  # artifact dirs larger than this are referenc
 
 
 _LOCAL_URI_ENV = "KREA2_LOCAL_TRACKING_URI"
+OUTPUT_PATH_TAG = "krea2.output_path"
+_LEGACY_OUTPUT_TAG = "krea2.output_uri"
+OWNER_TAG = "krea2.owner"  # host-pid of the process running a stage run
 
 # MLflow retries an unreachable tracking server for minutes by default (7 retries, doubling backoff, 120 s timeout):
 # to a user that is a hang. These bound it to seconds; a variable set by the user wins.
@@ -71,14 +78,44 @@ def configure_tracking(output_root: str | os.PathLike[str]) -> str:
     mlflow.set_tracking_uri(uri)  # also exports MLFLOW_TRACKING_URI (to child processes too) ...
     if not user_uri:  # ... so remember it was ours: the next call with another output root must not inherit it
         os.environ[_LOCAL_URI_ENV] = uri
+    if user_uri:
+        return _experiment(None)
+    # MLflow creates and migrates a new sqlite store on first use: two processes doing it at once collide
+    with FileLock(root / "mlflow.db.lock"):
+        return _experiment(root)
+
+
+def _experiment(root: Path | None) -> str:
+    """The krea2 experiment's id, created on first use; in the local store of ``root``, which may have moved."""
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
+        if root is not None:
+            _follow_moved_root(root, experiment.artifact_location)
         return experiment.experiment_id
-    artifact_location = None if user_uri else (root / "mlruns").as_uri()
     try:
-        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location)
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=(root / "mlruns").as_uri() if root else None)
     except mlflow.exceptions.MlflowException:  # created concurrently by another process
         return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+def _follow_moved_root(root: Path, artifact_location: str) -> None:
+    """A local store records absolute artifact locations (MLflow has no relative ones, nor an API to change them):
+    when the output root was moved or copied, point them at the new place, so runs neither read nor write the old one."""
+    here = (root / "mlruns").as_uri()
+    if artifact_location == here:
+        return
+    with sqlite3.connect(root / "mlflow.db") as db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?", (here, artifact_location))
+        db.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE substr(artifact_uri, 1, ?) = ?",
+                   (here, len(artifact_location) + 1, len(artifact_location), artifact_location))
+
+
+def output_location(tags: dict[str, str], root: str | os.PathLike[str]) -> Path | None:
+    """The artifact directory a stage run published, resolved against the current output root (None if it logged
+    none); runs recorded before relative locations carry an absolute ``krea2.output_uri``."""
+    if (relative := tags.get(OUTPUT_PATH_TAG)) is not None:
+        return Path(root) / relative
+    return Path(tags[_LEGACY_OUTPUT_TAG]) if _LEGACY_OUTPUT_TAG in tags else None
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:
@@ -153,6 +190,7 @@ def run_metrics(output_root: str | os.PathLike[str], run_id: str) -> dict[str, f
 class StageRun:
     run_id: str
     work_dir: Path  # scratch space that survives a failed attempt of the same stage and inputs
+    output_root: Path
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -164,7 +202,9 @@ class StageRun:
         """Log an output artifact directory (copied when small, else only its manifest) and its digest."""
         path = Path(path)
         mlflow.set_tag("krea2.output_digest", manifest.digest)
-        mlflow.set_tag("krea2.output_uri", str(path))
+        root = self.output_root.resolve()
+        resolved = path.resolve()
+        mlflow.set_tag(OUTPUT_PATH_TAG, str(resolved.relative_to(root) if resolved.is_relative_to(root) else resolved))
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         if size <= _LOG_FILES_BELOW_BYTES:
             mlflow.log_artifacts(str(path), artifact_path=manifest.kind)
@@ -192,6 +232,22 @@ class MetricsLog:
         if step % self.every == 0 or step == self.last:
             self.run.log_metrics(metrics, step=step)
 
+def fail_interrupted_runs(experiment_id: str) -> list[str]:
+    """Mark FAILED the stage runs still RUNNING whose process is gone (killed with -9, or its machine rebooted),
+    tagged with why; returns their ids."""
+    client = MlflowClient()
+    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING' and "
+                                                                "tags.`krea2.kind` = 'stage'")
+    failed = []
+    for run in running:
+        owner = run.data.tags.get(OWNER_TAG, "")
+        if is_gone(owner):
+            client.set_tag(run.info.run_id, "krea2.failure", f"interrupted: its process {owner} is gone")
+            client.set_terminated(run.info.run_id, status="FAILED")
+            failed.append(run.info.run_id)
+    return failed
+
+
 def _local_source(path: Path) -> Any:
     # mlflow registers its local-artifact source class twice and warns on every resolve; name one
     local = [source for source in get_registered_sources() if source._get_source_type() == "local"][:1]
@@ -204,8 +260,9 @@ def stage_run(stage: str, *, output_root: str | os.PathLike[str], work_dir: Path
               ) -> Iterator[StageRun]:
     """A child run for one stage execution, with params, input datasets and upstream-run tags."""
     experiment_id = configure_tracking(output_root)
+    fail_interrupted_runs(experiment_id)
     inputs = inputs or {}
-    tags = {"krea2.kind": "stage", "krea2.stage": stage}
+    tags = {"krea2.kind": "stage", "krea2.stage": stage, OWNER_TAG: this_process()}
     tags.update({f"krea2.upstream.{name}": m.mlflow_run_id for name, (_, m) in inputs.items() if m.mlflow_run_id})
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_run_id or None,
                           tags=tags) as run:
@@ -215,4 +272,4 @@ def stage_run(stage: str, *, output_root: str | os.PathLike[str], work_dir: Path
             dataset = MetaDataset(_local_source(Path(path)),
                                   name=f"{name}:{manifest.kind}", digest=manifest.digest[:36])
             mlflow.log_input(dataset, context=name)
-        yield StageRun(run.info.run_id, work_dir)
+        yield StageRun(run.info.run_id, work_dir, Path(output_root))

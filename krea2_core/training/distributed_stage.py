@@ -13,7 +13,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from krea2_core.artifacts import read_manifest
+from krea2_core.artifacts import existing_artifact, read_manifest
 from krea2_core.config import TrainParallelConfig
 from krea2_core.stages import StageOutput, execute_stage, output_root, stage_location
 from krea2_core.tracking import StageRun
@@ -37,6 +37,14 @@ def run_distributed_stage(name: str, work: StageWork, *, parallel: TrainParallel
         if check is not None:
             check(env)
         root = root or output_root()
+        manifests = {key: read_manifest(path) for key, path in inputs.items()}
+        out, scratch = stage_location(name, "checkpoint", config=view, manifests=manifests, root=root)
+        # rank 0 looks for the finished artifact (removing a damaged one) and tells the others, so all train or none
+        done = [existing_artifact(out) is not None if env.rank == 0 else None]
+        if env.world_size > 1:
+            dist.broadcast_object_list(done, src=0)
+        if done[0]:
+            return out if env.rank == 0 else None
         if env.rank == 0:
             def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
                 output = work(env, run.work_dir, run, staging)
@@ -47,8 +55,6 @@ def run_distributed_stage(name: str, work: StageWork, *, parallel: TrainParallel
             out, _ = execute_stage(name, "checkpoint", body, config=view, inputs=inputs,
                                    parent_run_id=parent_run_id, root=root)
             return out
-        manifests = {key: read_manifest(path) for key, path in inputs.items()}
-        _, scratch = stage_location(name, "checkpoint", config=view, manifests=manifests, root=root)
         work(env, scratch, None, None)
         return None
     finally:

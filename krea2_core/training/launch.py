@@ -3,11 +3,10 @@ and tests; on a cluster the Flyte Elastic task or torchrun on each node does the
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from typing import Any, Callable
-
-from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from krea2_core.config import TrainParallelConfig
 
@@ -20,8 +19,40 @@ def launch_local(parallel: TrainParallelConfig, fn: Callable[..., Any], *args: A
                          "runs with the Flyte Elastic task or torchrun on every node")
     if parallel.nproc_per_node == 1:
         return fn(*args)
+    # imported here: the CLI imports this module for RankFailed and should not wait for torch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
     # like torchrun: split the cores between the workers instead of letting each one use them all
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel.nproc_per_node)))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=parallel.nproc_per_node, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn")
-    return elastic_launch(config, fn)(*args)[0]
+    # the launcher logs every failed process's traceback; RankFailed carries the one that matters instead
+    launcher_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    level = launcher_log.level
+    launcher_log.setLevel(logging.CRITICAL)
+    try:
+        return elastic_launch(config, fn)(*args)[0]
+    except ChildFailedError as err:
+        raise RankFailed.of(err) from None
+    finally:
+        launcher_log.setLevel(level)
+
+
+class RankFailed(RuntimeError):
+    """A rank of a launched stage failed. The message is that rank's own error (rank 0's when it failed), not the
+    launcher's report of every process; ``rank_traceback`` keeps its traceback."""
+
+    def __init__(self, message: str, rank_traceback: str = "") -> None:
+        super().__init__(message)
+        self.rank_traceback = rank_traceback
+
+    @classmethod
+    def of(cls, err: Any) -> RankFailed:
+        """From torch elastic's ChildFailedError."""
+        rank = min(err.failures)  # rank 0 when it failed, else the lowest rank that did
+        failure = err.failures[rank]
+        info = failure.message if isinstance(failure.message, dict) else {"message": str(failure.message)}
+        others = f" (and {len(err.failures) - 1} more rank(s))" if len(err.failures) > 1 else ""
+        return cls(f"rank {rank} failed{others}: {info.get('message') or f'exit code {failure.exitcode}'}",
+                   info.get("extraInfo", {}).get("py_callstack", ""))

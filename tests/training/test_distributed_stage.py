@@ -1,6 +1,7 @@
-"""The scaffold of the checkpoint stages (one process here: rank 0 of 1; the 2-rank path runs in the torchrun
-pretraining, RL and TDM tests)."""
+"""The scaffold of the checkpoint stages: rank 0 of 1, and 2 local ranks for the cache and failures (the 2-rank
+training path runs in the torchrun pretraining, RL and TDM tests)."""
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,10 @@ from krea2_core.artifacts import read_manifest
 from krea2_core.config import TrainParallelConfig
 from krea2_core.stages import StageOutput
 from krea2_core.training.distributed_stage import run_distributed_stage
+from krea2_core.training.launch import RankFailed, launch_local
 
 ONE = TrainParallelConfig(nproc_per_node=1)
+TWO = TrainParallelConfig(nproc_per_node=2)
 
 
 def _write(env, scratch: Path, run, staging: Path | None) -> StageOutput | None:
@@ -38,3 +41,31 @@ def test_bad_launches_and_inputs_fail_before_anything_is_written(tmp_path: Path)
     with pytest.raises(RuntimeError, match="rank 0's work returned no StageOutput"):
         run_distributed_stage("toy", lambda *args: None, parallel=ONE, view={}, inputs={}, root=tmp_path)
     assert not list((tmp_path / "artifacts").glob("checkpoint/*/model.safetensors"))
+
+
+def _logged(log: str, env, scratch: Path, run, staging: Path | None) -> StageOutput | None:
+    with open(log, "a") as f:
+        f.write(f"{env.rank}\n")
+    if staging is None:
+        return None
+    (staging / "model.safetensors").write_bytes(b"weights")
+    return StageOutput(counts={"steps": 1})
+
+
+def _two_ranks(root: str, log: str, inputs: dict[str, Path]) -> Path | None:
+    return run_distributed_stage("toy", functools.partial(_logged, log), parallel=TWO, view={}, inputs=inputs,
+                                 root=Path(root))
+
+
+def test_every_rank_skips_a_finished_stage_and_a_failed_rank_says_why(tmp_path: Path) -> None:
+    log = tmp_path / "work.log"
+    out = launch_local(TWO, _two_ranks, str(tmp_path), str(log), {})
+    assert sorted(log.read_text().split()) == ["0", "1"]
+    assert launch_local(TWO, _two_ranks, str(tmp_path), str(log), {}) == out  # cached: neither rank works again
+    assert sorted(log.read_text().split()) == ["0", "1"]
+
+    (out / "model.safetensors").write_bytes(b"")
+    with pytest.raises(RankFailed, match=rf"^rank 0 failed( \(and 1 more rank\(s\)\))?: DamagedArtifact: artifact {out} "
+                                         r"\(checkpoint\) is damaged: model.safetensors is 0 bytes, published as 7") as err:
+        launch_local(TWO, _two_ranks, str(tmp_path), str(log), {"init": out})
+    assert "\n" not in str(err.value) and "in read_manifest" in err.value.rank_traceback
