@@ -5,7 +5,7 @@ pool and ``AnalysisConfig``; selection (thresholds + dedup) is cheap and depends
 thresholds, so changing a threshold re-runs only selection.
 
 Selection drops a row for the first rule it breaks, in this order, and records every rule it breaks:
-read errors (broken_file, not_an_image, decompression_bomb), min_resolution, aspect_ratio, white_pixels,
+read errors (broken_file, not_an_image, decompression_bomb, not_a_file, unreachable: retry those later), min_resolution, aspect_ratio, white_pixels,
 black_pixels, low_entropy, extreme_texture, flat_border (specific causes before the generic ones: an
 over-exposed image also has low entropy, but "white_pixels" says why); then, among the survivors, exact_duplicate /
 near_duplicate with ``dup_of`` naming the kept copy. Nothing vanishes: every pool row has a verdict.
@@ -22,7 +22,7 @@ from PIL import Image
 from krea2_core.config import AnalysisConfig, DedupConfig, ParallelConfig, StageFilters
 from krea2_core.data import hashing
 from krea2_core.data.dedup import find_duplicates, keep_order
-from krea2_core.data.images import BadImage, analysis_copy, read_bytes
+from krea2_core.data.images import READ_ERRORS, BadImage, NotAFile, Unreachable, analysis_copy, read_bytes
 from krea2_core.data.schemas import Scores
 from krea2_core.data.scores import image_scores
 from krea2_core.parallel import map_shards
@@ -55,6 +55,9 @@ def _score_shard(shard: list[tuple[str, str, bytes | None]], config: AnalysisCon
     for row_id, uri, inline in shard:
         try:
             data = inline if inline is not None else read_bytes(uri)
+        except (NotAFile, Unreachable) as err:
+            rows.append({"id": row_id, "error_reason": READ_ERRORS[type(err)], "error": str(err)})
+            continue
         except OSError as err:
             rows.append({"id": row_id, "error_reason": "broken_file", "error": f"unreadable: {err}"})
             continue

@@ -7,6 +7,10 @@ broken file is a recorded rejection, never a crashed stage.
 from __future__ import annotations
 
 import io
+import os
+import socket
+import stat
+import time
 import warnings
 from dataclasses import dataclass
 from typing import IO
@@ -30,6 +34,21 @@ class BadImage(Exception):
         self.detail = detail
 
 
+class NotAFile(OSError):
+    """A directory entry with no data to read: a FIFO, socket, device or broken symbolic link."""
+
+
+class Unreachable(OSError):
+    """A remote URI whose server could not be reached, after retries: the source may come back, so unlike a broken
+    file it is worth trying again."""
+
+
+READ_ERRORS = {NotAFile: "not_a_file", Unreachable: "unreachable"}  # the error reason each of them records
+REMOTE_ATTEMPTS = 3  # tries of a remote URI whose server does not answer, 0.5 s then 1 s apart
+_NETWORK = (ConnectionError, TimeoutError, socket.gaierror)  # aiohttp's and botocore's connection errors are these
+_unreachable_hosts: set[str] = set()  # hosts this process gave up on: one try each afterwards, no waiting
+
+
 @dataclass(frozen=True)
 class Header:
     width: int
@@ -40,12 +59,53 @@ class Header:
 
 def open_uri(uri: str) -> IO[bytes]:
     """A binary file object for a local path, file:// URI (percent-encoded bytes, so any file name) or any fsspec
-    URI (s3://, gs://, https://)."""
+    URI (s3://, gs://, https://). Raises NotAFile for a local entry with no data (opening a FIFO would block) and
+    Unreachable for a remote server that did not answer REMOTE_ATTEMPTS tries."""
     if "://" not in uri:
-        return open(uri, "rb")
+        return _open_local(uri)
     if uri.startswith("file://"):
-        return open(unquote_to_bytes(urlsplit(uri).path), "rb")
-    return fsspec.open(uri, "rb").open()
+        return _open_local(unquote_to_bytes(urlsplit(uri).path))
+    host = urlsplit(uri).netloc
+    attempts = 1 if host in _unreachable_hosts else REMOTE_ATTEMPTS
+    for attempt in range(attempts):
+        try:
+            return fsspec.open(uri, "rb").open()
+        except OSError as err:
+            cause = _network_cause(err)
+            if cause is None:
+                raise
+            if attempt + 1 == attempts:
+                _unreachable_hosts.add(host)
+                raise Unreachable(f"{uri}: no answer after {attempts} tries ({type(cause).__name__}: {cause})") from err
+            time.sleep(0.5 * 2 ** attempt)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _network_cause(err: BaseException) -> BaseException | None:
+    """The connection failure behind ``err`` (fsspec reports a refused connection as FileNotFoundError), if any."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, _NETWORK):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+_KINDS = {stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+          stat.S_ISBLK: "a block device", stat.S_ISDIR: "a directory"}
+
+
+def _open_local(path: str | bytes) -> IO[bytes]:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            raise NotAFile(f"{os.fsdecode(path)}: a broken symbolic link") from None
+        raise
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS.items() if test(mode)), "not a regular file")
+        raise NotAFile(f"{os.fsdecode(path)}: {kind}")
+    return open(path, "rb")
 
 
 def read_bytes(uri: str) -> bytes:

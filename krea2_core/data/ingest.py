@@ -1,8 +1,8 @@
 """Raw pool ingest: an image folder or a Parquet list of URIs -> the raw-pool table.
 
-Every file becomes a row, images or not: a non-image in the pool is a curation verdict, not something
-to skip silently. Headers (size, format, EXIF) are probed in parallel; a file whose header cannot be
-read keeps its row with ``probe_error`` set.
+Every directory entry but a subdirectory becomes a row, images or not: a non-image, a FIFO or a broken link in
+the pool is a curation verdict, not something to skip silently. Headers (size, format, EXIF) are probed in
+parallel; a file whose header cannot be read keeps its row with ``probe_error`` set.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from krea2_core.config import ParallelConfig
-from krea2_core.data.images import BadImage, open_uri, probe
+from krea2_core.data.images import READ_ERRORS, BadImage, NotAFile, Unreachable, open_uri, probe
 from krea2_core.data.schemas import SchemaError
 from krea2_core.parallel import map_shards
 
@@ -40,17 +40,19 @@ def _local_uri(path: Path) -> str:
 
 
 def list_folder(root: str | Path, source: str | None = None) -> pd.DataFrame:
-    """Every non-hidden file under ``root`` (recursively), with ids stable across machines and runs."""
+    """Every non-hidden entry under ``root`` (recursively) that is not a directory (files, and FIFOs, sockets or broken
+    links, which get their verdict later), with ids stable across machines and runs."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     source = source or root.name
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(p for p in root.rglob("*")
+                   if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not files:
         raise ValueError(f"image folder {root} holds no files")
     return pd.DataFrame({
         "id": [stable_id(source, p.relative_to(root).as_posix()) for p in files],
-        "uri": [_local_uri(p.resolve()) for p in files],
+        "uri": [_local_uri(p.absolute()) for p in files],  # not resolve(): a broken link keeps its own name
         "source": source,
         "bytes": None,
     })
@@ -95,6 +97,8 @@ def _probe_one(uri: str, inline: bytes | None) -> dict[str, object]:
                    exif=json.dumps(header.exif, sort_keys=True))
     except BadImage as err:
         row["probe_error"] = str(err)
+    except (NotAFile, Unreachable) as err:
+        row["probe_error"] = f"{READ_ERRORS[type(err)]}: {err}"
     except OSError as err:
         row["probe_error"] = f"unreadable: {type(err).__name__}: {err}"
     return row

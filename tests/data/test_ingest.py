@@ -88,3 +88,59 @@ def test_a_file_name_that_is_not_utf8_gets_its_row_and_is_read(tmp_path: Path) -
     pool = validate(build_raw_pool(listing, SERIAL), RawPool, "pool")
     assert pool["probe_error"].isna().all() and set(pool["width"]) == {64}  # both headers read
     pool.to_parquet(tmp_path / "raw_pool.parquet")  # a table holds it
+
+
+def test_entries_that_are_not_files_get_a_not_a_file_verdict(tmp_path: Path) -> None:
+    import socket
+
+    from krea2_core.config import AnalysisConfig
+    from krea2_core.data.curation import score_pool
+
+    pool_dir = tmp_path / "pool"
+    pool_dir.mkdir()
+    (pool_dir / "a.png").write_bytes(_png())
+    os.mkfifo(pool_dir / "pipe.png")  # opening it would block: it must not be opened
+    (pool_dir / "gone.png").symlink_to(pool_dir / "deleted.png")
+    (pool_dir / "link.png").symlink_to(pool_dir / "a.png")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(pool_dir / "s.sock"))
+    try:
+        listing = list_folder(pool_dir, source="s")
+        pool = validate(build_raw_pool(listing, SERIAL), RawPool, "pool").set_index(
+            listing["uri"].map(lambda uri: Path(uri).name))
+        scores = score_pool(pool.reset_index(drop=True), AnalysisConfig(), SERIAL).set_index(pool.index)
+    finally:
+        server.close()
+    assert sorted(pool.index) == ["a.png", "gone.png", "link.png", "pipe.png", "s.sock"]
+    assert pool.loc["pipe.png", "probe_error"] == f"not_a_file: {pool_dir / 'pipe.png'}: a FIFO"
+    assert pool.loc["s.sock", "probe_error"] == f"not_a_file: {pool_dir / 's.sock'}: a socket"
+    assert pool.loc["gone.png", "probe_error"] == f"not_a_file: {pool_dir / 'gone.png'}: a broken symbolic link"
+    assert pool.loc[["a.png", "link.png"], "probe_error"].isna().all()
+    assert scores["error_reason"].fillna("read").to_dict() == {
+        "a.png": "read", "gone.png": "not_a_file", "link.png": "read", "pipe.png": "not_a_file", "s.sock": "not_a_file"}
+
+
+def test_a_server_that_does_not_answer_is_unreachable_not_a_broken_file(tmp_path: Path) -> None:
+    import http.server
+    import socket
+    import threading
+
+    from krea2_core.config import AnalysisConfig
+    from krea2_core.data.curation import score_pool
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    table = tmp_path / "uris.parquet"
+    pd.DataFrame({"uri": [f"http://127.0.0.1:{closed}/a.png", f"http://127.0.0.1:{server.server_port}/missing.png"]}
+                 ).to_parquet(table)
+    try:
+        pool = validate(build_raw_pool(read_uri_table(table), SERIAL), RawPool, "pool")
+        scores = score_pool(pool, AnalysisConfig(), SERIAL)
+    finally:
+        server.shutdown()
+    assert pool.loc[0, "probe_error"].startswith(f"unreachable: http://127.0.0.1:{closed}/a.png: no answer after 3 tries")
+    assert pool.loc[1, "probe_error"].startswith("unreadable: FileNotFoundError")
+    assert scores["error_reason"].tolist() == ["unreachable", "broken_file"]
