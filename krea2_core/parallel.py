@@ -8,6 +8,7 @@ from typing import Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
+from krea2_core import reaper
 from krea2_core.config import ParallelConfig
 
 T = TypeVar("T")
@@ -21,6 +22,7 @@ def ensure_ray(config: ParallelConfig) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance on loopback
         ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
+        reaper.watch(reaper.started_here())  # the local node's processes (none when attached to a cluster)
 
 
 def _apply(fn: Callable[[Sequence[T]], list[R]], shard: Sequence[T]) -> list[R]:
