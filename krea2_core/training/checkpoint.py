@@ -5,9 +5,11 @@ One directory per saved step, ``<directory>/step-<step:08d>/``:
 - ``state/``: DCP, model + optimizer state as each rank holds it (FSDP shards, DTensors); it reshards on load,
   so a run saved at one world size resumes at any other;
 - ``model.safetensors`` (full weights, written by rank 0), ``config.json`` (the model config),
-  ``extra.json`` (``step`` and the caller's JSON: loader cursor, ...), ``schedulers.json`` (LR scheduler states).
+  ``extra.json`` (``step`` and the caller's JSON: loader cursor, ...), ``schedulers.json`` (LR scheduler states),
+  ``state.json`` (the size of every ``state/`` file and the sha256 of each but the tensor shards).
 
-Nothing is ever unpickled here: DCP, safetensors and JSON only. A step directory is written as
+DCP pickles its ``.metadata`` file; a state is loaded only when ``state.json`` vouches for it (written here, unchanged
+since), so resuming never unpickles a file this project did not write. Everything else is safetensors and JSON. A step directory is written as
 ``step-XXXXXXXX.tmp`` and renamed when complete, so a crash never leaves a directory that looks finished.
 
 Pruning keeps the ``keep`` newest resumable checkpoints. Older ones are deleted, except the steps in
@@ -20,6 +22,7 @@ All ranks call ``save_checkpoint``, ``load_checkpoint``, ``load_weights`` and ``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -50,6 +53,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 EXTRA_FILE = "extra.json"
 SCHEDULERS_FILE = "schedulers.json"
+STATE_RECORD = "state.json"
 TMP_SUFFIX = ".tmp"
 # how often the post-training loops without a stage recipe save: a pretraining stage's default
 CHECKPOINT_EVERY_S = PretrainStageConfig.checkpoint_every_s
@@ -146,6 +150,7 @@ def save_checkpoint(directory: str | Path, *, step: int, model: nn.Module, optim
             (tmp / name).write_text(text)
     _barrier()
     if _is_rank0():
+        (tmp / STATE_RECORD).write_text(json.dumps(_state_record(tmp / STATE_DIR), indent=2, sort_keys=True))
         tmp.rename(final)
         _prune(directory, keep, set(protect))
     _barrier()
@@ -164,6 +169,7 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizers: Sequence[
     if len(scheduler_states) != len(schedulers):
         raise ValueError(f"{path} holds {len(scheduler_states)} scheduler states but {len(schedulers)} schedulers "
                          "were given")
+    _check_state(path)
     model_state, optim_state = get_state_dict(model, optimizers)  # the current layout, filled in place by DCP
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path / STATE_DIR)
@@ -171,6 +177,28 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizers: Sequence[
     for scheduler, scheduler_state in zip(schedulers, scheduler_states, strict=True):
         scheduler.load_state_dict(scheduler_state)
     return json.loads((path / EXTRA_FILE).read_text())
+
+
+def _state_record(state: Path) -> dict[str, Any]:
+    """Every state file's size, and the sha256 of every one but the tensor shards (``*.distcp``, read as tensors
+    only): among them DCP's pickled ``.metadata``."""
+    files = sorted(p for p in state.rglob("*") if p.is_file())
+    record: dict[str, Any] = {p.relative_to(state).as_posix(): {"bytes": p.stat().st_size} for p in files}
+    for file in files:
+        if file.suffix != ".distcp":
+            with file.open("rb") as f:
+                record[file.relative_to(state).as_posix()]["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    return record
+
+
+def _check_state(path: Path) -> None:
+    record = path / STATE_RECORD
+    if not record.is_file():
+        raise ValueError(f"{path}: no {STATE_RECORD} vouches for its training state (not saved by this version): "
+                         "refusing to unpickle it; delete the directory to resume from an earlier step or the start")
+    if json.loads(record.read_text()) != _state_record(path / STATE_DIR):
+        raise ValueError(f"{path}: its training state changed since it was saved: refusing to unpickle it; delete the "
+                         "directory to resume from an earlier step or the start")
 
 
 def _weights_file(path: str | Path) -> Path:

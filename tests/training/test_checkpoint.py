@@ -17,6 +17,7 @@ from torch import nn
 from krea2_core.training.checkpoint import (
     CONFIG_FILE,
     STATE_DIR,
+    STATE_RECORD,
     WEIGHTS_FILE,
     CheckpointTimer,
     latest_checkpoint,
@@ -90,6 +91,19 @@ def test_crash_leftovers_are_ignored_then_removed(tmp_path: Path) -> None:
     assert [step for step, _ in list_checkpoints(tmp_path)] == [1]
     assert _save(tmp_path, 2, model, optimizers, schedulers) == tmp_path / step_dir_name(2)
     assert not crashed.exists() and latest_checkpoint(tmp_path) == tmp_path / step_dir_name(2)
+
+
+def test_only_a_training_state_saved_here_and_unchanged_is_unpickled(tmp_path: Path) -> None:
+    model, optimizers, schedulers = _build()
+    path = _save(tmp_path, 1, model, optimizers, schedulers)
+    metadata = path / STATE_DIR / ".metadata"  # DCP's pickle
+    assert metadata.is_file()
+    metadata.write_bytes(b"\x00" + metadata.read_bytes()[1:])
+    with pytest.raises(ValueError, match=r"its training state changed since it was saved: refusing to unpickle"):
+        load_checkpoint(path, model=model, optimizers=optimizers, schedulers=schedulers)
+    (path / STATE_RECORD).unlink()
+    with pytest.raises(ValueError, match=r"no state.json vouches for its training state"):
+        load_checkpoint(path, model=model, optimizers=optimizers, schedulers=schedulers)
 
 
 def test_pruning_keeps_the_newest_and_the_weights_of_protected_steps(tmp_path: Path) -> None:
