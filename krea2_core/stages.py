@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from krea2_core.artifacts import Manifest, artifact_key, existing_artifact, publish, read_manifest, staged_dir
-from krea2_core.tracking import StageRun, stage_run
+from krea2_core.tracking import StageRun, configure_tracking, stage_run
 
 
 @dataclass
@@ -54,6 +54,7 @@ def execute_stage(stage: str, kind: str, body: StageBody, *, config: Any, inputs
     the same place and a different config never overwrites another's output. Inputs are verified first.
     """
     root = root or output_root()
+    configure_tracking(root)  # also on a cache hit: a run a killed process left RUNNING is marked failed
     inputs = {name: Path(path) for name, path in (inputs or {}).items()}
     manifests = {name: read_manifest(path) for name, path in inputs.items()}
     out, scratch = stage_location(stage, kind, config=config, manifests=manifests, root=root)

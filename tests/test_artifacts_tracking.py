@@ -190,7 +190,9 @@ def test_a_run_whose_process_was_killed_is_marked_failed(isolated_outputs: Path)
                                                  OWNER_TAG: f"{HOST}-{_dead_pid()}"}).info.run_id
     alive = client.create_run(experiment, tags={"krea2.kind": "stage", "krea2.stage": "make",
                                                 OWNER_TAG: this_process()}).info.run_id
-    execute_stage("make_a", "thing", _writer("aa"), config={})  # the next stage run cleans up
+    # the next process to track into this store (here: to run a stage) cleans up
+    code = "import sys; from krea2_core.tracking import configure_tracking; configure_tracking(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, str(isolated_outputs)], check=True, timeout=120)
     assert client.get_run(killed).info.status == "FAILED"
     assert client.get_run(killed).data.tags["krea2.failure"].startswith("interrupted: its process")
     assert client.get_run(alive).info.status == "RUNNING"

@@ -12,6 +12,7 @@ under the output root with artifacts beside it. A stage run records:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -69,7 +70,8 @@ def _user_tracking_uri() -> str:
 
 
 def configure_tracking(output_root: str | os.PathLike[str]) -> str:
-    """Point MLflow at the tracking store and return the experiment id (created on first use)."""
+    """Point MLflow at the tracking store and return the experiment id (created on first use). The first call of a
+    process for a store marks the stage runs that killed processes left RUNNING as failed."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     root = Path(output_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -79,10 +81,38 @@ def configure_tracking(output_root: str | os.PathLike[str]) -> str:
     if not user_uri:  # ... so remember it was ours: the next call with another output root must not inherit it
         os.environ[_LOCAL_URI_ENV] = uri
     if user_uri:
-        return _experiment(None)
-    # MLflow creates and migrates a new sqlite store on first use: two processes doing it at once collide
-    with FileLock(root / "mlflow.db.lock"):
-        return _experiment(root)
+        experiment_id = _experiment(None)
+    else:
+        # MLflow creates and migrates a new sqlite store on first use: two processes doing it at once collide
+        with FileLock(root / "mlflow.db.lock"):
+            if not (root / "mlflow.db").exists():
+                _create_store(root / "mlflow.db")
+            experiment_id = _experiment(root)
+    if uri not in _swept:
+        _swept.add(uri)
+        fail_interrupted_runs(experiment_id)
+    return experiment_id
+
+
+_swept: set[str] = set()  # tracking stores this process has looked for interrupted runs in
+
+
+def _create_store(db: Path) -> None:
+    """A new sqlite store, migrated in a scratch file and renamed into place: a process killed during MLflow's
+    migrations (a second or two) leaves no half-built store behind. Call it holding the store's lock."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    for leftover in db.parent.glob(f".{db.name}.*.init"):  # of killed processes: nobody else holds the lock
+        leftover.unlink()
+    scratch = db.with_name(f".{db.name}.{this_process()}.init")
+    migrations = logging.getLogger("mlflow.store.db.utils")  # two INFO lines per new store otherwise
+    level = migrations.level
+    migrations.setLevel(logging.WARNING)
+    try:
+        SqlAlchemyStore(f"sqlite:///{scratch}", (db.parent / "mlruns").as_uri()).engine.dispose()
+    finally:
+        migrations.setLevel(level)
+    os.replace(scratch, db)
 
 
 def _experiment(root: Path | None) -> str:
@@ -260,7 +290,6 @@ def stage_run(stage: str, *, output_root: str | os.PathLike[str], work_dir: Path
               ) -> Iterator[StageRun]:
     """A child run for one stage execution, with params, input datasets and upstream-run tags."""
     experiment_id = configure_tracking(output_root)
-    fail_interrupted_runs(experiment_id)
     inputs = inputs or {}
     tags = {"krea2.kind": "stage", "krea2.stage": stage, OWNER_TAG: this_process()}
     tags.update({f"krea2.upstream.{name}": m.mlflow_run_id for name, (_, m) in inputs.items() if m.mlflow_run_id})
