@@ -1440,6 +1440,8 @@ def load_config(preset_name: str = "tiny", overrides: str | Path | dict[str, Any
         except yaml.YAMLError as err:
             raise ConfigError(f"config is not valid YAML: {err}") from err
     if not isinstance(data, dict):
+        if isinstance(overrides, (str, Path)) and "\n" not in str(overrides):  # most likely a mistyped file name
+            raise ConfigError(f"config file not found: {overrides} (inline overrides must be a YAML mapping)")
         raise ConfigError(f"config overrides must be a mapping, got {type(data).__name__}")
     if data.get("preset", preset_name) != preset_name:
         base = preset(data["preset"]).to_dict()

@@ -96,6 +96,7 @@ def test_inline_yaml_and_preset_switch() -> None:
         ("x: [1", "not valid YAML"),
         ("- a\n- b\n", "must be a mapping"),
         ("missing.yaml", "config file not found: missing.yaml"),
+        ("overrides", "config file not found: overrides (inline overrides must be a YAML mapping)"),
     ],
 )
 def test_bad_config_gets_a_clear_error(overrides: object, message: str) -> None:

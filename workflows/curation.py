@@ -1,7 +1,10 @@
 """Curation workflows: an image folder or a Parquet table of URIs -> per-stage kept + verdict tables.
 
-    pyflyte run workflows/curation.py curation --source ./images
+    pyflyte run workflows/curation.py curation --source ./images [--preset tiny] [--config overrides.yaml]
     pyflyte run workflows/curation.py curation_from_uris --table uris.parquet
+
+``--config`` takes YAML overrides of the whole pipeline config (a file or inline), read by the loader the krea2 CLI
+uses: unknown keys, wrong types and bad values are errors that name the key.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from flytekit.types.file import FlyteFile
 
 from krea2_core.config import CurationConfig, preset
 from tasks.curation import ingest, ingest_uri_table, score_images, select_images
+from tasks.pipeline import resolve_config
 
 _TINY = preset("tiny").curation
 
@@ -26,12 +30,15 @@ def curate_raw_pool(raw_pool: FlyteDirectory, config: CurationConfig = _TINY, pa
 
 
 @workflow
-def curation(source: FlyteDirectory, config: CurationConfig = _TINY, parent_run_id: str = "") -> FlyteDirectory:
-    raw_pool = ingest(source=source, parallel=config.parallel, parent_run_id=parent_run_id)
-    return curate_raw_pool(raw_pool=raw_pool, config=config, parent_run_id=parent_run_id)
+def curation(source: FlyteDirectory, preset: str = "tiny", config: str = "", parent_run_id: str = "") -> FlyteDirectory:
+    curation = resolve_config(preset=preset, overrides=config).curation
+    raw_pool = ingest(source=source, parallel=curation.parallel, parent_run_id=parent_run_id)
+    return curate_raw_pool(raw_pool=raw_pool, config=curation, parent_run_id=parent_run_id)
 
 
 @workflow
-def curation_from_uris(table: FlyteFile, config: CurationConfig = _TINY, parent_run_id: str = "") -> FlyteDirectory:
-    raw_pool = ingest_uri_table(table=table, parallel=config.parallel, parent_run_id=parent_run_id)
-    return curate_raw_pool(raw_pool=raw_pool, config=config, parent_run_id=parent_run_id)
+def curation_from_uris(table: FlyteFile, preset: str = "tiny", config: str = "", parent_run_id: str = ""
+                       ) -> FlyteDirectory:
+    curation = resolve_config(preset=preset, overrides=config).curation
+    raw_pool = ingest_uri_table(table=table, parallel=curation.parallel, parent_run_id=parent_run_id)
+    return curate_raw_pool(raw_pool=raw_pool, config=curation, parent_run_id=parent_run_id)

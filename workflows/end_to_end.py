@@ -19,10 +19,10 @@ from tasks.curation import build_world_pool, ingest
 from tasks.pipeline import finish_pipeline, resolve_config, start_pipeline
 from tasks.semantic import caption_on_device, scene_captions
 from workflows.curation import curate_raw_pool
-from workflows.expander import prompt_expander
-from workflows.post_training import post_training
-from workflows.pretraining import pretraining
-from workflows.semantic_curation import semantic_curation
+from workflows.expander import prompt_expander_stages
+from workflows.post_training import post_training_stages
+from workflows.pretraining import pretraining_stages
+from workflows.semantic_curation import semantic_curation_stages
 
 
 @workflow
@@ -35,12 +35,14 @@ def krea2_pipeline(preset: str = "tiny", config: str = "") -> str:
     scenes = scene_captions(world_pool=pool, raw_pool=raw_pool, parent_run_id=parent_run_id)
     captions = caption_on_device(curated=curated, scenes=scenes, config=cfg.captioning, parallel=cfg.curation.parallel,
                                  parent_run_id=parent_run_id)
-    midtrain = semantic_curation(curated=curated, captions=captions, config=cfg.semantic, parent_run_id=parent_run_id)
-    pretrained = pretraining(curated=curated, captions=captions, config=cfg.pretrain, parallel=cfg.curation.parallel,
-                             parent_run_id=parent_run_id)
-    trained = post_training(curated=curated, captions=captions, selection=midtrain, pretrained=pretrained, post=cfg.post,
-                            pretrain=cfg.pretrain, parent_run_id=parent_run_id)
-    expander = prompt_expander(captions=captions, image_model=trained.distilled, config=cfg.expander,
-                               pretrain=cfg.pretrain, resolution=cfg.post.resolution, parent_run_id=parent_run_id)
+    midtrain = semantic_curation_stages(curated=curated, captions=captions, config=cfg.semantic,
+                                        parent_run_id=parent_run_id)
+    pretrained = pretraining_stages(curated=curated, captions=captions, config=cfg.pretrain,
+                                    parallel=cfg.curation.parallel, parent_run_id=parent_run_id)
+    trained = post_training_stages(curated=curated, captions=captions, selection=midtrain, pretrained=pretrained,
+                                   post=cfg.post, pretrain=cfg.pretrain, parent_run_id=parent_run_id)
+    expander = prompt_expander_stages(captions=captions, image_model=trained.distilled, config=cfg.expander,
+                                      pretrain=cfg.pretrain, resolution=cfg.post.resolution,
+                                      parent_run_id=parent_run_id)
     return finish_pipeline(parent_run_id=parent_run_id, curated=curated, midtrain=midtrain, pretrained=pretrained,
                            final=trained.final, distilled=trained.distilled, expander=expander)

@@ -3,7 +3,7 @@ calibration on human annotations) -> RL (Flow-GRPO without CFG on a multi-reward
 model is trained on the PO pairs) -> TDM timestep + guidance distillation, from the last pretraining checkpoint.
 
     pyflyte run workflows/post_training.py post_training --curated <dir> --captions <dir> --selection <dir> \
-        --pretrained <checkpoint dir>
+        --pretrained <checkpoint dir> [--preset tiny] [--config overrides.yaml]
 
 A dynamic workflow: the SFT domains come from the config, so the graph is built when it runs.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from flytekit import dynamic
+from flytekit import dynamic, workflow
 from flytekit.types.directory import FlyteDirectory
 
 from containers.images import DATA_IMAGE
@@ -22,6 +22,7 @@ from krea2_core.post.midtrain import midtrain_packing
 from krea2_core.post.sft import domain_eval
 from tasks.post import annotation_pairs, distill_stage, file_digest, finetune_stage, merge_sft, pack_midtrain, \
     preference_pairs, preference_stage, reward_model, rl_stage, sft_data
+from tasks.pipeline import resolve_config
 from tasks.pretrain import TRAIN_TASK
 
 _TINY = preset("tiny")
@@ -32,12 +33,22 @@ class PostTrained(NamedTuple):
     distilled: FlyteDirectory  # its few-step, guidance-free student
 
 
+@workflow
+def post_training(curated: FlyteDirectory, captions: FlyteDirectory, selection: FlyteDirectory,
+                  pretrained: FlyteDirectory, preset: str = "tiny", config: str = "", parent_run_id: str = ""
+                  ) -> PostTrained:
+    """Post-training under a preset with YAML overrides (a file or inline)."""
+    cfg = resolve_config(preset=preset, overrides=config)
+    return post_training_stages(curated=curated, captions=captions, selection=selection, pretrained=pretrained,
+                                post=cfg.post, pretrain=cfg.pretrain, parent_run_id=parent_run_id)
+
+
 # The training tasks are compiled in this task's pod at run time, from its import of tasks.pretrain, which reads
 # their launch shape from the environment: the registered shape must be in this pod's environment too.
 @dynamic(container_image=DATA_IMAGE, environment=TRAIN_TASK["environment"])
-def post_training(curated: FlyteDirectory, captions: FlyteDirectory, selection: FlyteDirectory,
-                  pretrained: FlyteDirectory, post: PostTrainConfig = _TINY.post,
-                  pretrain: PretrainConfig = _TINY.pretrain, parent_run_id: str = "") -> PostTrained:
+def post_training_stages(curated: FlyteDirectory, captions: FlyteDirectory, selection: FlyteDirectory,
+                         pretrained: FlyteDirectory, post: PostTrainConfig = _TINY.post,
+                         pretrain: PretrainConfig = _TINY.pretrain, parent_run_id: str = "") -> PostTrained:
     """The final checkpoint (after RL) and its distilled student. The data tasks get only the part of the config
     their output depends on, so a training change never re-packs."""
     packed = pack_midtrain(curated=curated, captions=captions, selection=selection, config=post.midtrain,
