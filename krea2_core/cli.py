@@ -170,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(err: Exception) -> str:
+    """The first line of an error's message (an unexpected error's type first: it may say little on its own)."""
     if isinstance(err, MlflowException):
         return describe_tracking_error(err)
     lines = str(err).strip().splitlines()
     first = lines[0] if lines else ""
-    return first if isinstance(err, (ConfigError, ValueError, RankFailed)) else f"{type(err).__name__}: {first}"
+    expected = isinstance(err, (ConfigError, OSError, ValueError, RankFailed))
+    return first if expected and first else f"{type(err).__name__}: {first}".rstrip(": ")
 
 
 if __name__ == "__main__":

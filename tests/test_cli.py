@@ -29,6 +29,30 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Captu
     assert "image folder not found" in capsys.readouterr().err
     assert main(["curate", str(tmp_path), "--config", "curation: {stages: {'256': {max_aspect: 0.5}}}"]) == 2
     assert "curation.stages.256: max_aspect must be >= 1" in capsys.readouterr().err
+    assert main(["curate", str(tmp_path), "--config", "overrides"]) == 2  # a mistyped file name
+    assert "config file not found: overrides" in capsys.readouterr().err
+
+
+def test_an_expander_that_is_not_there_offline_is_one_line(capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["expand", "--model", "org/name", "a cat"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("krea2: error: We couldn't connect to") and err.count("\n") == 1
+
+
+def test_tracebacks_only_with_debug(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        main(["--debug", "curate", str(tmp_path / "missing")])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal bug\nwith a second line")
+
+    monkeypatch.setattr("krea2_core.cli.load_config", broken)
+    assert main(["curate", str(tmp_path)]) == 1  # not bad input: exit 1, still one line
+    assert capsys.readouterr().err == ("krea2: error: RuntimeError: an internal bug "
+                                       "(krea2 --debug shows the traceback)\n")
 
 
 def test_curate_reads_a_file_whose_name_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

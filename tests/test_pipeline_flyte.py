@@ -123,21 +123,22 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     steps = plan(latest.info.run_id, load_config("tiny", small_config))
     assert [stage for stage, _, _ in steps] == list(stages) and not any(reruns for _, reruns, _ in steps), steps
 
-    changed = tmp_path / "changed.yaml"
-    changed.write_text(_with(small_config, curation={"stages": {"512": {"min_side": 100}}}))
+    changed = tmp_path / "changed.yaml"  # drops the 512 stage's world images below 200 px: the other stages keep theirs
+    changed.write_text(_with(small_config, curation={"stages": {"512": {"min_side": 200}}}))
     third = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(changed))
     assert third.returncode == 0, third.stderr[-3000:]
     after = _stage_runs(root)
-    # selection and what is downstream of it re-run; everything upstream comes from the cache
-    downstream = {"selection", "captioning", "embedding", "semantic_selection", *training, *POST_TRAINING}
-    downstream -= {"sft_data_warm", "sft_data_cool"}  # rendered from the world, not from the curated pool
-    # Outputs are content-addressed: a stage whose inputs are byte-identical to an earlier run's publishes where that
-    # run did, and a stage that only consumes such outputs is a Flyte cache hit. This small config's 32 px PNG
-    # samples can come out identical from checkpoints that differ slightly, so the PO pairs (and from them the
-    # calibrated checkpoint and the reward model) may land where they did: the reward model, RL and distillation
-    # re-run exactly when their inputs moved (checked at the end), not on every upstream change; so do the expander's
-    # stages (the captions can come out the same from another curated set).
+    # Outputs are content-addressed: a stage re-runs when its config or an input's content changed, never twice for
+    # one output. Selection changes, so every stage reading the curated pool re-runs (its key has the curated digest),
+    # and so does what trains on the 512 stage's data; pretrain_256's packed shards come out byte-identical (the 256
+    # stage keeps what it kept), so its training is not repeated. This small config's 32 px PNG samples can come out
+    # identical from checkpoints that differ slightly, so the PO pairs may land where they did: the reward model, RL
+    # and distillation re-run exactly when their inputs moved (checked at the end); so do the expander's stages
+    # (captions: the images some stage kept, unchanged).
     moved_only = {"reward_model", "rl", "distill", *EXPANDER}
+    downstream = {"selection", "captioning", "embedding", "semantic_selection", "pack_256", "pack_512", "pack_1024",
+                  "pack_midtrain", "pretrain_512", "pretrain_1024", "midtrain", "sft_warm", "sft_cool", "merge",
+                  "preference_pairs", "preference_synthetic", "preference_annotations", "preference_calibration"}
     assert {stage: len(ids) for stage, ids in after.items() if stage not in moved_only} == {
         s: 1 + (s in downstream) for s in stages if s not in moved_only}
 
@@ -194,6 +195,17 @@ def test_bad_config_fails_with_the_key_named(tmp_path: Path, isolated_outputs: P
     assert "curation.stages.256: min_side must be >= 1, got -5" in result.stdout + result.stderr
 
 
+def test_a_workflow_run_alone_reads_its_config_like_the_cli(tmp_path: Path, isolated_outputs: Path) -> None:
+    """pyflyte's own dataclass inputs ignore unknown keys and take partial overrides as whole configs: every entry
+    point takes a preset and YAML overrides instead, through krea2's strict loader."""
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("curation:\n  parallel: {parallell: 4}\n")
+    result = _pyflyte(tmp_path / "home", isolated_outputs, "workflows/curation.py", "curation", "--source",
+                      str(tmp_path), "--config", str(bad))
+    assert result.returncode != 0
+    assert "curation.parallel: unknown key(s) ['parallell']" in result.stdout + result.stderr
+
+
 def test_curation_workflow_runs_alone_on_an_image_folder(tmp_path: Path, isolated_outputs: Path) -> None:
     import shutil
 
@@ -205,7 +217,9 @@ def test_curation_workflow_runs_alone_on_an_image_folder(tmp_path: Path, isolate
         shutil.copy(Path(skimage.__file__).parent / "data" / name, folder / name)
     shutil.copy(folder / "coffee.png", folder / "coffee_copy.png")
     (folder / "readme.txt").write_text("not an image")
-    result = _pyflyte(tmp_path / "home", isolated_outputs, "workflows/curation.py", "curation", "--source", str(folder))
+    # a partial override: the rest of the curation config stays the preset's
+    result = _pyflyte(tmp_path / "home", isolated_outputs, "workflows/curation.py", "curation", "--source", str(folder),
+                      "--config", "curation: {parallel: {backend: serial}}")
     assert result.returncode == 0, result.stderr[-3000:]
     import pandas as pd
 
