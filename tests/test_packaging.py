@@ -47,7 +47,7 @@ SAMPLE_TASKS = {"tasks.post.merge_sft", "tasks.post.preference_pairs", "tasks.po
 # the prompt expander's tasks: one process each, with SAMPLE_RESOURCES (one GPU when training has GPUs)
 EXPANDER_TASKS = {"tasks.expander.expander_data", "tasks.expander.expander_sft", "tasks.expander.expander_rl"}
 TRAIN_IMAGE_TASKS = TRAIN_TASKS | SAMPLE_TASKS | EXPANDER_TASKS  # the only tasks on the train image
-POST_TRAINING = "workflows.post_training.post_training"  # a @dynamic: its graph depends on the config's SFT domains
+POST_TRAINING = "workflows.post_training.post_training_stages"  # a @dynamic: its graph depends on the config's SFT domains
 CACHED_TASKS = {
     "tasks.curation.build_world_pool", *RAY_TASKS, "tasks.curation.select_images", "tasks.semantic.caption_images",
     "tasks.semantic.scene_captions", "tasks.semantic.embed_images", "tasks.semantic.semantic_select",
@@ -63,11 +63,17 @@ UNCACHED_TASKS = {
     "tasks.pretrain.stage_config", "tasks.pretrain.stage_packing",
 }
 PIPELINE_TASKS = CACHED_TASKS | UNCACHED_TASKS
-WORKFLOWS = {
-    "workflows.end_to_end.krea2_pipeline", "workflows.curation.curate_raw_pool", "workflows.curation.curation",
-    "workflows.curation.curation_from_uris", "workflows.semantic_curation.semantic_curation",
-    "workflows.pretraining.pretraining", "workflows.expander.prompt_expander",
+# entry points (a preset and YAML overrides, resolved by tasks.pipeline.resolve_config) -> the building block each
+# runs on the resolved config (None: the entry point runs tasks itself)
+ENTRY_POINTS = {
+    "workflows.end_to_end.krea2_pipeline": None, "workflows.curation.curation": "workflows.curation.curate_raw_pool",
+    "workflows.curation.curation_from_uris": "workflows.curation.curate_raw_pool",
+    "workflows.semantic_curation.semantic_curation": "workflows.semantic_curation.semantic_curation_stages",
+    "workflows.pretraining.pretraining": "workflows.pretraining.pretraining_stages",
+    "workflows.post_training.post_training": None,  # its building block is the @dynamic POST_TRAINING task
+    "workflows.expander.prompt_expander": "workflows.expander.prompt_expander_stages",
 }
+WORKFLOWS = {*ENTRY_POINTS, *filter(None, ENTRY_POINTS.values())}
 # the training tasks' launch shape, read from the environment when tasks/pretrain.py is imported
 LAUNCH_ENV = ("KREA2_TRAIN_NNODES", "KREA2_TRAIN_NPROC_PER_NODE", "KREA2_TRAIN_GPUS_PER_NODE")
 MULTI_NODE = {"KREA2_TRAIN_NNODES": "2", "KREA2_TRAIN_NPROC_PER_NODE": "8", "KREA2_TRAIN_GPUS_PER_NODE": "8"}
@@ -326,7 +332,7 @@ def test_gpu_request_is_a_run_time_override(package: Package) -> None:
         if name not in DYNAMIC_TASKS:
             assert SERIALIZED_CONTEXT_ENV_VAR not in _container(template).env, name
 
-    (node,) = [n for n in package.workflows["workflows.semantic_curation.semantic_curation"].template.nodes
+    (node,) = [n for n in package.workflows["workflows.semantic_curation.semantic_curation_stages"].template.nodes
                if n.task_node.reference_id.name == "tasks.semantic.embed_on_device"]
     assert not node.task_node.overrides.HasField("resources")
 
@@ -345,32 +351,32 @@ def test_workflows_and_launch_plans(package: Package) -> None:
     }
     sub_refs = {node.workflow_node.sub_workflow_ref.name for node in pipeline.template.nodes
                 if node.HasField("workflow_node")}
-    assert sub_refs == {"workflows.curation.curate_raw_pool", "workflows.semantic_curation.semantic_curation",
-                        "workflows.pretraining.pretraining", "workflows.expander.prompt_expander"}
+    assert sub_refs == {"workflows.curation.curate_raw_pool", "workflows.semantic_curation.semantic_curation_stages",
+                        "workflows.pretraining.pretraining_stages", "workflows.expander.prompt_expander_stages"}
     subs = {sub.id.name: sub for sub in pipeline.sub_workflows}
     assert sub_refs <= subs.keys()
     # post-training starts from the pretrained checkpoint and the midtraining selection; its output is the final one
     nodes = {node.task_node.reference_id.name or node.workflow_node.sub_workflow_ref.name: node
              for node in pipeline.template.nodes}
     sources = {b.var: b.binding.promise.node_id for b in nodes[POST_TRAINING].inputs}
-    assert sources["pretrained"] == nodes["workflows.pretraining.pretraining"].id
-    assert sources["selection"] == nodes["workflows.semantic_curation.semantic_curation"].id
+    assert sources["pretrained"] == nodes["workflows.pretraining.pretraining_stages"].id
+    assert sources["selection"] == nodes["workflows.semantic_curation.semantic_curation_stages"].id
     finish = {b.var: b.binding.promise for b in nodes["tasks.pipeline.finish_pipeline"].inputs}
     assert (finish["final"].node_id, finish["final"].var) == (nodes[POST_TRAINING].id, "final")
     assert (finish["distilled"].node_id, finish["distilled"].var) == (nodes[POST_TRAINING].id, "distilled")
     # the expander learns from the captions and the distilled model's images; its RL artifact is the pipeline's
-    expander = nodes["workflows.expander.prompt_expander"]
+    expander = nodes["workflows.expander.prompt_expander_stages"]
     assert (finish["expander"].node_id, finish["expander"].var) == (expander.id, "o0")
     expander_sources = {b.var: b.binding.promise for b in expander.inputs}
     assert (expander_sources["image_model"].node_id, expander_sources["image_model"].var) == (
         nodes[POST_TRAINING].id, "distilled")
     assert expander_sources["captions"].node_id == nodes["tasks.semantic.caption_on_device"].id
-    assert _task_refs(subs["workflows.expander.prompt_expander"]) == EXPANDER_TASKS
+    assert _task_refs(subs["workflows.expander.prompt_expander_stages"]) == EXPANDER_TASKS
     assert _task_refs(subs["workflows.curation.curate_raw_pool"]) == {
         "tasks.curation.score_images", "tasks.curation.select_images"}
-    assert _task_refs(subs["workflows.semantic_curation.semantic_curation"]) == {
+    assert _task_refs(subs["workflows.semantic_curation.semantic_curation_stages"]) == {
         "tasks.semantic.embed_on_device", "tasks.semantic.semantic_select"}
-    pretraining = subs["workflows.pretraining.pretraining"]
+    pretraining = subs["workflows.pretraining.pretraining_stages"]
     assert _task_refs(pretraining) == {"tasks.pretrain.stage_config", "tasks.pretrain.stage_packing",
                                        "tasks.pretrain.pack_images", PRETRAIN_STAGE}
     # three resolution stages, each packed and trained; 512 and 1024 start from the previous stage's output
@@ -384,10 +390,18 @@ def test_workflows_and_launch_plans(package: Package) -> None:
         for template in (spec.template, *spec.sub_workflows):
             assert _task_refs(template) <= package.tasks.keys(), name
 
-    defaults = MessageToDict(package.launch_plans["workflows.end_to_end.krea2_pipeline"].spec.default_inputs)
-    values = {key: param["default"]["scalar"]["primitive"]["stringValue"]
-              for key, param in defaults["parameters"].items()}
-    assert values == {"preset": "tiny", "config": ""}
+    # every entry point reads its preset and overrides through the CLI's loader, then runs its building block on the
+    # resolved config; both strings default to the tiny preset without overrides
+    for name, block in ENTRY_POINTS.items():
+        template = package.workflows[name].template
+        assert "tasks.pipeline.resolve_config" in _task_refs(template), name
+        blocks = {n.workflow_node.sub_workflow_ref.name for n in template.nodes if n.HasField("workflow_node")}
+        if block is not None:
+            assert block in blocks, name
+        defaults = MessageToDict(package.launch_plans[name].spec.default_inputs)["parameters"]
+        assert {key: defaults[key]["default"]["scalar"]["primitive"]["stringValue"] for key in ("preset", "config")
+                } == {"preset": "tiny", "config": ""}, name
+    assert POST_TRAINING in _task_refs(package.workflows["workflows.post_training.post_training"].template)
 
 
 def test_training_tasks_are_elastic_torchrun_tasks_on_the_train_image(package: Package) -> None:
