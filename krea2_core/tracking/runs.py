@@ -182,18 +182,25 @@ def start_pipeline_run(output_root: str | os.PathLike[str], preset: str, config:
 
 
 def lineage(run_id: str) -> dict[str, str]:
-    """{stage: run id} of a stage run and every run upstream of it, following ``krea2.upstream.*`` tags."""
+    """{stage: run id} of a stage run and every run upstream of it, following ``krea2.upstream.*`` tags.
+
+    A stage can be reached through two runs: a stage served from its artifact was made by an earlier run, from an input
+    whose content a newer run of the upstream stage reproduced under another key. The newest of them is the one the
+    latest execution ran."""
     client = MlflowClient()
-    found: dict[str, str] = {}
+    found: dict[str, Any] = {}
+    seen: set[str] = set()
     pending = [run_id]
     while pending:
-        run = client.get_run(pending.pop())
-        stage = run.data.tags.get("krea2.stage", run.info.run_name)
-        if stage in found:
+        if (current := pending.pop()) in seen:
             continue
-        found[stage] = run.info.run_id
+        seen.add(current)
+        run = client.get_run(current)
+        stage = run.data.tags.get("krea2.stage", run.info.run_name)
+        if stage not in found or run.info.start_time > found[stage].info.start_time:
+            found[stage] = run
         pending += [v for k, v in run.data.tags.items() if k.startswith("krea2.upstream.")]
-    return found
+    return {stage: run.info.run_id for stage, run in found.items()}
 
 
 def end_pipeline_run(output_root: str | os.PathLike[str], run_id: str, final_run_ids: list[str]) -> dict[str, str]:
