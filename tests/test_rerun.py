@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -250,3 +251,24 @@ def test_a_damaged_input_is_one_line_and_the_dry_run_re_runs_its_stage(
     assert steps["scoring"].startswith(f"RE-RUN output damaged: {name} is ")
     assert steps["selection"] == "RE-RUN input from re-run stage(s): scoring"
     assert steps["ingest"] == "cached cached: same config and inputs"
+
+
+def test_a_missing_upstream_file_fails_a_training_rerun_in_one_line_in_a_copied_root(
+        pretrained: tuple[str, PipelineConfig, dict[str, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's case: a deleted weights file upstream of `krea2 rerun pretrain_512` gave a 112-line
+    ChildFailedError. Here in a copy of the recorded root (output roots are relocatable), so the shared one stays."""
+    parent, _, paths = pretrained
+    root = Path(os.environ["KREA2_OUTPUT_ROOT"])
+    copy = tmp_path / "copied-root"
+    shutil.copytree(root, copy)
+    monkeypatch.setenv("KREA2_OUTPUT_ROOT", str(copy))
+    weights = copy / paths["pretrain_256"].relative_to(root) / WEIGHTS_FILE
+    weights.unlink()
+    overrides = tmp_path / "longer.yaml"
+    overrides.write_text(yaml.safe_dump(deep_merge(SMALL, {"pretrain": {"stages": {"512": {"steps": 2}}}})))
+    assert main(["rerun", "pretrain_512", "--from-run", parent, "--config", str(overrides)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"artifact {weights.parent} (checkpoint) is damaged: {WEIGHTS_FILE} is missing" in err
+    assert (root / paths["pretrain_256"].relative_to(root) / WEIGHTS_FILE).is_file()  # the original is untouched

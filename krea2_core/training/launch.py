@@ -50,7 +50,10 @@ class RankFailed(RuntimeError):
     @classmethod
     def of(cls, err: Any) -> RankFailed:
         """From torch elastic's ChildFailedError."""
-        rank = min(err.failures)  # rank 0 when it failed, else the lowest rank that did
+        # a rank that raised left its error; the ranks the launcher then stopped left only a signal: the lowest rank
+        # with an error (rank 0's when it raised) says why
+        raised = [rank for rank, failure in err.failures.items() if isinstance(failure.message, dict)]
+        rank = min(raised or err.failures)
         failure = err.failures[rank]
         info = failure.message if isinstance(failure.message, dict) else {"message": str(failure.message)}
         others = f" (and {len(err.failures) - 1} more rank(s))" if len(err.failures) > 1 else ""

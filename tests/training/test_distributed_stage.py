@@ -65,7 +65,7 @@ def test_every_rank_skips_a_finished_stage_and_a_failed_rank_says_why(tmp_path: 
     assert sorted(log.read_text().split()) == ["0", "1"]
 
     (out / "model.safetensors").write_bytes(b"")
-    with pytest.raises(RankFailed, match=rf"^rank 0 failed( \(and 1 more rank\(s\)\))?: DamagedArtifact: artifact {out} "
+    with pytest.raises(RankFailed, match=rf"^rank [01] failed( \(and 1 more rank\(s\)\))?: DamagedArtifact: artifact {out} "
                                          r"\(checkpoint\) is damaged: model.safetensors is 0 bytes, published as 7") as err:
         launch_local(TWO, _two_ranks, str(tmp_path), str(log), {"init": out})
     assert "\n" not in str(err.value) and "in read_manifest" in err.value.rank_traceback
