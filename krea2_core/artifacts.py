@@ -29,6 +29,7 @@ from typing import Any, Iterator
 from krea2_core.owners import is_gone, this_process
 
 MANIFEST = "manifest.json"
+RETRYABLE = "retryable"  # a manifest count of rows worth computing again later (their source did not answer)
 STAGING_SUFFIX = ".tmp"
 _VERIFY_MAX_BYTES = "KREA2_VERIFY_MAX_BYTES"
 

@@ -93,10 +93,11 @@ def _verify(args: argparse.Namespace) -> int:
     removed = repair(findings) if args.repair else []
     for path in removed:
         print(f"removed        {path}")
-    counts = {v: sum(f.verdict == v for f in findings) for v in ("sound", "damaged", "stale staging", "staging")}
+    counts = {v: sum(f.verdict == v for f in findings)
+              for v in ("sound", "retryable", "damaged", "stale staging", "staging")}
     print(f"{len(findings)} entries: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n)
           + (f"; removed {len(removed)}: their stages compute them again on the next run" if removed else ""))
-    return 1 if counts["damaged"] + counts["stale staging"] > len(removed) else 0
+    return 1 if counts["damaged"] + counts["stale staging"] > 0 and not removed else 0
 
 
 def _expand(args: argparse.Namespace) -> int:
@@ -140,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("root", nargs="?", default="", help="output root (default: $KREA2_OUTPUT_ROOT or ./krea2-outputs)")
     check.add_argument("--full", action="store_true", help="re-hash every file, also of artifacts above "
                                                            "KREA2_VERIFY_MAX_BYTES (checked by size otherwise)")
-    check.add_argument("--repair", action="store_true", help="remove damaged artifacts and staging directories of "
-                                                             "dead processes, so their stages recompute them")
+    check.add_argument("--repair", action="store_true", help="remove damaged and retryable artifacts and staging "
+                                                             "directories of dead processes, so their stages recompute "
+                                                             "them")
     check.set_defaults(run=_verify)
     grow = commands.add_parser("expand", help="expand user prompts with a prompt-expander model")
     grow.add_argument("prompts", nargs="+", metavar="PROMPT")

@@ -1,5 +1,6 @@
 """`krea2 verify`: check every artifact of an output root against its manifest, and clear away what damage and killed
-runs left (damaged artifacts, staging directories of dead processes), so their stages compute them again."""
+runs left (damaged artifacts, staging directories of dead processes), so their stages compute them again; artifacts
+counting ``retryable`` rows (sources that did not answer) are listed, and cleared too, so their stage tries again."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from krea2_core.artifacts import ArtifactError, STAGING_SUFFIX, parse_manifest, staging_owner, verify
+from krea2_core.artifacts import RETRYABLE, STAGING_SUFFIX, ArtifactError, parse_manifest, staging_owner, verify
 from krea2_core.owners import is_gone
 
 # flytekit's local task cache (flytekit.core.local_cache.CACHE_LOCATION): it maps a task's inputs to the artifact
@@ -15,10 +16,14 @@ from krea2_core.owners import is_gone
 FLYTE_LOCAL_CACHE = Path("~/.flyte/local-cache")
 
 
+REMOVED_BY_REPAIR = ("damaged", "retryable", "stale staging")
+
+
 @dataclass(frozen=True)
 class Finding:
     path: Path
-    verdict: str  # "sound", "damaged", "stale staging" (its process is gone) or "staging" (still being written)
+    verdict: str  # "sound", "retryable" (sound, with unreachable rows), "damaged", "stale staging" (its process is
+    # gone) or "staging" (still being written)
     detail: str = ""
 
 
@@ -36,17 +41,20 @@ def verify_root(root: Path, *, full: bool = False) -> list[Finding]:
                                     f"written by {owner or 'an unknown process'}"))
             continue
         try:
-            verify(path, parse_manifest(path), full=True if full else None)
-            findings.append(Finding(path, "sound"))
+            manifest = parse_manifest(path)
+            verify(path, manifest, full=True if full else None)
+            retryable = manifest.counts.get(RETRYABLE, 0)
+            findings.append(Finding(path, "retryable", f"{retryable} row(s) unreachable") if retryable
+                            else Finding(path, "sound"))
         except ArtifactError as err:
             findings.append(Finding(path, "damaged", getattr(err, "what", str(err))))
     return findings
 
 
 def repair(findings: list[Finding]) -> list[Path]:
-    """Remove the damaged artifacts and stale staging directories among ``findings`` (and the Flyte local cache's
-    entries that point at them); returns what was removed."""
-    removed = [f.path for f in findings if f.verdict in ("damaged", "stale staging")]
+    """Remove the damaged and retryable artifacts and stale staging directories among ``findings`` (and the Flyte local
+    cache's entries that point at them); returns what was removed."""
+    removed = [f.path for f in findings if f.verdict in REMOVED_BY_REPAIR]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     forget_flyte_outputs(removed)

@@ -108,3 +108,29 @@ def test_verify_finds_damage_and_repair_lets_the_stage_recompute(tmp_path: Path,
     assert main(["verify"]) == 0
     assert main(["verify", str(tmp_path / "nowhere")]) == 2
     assert "is not an output root: it has no artifacts/ directory" in capsys.readouterr().err
+
+
+def test_verify_lists_rows_whose_source_was_unreachable_and_repair_retries_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    import pandas as pd
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    image = Path(skimage.__file__).parent / "data" / "astronaut.png"
+    table = tmp_path / "uris.parquet"
+    pd.DataFrame({"uri": [str(image), f"http://127.0.0.1:{closed}/a.png"]}).to_parquet(table)
+    serial = "curation: {parallel: {backend: serial}}"
+    assert main(["curate", str(table), "--config", serial]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["256"] == {"total": 2, "kept": 1, "dropped.unreachable": 1}
+    assert main(["verify"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (retryable,) = [line for line in lines if line.startswith("retryable")]
+    assert "/artifacts/scores/" in retryable and retryable.endswith("1 row(s) unreachable")
+    assert main(["verify", "--repair"]) == 0
+    scores = Path(retryable.split()[1])
+    assert not scores.exists() and f"removed        {scores}" in capsys.readouterr().out
+    assert main(["curate", str(table), "--config", serial]) == 0  # scoring tries the source again
+    assert scores.is_dir()

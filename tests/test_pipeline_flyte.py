@@ -160,11 +160,12 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     assert len(parents) == 4 and all(p.info.status == "FINISHED" for p in parents)
 
     def used(parent: Run, stage: str) -> str:
-        """Where the output of ``stage`` that pipeline execution ``parent`` used lies."""
-        return str(output_location(client.get_run(parent.data.tags[f"krea2.stage_run.{stage}"]).data.tags, root))
+        """The content digest of the output of ``stage`` that pipeline execution ``parent`` used."""
+        return client.get_run(parent.data.tags[f"krea2.stage_run.{stage}"]).data.tags["krea2.output_digest"]
 
-    # content addressing: no output was computed twice (one run per artifact location); RL ran once per distinct
-    # (calibrated checkpoint, reward model) the executions fed it, distillation once per distinct RL checkpoint
+    # content addressing: no output was computed twice (one run per artifact location), and a stage with the same
+    # config ran once per distinct content of its inputs: RL per (calibrated checkpoint, reward model), distillation
+    # per RL checkpoint, the expander's stages per captions, pairs, and (SFT model, distilled model)
     for stage in stages:
         locations = [output_location(client.get_run(run_id).data.tags, root) for run_id in final[stage]]
         assert len(set(locations)) == len(locations), stage

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from krea2_core.artifacts import MANIFEST, Manifest, read_manifest
+from krea2_core.artifacts import MANIFEST, RETRYABLE, Manifest, read_manifest
 from krea2_core.config import AnalysisConfig, DedupConfig, ParallelConfig, StageFilters, WorldPoolConfig
 from krea2_core.data.curation import score_pool, select_stage, summarize
 from krea2_core.data.ingest import RAW_POOL_FILE, build_raw_pool, list_folder, read_uri_table
@@ -60,8 +60,10 @@ def run_scoring(raw_pool: Path, analysis: AnalysisConfig, parallel: ParallelConf
         pool = read_table(inputs["raw_pool"] / RAW_POOL_FILE, RawPool)
         scores = write_table(score_pool(pool, analysis, parallel), staging / SCORES_FILE, Scores)
         unreadable = scores["error_reason"].value_counts().to_dict()
+        # rows whose source did not answer: `krea2 verify` lists the artifact as worth computing again
         return StageOutput(counts={"scored": int(scores["error_reason"].isna().sum()),
-                                   **{f"unreadable.{k}": int(v) for k, v in unreadable.items()}})
+                                   **{f"unreadable.{k}": int(v) for k, v in unreadable.items()},
+                                   RETRYABLE: int(unreadable.get("unreachable", 0))})
 
     return execute_stage("scoring", "scores", body, config={"analysis": analysis, "parallel": parallel},
                          inputs={"raw_pool": raw_pool}, parent_run_id=parent_run_id)
