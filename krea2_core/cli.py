@@ -26,6 +26,9 @@ from krea2_core.stages import output_root
 from krea2_core.tracking import describe_tracking_error
 from krea2_core.training.launch import RankFailed
 
+# bad input, a damaged or missing file, an unreachable server, a failed rank: one line and exit 2; else exit 1
+_EXPECTED = (MlflowException, ConfigError, OSError, ValueError, RankFailed)
+
 
 def _curate(args: argparse.Namespace) -> int:
     from krea2_core.data.stages import SUMMARY_FILE, run_ingest, run_scoring, run_selection
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("run_id", nargs="?", default="", help="a pipeline or stage run (default: the newest pipeline run)")
     table.set_defaults(run=_report)
     check = commands.add_parser("verify", help="check every artifact of an output root against its manifest")
-    check.add_argument("root", nargs="?", default="", help="output root (default: $KREA2_OUTPUT_ROOT or ./krea2-outputs)")
+    check.add_argument("root", nargs="?", default="",
+                       help="output root (default: $KREA2_OUTPUT_ROOT or ./krea2-outputs)")
     check.add_argument("--full", action="store_true", help="re-hash every file, also of artifacts above "
                                                            "KREA2_VERIFY_MAX_BYTES (checked by size otherwise)")
     check.add_argument("--repair", action="store_true", help="remove damaged and retryable artifacts and staging "
@@ -165,19 +169,18 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(err, RankFailed) and err.rank_traceback:
                 print(err.rank_traceback, file=sys.stderr)
             raise
-        expected = isinstance(err, (MlflowException, ConfigError, OSError, ValueError, RankFailed))
-        print(f"krea2: error: {_one_line(err)}" + ("" if expected else " (krea2 --debug shows the traceback)"),
-              file=sys.stderr)
+        expected = isinstance(err, _EXPECTED)
+        hint = "" if expected else " (krea2 --debug shows the traceback)"
+        print(f"krea2: error: {_one_line(err, expected)}{hint}", file=sys.stderr)
         return 2 if expected else 1
 
 
-def _one_line(err: Exception) -> str:
+def _one_line(err: Exception, expected: bool) -> str:
     """The first line of an error's message (an unexpected error's type first: it may say little on its own)."""
     if isinstance(err, MlflowException):
         return describe_tracking_error(err)
     lines = str(err).strip().splitlines()
     first = lines[0] if lines else ""
-    expected = isinstance(err, (ConfigError, OSError, ValueError, RankFailed))
     return first if expected and first else f"{type(err).__name__}: {first}".rstrip(": ")
 
 

@@ -54,11 +54,11 @@ def execute_stage(stage: str, kind: str, body: StageBody, *, config: Any, inputs
     the same place and a different config never overwrites another's output. Inputs are verified first.
     """
     root = root or output_root()
-    configure_tracking(root)  # also on a cache hit: a run a killed process left RUNNING is marked failed
     inputs = {name: Path(path) for name, path in (inputs or {}).items()}
     manifests = {name: read_manifest(path) for name, path in inputs.items()}
     out, scratch = stage_location(stage, kind, config=config, manifests=manifests, root=root)
     if (cached := existing_artifact(out)) is not None:
+        configure_tracking(root)  # as stage_run does otherwise: runs a killed process left RUNNING are marked failed
         return out, cached
     scratch.mkdir(parents=True, exist_ok=True)
     with stage_run(stage, output_root=root, parent_run_id=parent_run_id, config=config,

@@ -30,10 +30,11 @@ class Finding:
 def verify_root(root: Path, *, full: bool = False) -> list[Finding]:
     """A finding for every artifact and staging directory under ``root``/artifacts: by default files are re-hashed
     for artifacts up to KREA2_VERIFY_MAX_BYTES and checked by size above it; ``full`` re-hashes every file."""
-    findings = []
     kinds = root.resolve() / "artifacts"
-    for path in sorted(p for kind in sorted(kinds.iterdir()) if kind.is_dir() for p in kind.iterdir()) \
-            if kinds.is_dir() else ():
+    if not kinds.is_dir():
+        return []
+    findings = []
+    for path in sorted(p for kind in kinds.iterdir() if kind.is_dir() for p in kind.iterdir()):
         if path.name.endswith(STAGING_SUFFIX):
             owner = staging_owner(path)
             stale = owner is not None and is_gone(owner)

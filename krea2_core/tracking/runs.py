@@ -26,6 +26,7 @@ import mlflow
 from filelock import FileLock
 from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from krea2_core.artifacts import Manifest, to_plain
@@ -130,12 +131,14 @@ def _experiment(root: Path | None) -> str:
 
 def _follow_moved_root(root: Path, artifact_location: str) -> None:
     """A local store records absolute artifact locations (MLflow has no relative ones, nor an API to change them):
-    when the output root was moved or copied, point them at the new place, so runs neither read nor write the old one."""
+    when the output root was moved or copied, point them at the new place, so runs neither read nor write the old
+    one."""
     here = (root / "mlruns").as_uri()
     if artifact_location == here:
         return
     with sqlite3.connect(root / "mlflow.db") as db:
-        db.execute("UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?", (here, artifact_location))
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?",
+                   (here, artifact_location))
         db.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE substr(artifact_uri, 1, ?) = ?",
                    (here, len(artifact_location) + 1, len(artifact_location), artifact_location))
 
@@ -188,7 +191,7 @@ def lineage(run_id: str) -> dict[str, str]:
     whose content a newer run of the upstream stage reproduced under another key. The newest of them is the one the
     latest execution ran."""
     client = MlflowClient()
-    found: dict[str, Any] = {}
+    found: dict[str, Run] = {}
     seen: set[str] = set()
     pending = [run_id]
     while pending:
@@ -269,20 +272,18 @@ class MetricsLog:
         if step % self.every == 0 or step == self.last:
             self.run.log_metrics(metrics, step=step)
 
-def fail_interrupted_runs(experiment_id: str) -> list[str]:
+
+def fail_interrupted_runs(experiment_id: str) -> None:
     """Mark FAILED the stage runs still RUNNING whose process is gone (killed with -9, or its machine rebooted),
-    tagged with why; returns their ids."""
+    tagged with why."""
     client = MlflowClient()
     running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING' and "
                                                                 "tags.`krea2.kind` = 'stage'")
-    failed = []
     for run in running:
         owner = run.data.tags.get(OWNER_TAG, "")
         if is_gone(owner):
             client.set_tag(run.info.run_id, "krea2.failure", f"interrupted: its process {owner} is gone")
             client.set_terminated(run.info.run_id, status="FAILED")
-            failed.append(run.info.run_id)
-    return failed
 
 
 def _local_source(path: Path) -> Any:

@@ -9,7 +9,8 @@ One directory per saved step, ``<directory>/step-<step:08d>/``:
   ``state.json`` (the size of every ``state/`` file and the sha256 of each but the tensor shards).
 
 DCP pickles its ``.metadata`` file; a state is loaded only when ``state.json`` vouches for it (written here, unchanged
-since), so resuming never unpickles a file this project did not write. Everything else is safetensors and JSON. A step directory is written as
+since), so resuming never unpickles a file this project did not write. Everything else is safetensors and JSON.
+A step directory is written as
 ``step-XXXXXXXX.tmp`` and renamed when complete, so a crash never leaves a directory that looks finished.
 
 Pruning keeps the ``keep`` newest resumable checkpoints. Older ones are deleted, except the steps in
@@ -22,7 +23,6 @@ All ranks call ``save_checkpoint``, ``load_checkpoint``, ``load_weights`` and ``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from krea2_core.artifacts import file_sha256
 from krea2_core.config import PretrainStageConfig
 
 STATE_DIR = "state"
@@ -182,12 +183,11 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizers: Sequence[
 def _state_record(state: Path) -> dict[str, Any]:
     """Every state file's size, and the sha256 of every one but the tensor shards (``*.distcp``, read as tensors
     only): among them DCP's pickled ``.metadata``."""
-    files = sorted(p for p in state.rglob("*") if p.is_file())
-    record: dict[str, Any] = {p.relative_to(state).as_posix(): {"bytes": p.stat().st_size} for p in files}
-    for file in files:
+    record: dict[str, Any] = {}
+    for file in sorted(p for p in state.rglob("*") if p.is_file()):
+        entry = record[file.relative_to(state).as_posix()] = {"bytes": file.stat().st_size}
         if file.suffix != ".distcp":
-            with file.open("rb") as f:
-                record[file.relative_to(state).as_posix()]["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+            entry["sha256"] = file_sha256(file)
     return record
 
 
