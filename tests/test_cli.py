@@ -98,6 +98,10 @@ def test_verify_finds_damage_and_repair_lets_the_stage_recompute(tmp_path: Path,
     assert "krea2: recomputing" in capsys.readouterr().err and not stale.exists()
     assert main(["verify"]) == 0
     kept.write_bytes(b"x" + kept.read_bytes()[1:])
+    monkeypatch.setenv("KREA2_VERIFY_MAX_BYTES", "0")  # every artifact "large": checked by size, re-hashed by --full
+    assert main(["verify"]) == 0 and main(["verify", "--full"]) == 1
+    capsys.readouterr()
+    monkeypatch.delenv("KREA2_VERIFY_MAX_BYTES")
 
     assert main(["verify", "--repair"]) == 0
     lines = capsys.readouterr().out.splitlines()
