@@ -14,8 +14,8 @@ from pathlib import Path
 
 from krea2_core.config import load_config
 from krea2_core.expander.data import run_expander_data
-from krea2_core.expander.rl import run_expander_rl
-from krea2_core.expander.sft import run_expander_sft
+from krea2_core.expander.rl import ExpanderRLSettings, run_expander_rl
+from krea2_core.expander.sft import ExpanderSFTSettings, run_expander_sft
 
 
 def main() -> None:
@@ -30,11 +30,13 @@ def main() -> None:
     x = cfg.expander
     seconds = {}
     began = time.perf_counter()
-    pairs = run_expander_data(args.captions, x.data, root=args.root)
+    pairs = run_expander_data({"captions": args.captions}, x.data, root=args.root)
     seconds["data"], began = time.perf_counter() - began, time.perf_counter()
-    sft = run_expander_sft(pairs, x.sft, x.expansion, cfg.post.resolution, root=args.root)
+    sft = run_expander_sft({"pairs": pairs}, ExpanderSFTSettings(x.sft, x.expansion, cfg.post.resolution),
+                           root=args.root)
     seconds["sft"], began = time.perf_counter() - began, time.perf_counter()
-    rl = run_expander_rl(sft, args.image_model, None, x.rl, x.expansion, cfg.pretrain, cfg.post.resolution,
+    rl = run_expander_rl({"sft": sft, "image_model": args.image_model},
+                         ExpanderRLSettings(x.rl, x.expansion, cfg.post.resolution, cfg.pretrain.trainer()),
                          root=args.root)
     seconds["rl"] = time.perf_counter() - began
     report = json.loads((rl / "eval.json").read_text())

@@ -40,7 +40,7 @@ from krea2_core.evaluation.prompt_following import held_out_prompts
 from krea2_core.data.packing import pack_stage, packing_config
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.training.launch import launch_local
-from krea2_core.training.pretrain import EVAL_FILE, run_pretrain_stage
+from krea2_core.training.pretrain import EVAL_FILE, TrainingSettings, run_training_stage
 
 KINDS = ("score", "background", "color", "kind", "count", "position", "size", "text")
 STAGES = ("256", "512", "1024")
@@ -77,7 +77,9 @@ def train(config: PretrainConfig, stages: list[str], evals: int, root: Path, sam
             config.stages[stage] = dataclasses.replace(recipe, eval_every=max(1, recipe.steps // evals))
         packed = pack(config, stage, root)
         began = time.perf_counter()
-        init = launch_local(config.parallel, run_pretrain_stage, packed, init, stage, config, "", root)
+        settings = TrainingSettings(f"pretrain_{stage}", config.stages[stage], config.trainer())
+        inputs = {"packed": packed, **({"init": init} if init is not None else {})}
+        init = launch_local(config.parallel, run_training_stage, inputs, settings, "", root)
         seconds = time.perf_counter() - began
         report = json.loads((init / EVAL_FILE).read_text())
         for point in report["curve"]:

@@ -20,29 +20,25 @@ import _common  # noqa: F401  (first: one thread per process)
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 import time
 from math import isfinite, nan
 from pathlib import Path
-from typing import Any, Callable
 
 from _common import RESULTS_DIR, markdown_table, write_json
 from krea2_core.artifacts import ArtifactError, read_manifest
-from krea2_core.config import PostTrainConfig, PretrainConfig, load_config
-from krea2_core.models.autoencoders import pixel_multiple
-from krea2_core.post.annotations import run_annotation_pairs
-from krea2_core.post.distill import run_distill_stage
-from krea2_core.post.grpo import run_rl_stage
-from krea2_core.post.merge import run_merge
-from krea2_core.post.pairs import run_pair_generation
-from krea2_core.post.preference import run_preference_stage
-from krea2_core.post.reward_model import run_reward_model
-from krea2_core.post.sft import run_sft, run_sft_data
+from krea2_core.config import PipelineConfig, PostTrainConfig, load_config
 from krea2_core.report import post_training_summary
+from krea2_core.rerun import stage_specs
+from krea2_core.stage_spec import run_stage
 from krea2_core.tracking import run_metrics
-from krea2_core.training.launch import launch_local
 from krea2_core.training.pretrain import EVAL_FILE
+
+# the stages after the domain SFTs, in pipeline order
+AFTER_SFT = ("merge", "preference_pairs", "preference_synthetic", "preference_annotations", "preference_calibration",
+             "reward_model", "rl", "distill")
 
 
 def at_resolution(post: PostTrainConfig, resolution: int, prompts: int) -> PostTrainConfig:
@@ -56,35 +52,21 @@ def at_resolution(post: PostTrainConfig, resolution: int, prompts: int) -> PostT
         distill=dataclasses.replace(post.distill, eval_prompts=prompts))
 
 
-def run_chain(init: Path, post: PostTrainConfig, pretrain: PretrainConfig, root: Path
-              ) -> tuple[dict[str, Path], dict[str, float]]:
-    """The post-training stages from ``init`` (artifact by stage name, seconds by stage name)."""
+def run_chain(init: Path, config: PipelineConfig) -> tuple[dict[str, Path], dict[str, float]]:
+    """The post-training stages from ``init`` in midtraining's place (artifact by stage name, seconds by stage
+    name), each run through its StageSpec as the CLI runs it, on the artifacts of the stages its spec names."""
+    domains = tuple(config.post.sft.domains)
+    specs = stage_specs(domains)
     artifacts: dict[str, Path] = {}
     seconds: dict[str, float] = {}
-
-    def timed(stage: str, fn: Callable[..., Any], *args: Any, distributed: bool = False) -> Path:
+    produced = {"midtrain": init}
+    for stage in (*(s for d in domains for s in (f"sft_data_{d}", f"sft_{d}")), *AFTER_SFT):
+        spec = specs[stage]
+        inputs = {name: produced[producer] for name, producer in spec.inputs.items()
+                  if name not in spec.optional or spec.optional[name](config)}
         began = time.perf_counter()
-        out = launch_local(pretrain.parallel, fn, *args) if distributed else fn(*args, root=root)[0]
+        produced[stage] = artifacts[stage] = Path(run_stage(spec, config, inputs))
         seconds[stage] = time.perf_counter() - began
-        artifacts[stage] = Path(out)
-        return artifacts[stage]
-
-    r, po = post.resolution, post.preference
-    domains = {}
-    for name, domain in post.sft.domains.items():
-        data = timed(f"sft_data_{name}", run_sft_data, name, domain, post.sft, pixel_multiple(pretrain.autoencoder))
-        domains[name] = timed(f"sft_{name}", run_sft, data, init, name, pretrain, post.sft, "", root,
-                              distributed=True)
-    merged = timed("merge", run_merge, init, domains, post, pretrain)
-    pairs = timed("preference_pairs", run_pair_generation, merged, init, po, pretrain, r)
-    synthetic = timed("preference_synthetic", run_preference_stage, pairs, merged, "synthetic", po, pretrain, r, "",
-                      root, distributed=True)
-    labelled = timed("preference_annotations", run_annotation_pairs, None, synthetic, init, po, pretrain, r)
-    calibrated = timed("preference_calibration", run_preference_stage, labelled, synthetic, "calibration", po,
-                       pretrain, r, "", root, distributed=True)
-    reward = timed("reward_model", run_reward_model, [pairs, labelled], post.rl.reward_model)
-    final = timed("rl", run_rl_stage, calibrated, reward, post.rl, pretrain, r, "", root, distributed=True)
-    timed("distill", run_distill_stage, final, post.distill, pretrain, r, "", root, distributed=True)
     return artifacts, seconds
 
 
@@ -153,11 +135,12 @@ def main() -> None:
     except (ArtifactError, OSError, KeyError, ValueError) as error:
         parser.error(f"--init {args.init}: not a pretraining checkpoint artifact with its {EVAL_FILE} ({error})")
     cfg = load_config("tiny", args.config)
-    pretrain = cfg.pretrain
-    post = at_resolution(cfg.post, resolution, args.prompts)
+    config = dataclasses.replace(cfg, post=at_resolution(cfg.post, resolution, args.prompts))
+    post = config.post
     root = args.keep or Path(tempfile.mkdtemp(prefix="post_training_effects_"))
+    os.environ["KREA2_OUTPUT_ROOT"] = str(root)  # run_stage publishes under the output root, as the CLI does
     began = time.perf_counter()
-    artifacts, seconds = run_chain(args.init, post, pretrain, root)
+    artifacts, seconds = run_chain(args.init.resolve(), config)
     runs = {stage: read_manifest(path).mlflow_run_id for stage, path in artifacts.items()}
     metrics = {stage: run_metrics(root, run_id) for stage, run_id in runs.items()}
     summary = post_training_summary(root, runs)

@@ -29,27 +29,29 @@ import numpy as np
 import torch
 
 from krea2_core.config import PipelineConfig, preset
-from krea2_core.post.preference import compare_with_reference, load_pairs, policy_and_reference, train_preference
+from krea2_core.post.preference import (compare_with_reference, load_pairs, policy_and_reference, preference_settings,
+                                        train_preference)
 from krea2_core.training.parallel import init_distributed
 
 KINDS = ("dpo", "stpo")
 
 
 def run(kind: str, config: PipelineConfig, args: argparse.Namespace) -> dict[str, object]:
-    pretrain, po = config.pretrain, config.post.preference
-    stage = getattr(po, args.stage)
+    settings = preference_settings(config, args.stage)  # what the pipeline's PO stage would train with
+    trainer, stage = settings.trainer, settings.recipe
     stage = dataclasses.replace(stage, steps=args.steps or stage.steps, lr=args.lr or stage.lr)
-    env = init_distributed(pretrain.parallel.device)
-    pipe, reference = policy_and_reference(pretrain, args.init, env)
+    env = init_distributed(trainer.parallel.device)
+    pipe, reference = policy_and_reference(trainer, args.init, env)
     curve: list[dict[str, float]] = []
     start = time.perf_counter()
-    train_preference(pipe, reference, load_pairs(args.pairs, args.resolution), dataclasses.replace(po.loss, kind=kind),
-                     stage, pretrain, env, timestep_shift=args.timestep_shift,
+    train_preference(pipe, reference, load_pairs(args.pairs, args.resolution),
+                     dataclasses.replace(settings.loss, kind=kind), stage, trainer, env,
+                     timestep_shift=args.timestep_shift,
                      log=lambda step, metrics: curve.append({"step": step, **metrics}))
     seconds = time.perf_counter() - start
     pipe.model.eval()
-    metrics, _, _ = compare_with_reference(pipe, dataclasses.replace(pipe, model=reference),
-                                           dataclasses.replace(pretrain.eval, n_prompts=args.eval_prompts or po.eval_prompts),
+    eval_config = dataclasses.replace(trainer.eval, n_prompts=args.eval_prompts or settings.eval_prompts)
+    metrics, _, _ = compare_with_reference(pipe, dataclasses.replace(pipe, model=reference), eval_config,
                                            args.resolution)
     tail = curve[-args.tail:]
 
@@ -81,8 +83,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results (with the curves) to this JSON file")
     args = parser.parse_args()
     config = preset(args.preset)
-    args.resolution = args.resolution or config.post.resolution
-    args.timestep_shift = args.timestep_shift or config.post.preference.timestep_shift
+    settings = preference_settings(config, args.stage)
+    args.resolution = args.resolution or settings.resolution
+    args.timestep_shift = args.timestep_shift or settings.timestep_shift
     torch.set_num_threads(args.threads)
 
     results = [run(kind, config, args) for kind in KINDS]

@@ -31,13 +31,14 @@ _EXPECTED = (MlflowException, ConfigError, OSError, ValueError, RankFailed)
 
 
 def _curate(args: argparse.Namespace) -> int:
-    from krea2_core.data.stages import SUMMARY_FILE, run_ingest, run_scoring, run_selection
+    from krea2_core.data.stages import INGEST, SCORING, SELECTION, SUMMARY_FILE
+    from krea2_core.stage_spec import run_stage
 
-    curation = load_config(args.preset, args.config).curation
-    raw_pool, _ = run_ingest(Path(args.source), curation.parallel)
-    scores, _ = run_scoring(raw_pool, curation.analysis, curation.parallel)
-    curated, manifest = run_selection(raw_pool, scores, curation.stages, curation.dedup)
-    print(json.dumps({"curated": str(curated), "mlflow_run_id": manifest.mlflow_run_id,
+    config = load_config(args.preset, args.config)
+    raw_pool = run_stage(INGEST, config, {"source": Path(args.source)})
+    scores = run_stage(SCORING, config, {"raw_pool": raw_pool})
+    curated = run_stage(SELECTION, config, {"raw_pool": raw_pool, "scores": scores})
+    print(json.dumps({"curated": str(curated), "mlflow_run_id": read_manifest(curated).mlflow_run_id,
                       "summary": json.loads((curated / SUMMARY_FILE).read_text())}, indent=2))
     return 0
 
@@ -77,7 +78,8 @@ def _rerun(args: argparse.Namespace) -> int:
         for stage, reruns, why in plan(args.from_run, config):
             print(f"{stage:<20} {'RE-RUN' if reruns else 'cached':<7} {why}")
         return 0
-    path, manifest = rerun(args.stage, args.from_run, config)
+    path = rerun(args.stage, args.from_run, config)
+    manifest = read_manifest(path)
     print(json.dumps({"stage": args.stage, "output": str(path), "mlflow_run_id": manifest.mlflow_run_id,
                       "counts": manifest.counts}, indent=2))
     return 0

@@ -626,7 +626,10 @@ class EvalConfig(_Strict):
 
 
 @dataclass
-class PretrainConfig(_Strict):
+class TrainerConfig(_Strict):
+    """How the image model is built, trained, run and evaluated: everything of pretraining but its resolution
+    stages. Every training and sampling stage's settings hold one (the DiT config matches the checkpoints)."""
+
     model: DiTConfig = field(default_factory=lambda: _TINY_DIT)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     # every caption of the tiny pool stays encoded: MiniLM on a batch costs more than the tiny DiT's training step
@@ -636,7 +639,6 @@ class PretrainConfig(_Strict):
     parallel: TrainParallelConfig = field(default_factory=TrainParallelConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(steps=10, batch=48))
-    stages: dict[str, PretrainStageConfig] = field(default_factory=lambda: _tiny_pretrain_stages())
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.333, 2.0])  # width / height
     # how often a training step draws each caption length (long, medium, short): mostly long, short and
     # medium always in the mix
@@ -644,14 +646,7 @@ class PretrainConfig(_Strict):
     caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
     seed: int = 0
 
-    def model_settings(self) -> dict[str, Any]:
-        """Everything but the resolution stages: how a post-training stage builds, runs and samples a checkpoint
-        (its cache key holds these, so retraining a pretraining stage differently re-runs it through its input)."""
-        return {k: v for k, v in self.to_dict().items() if k != "stages"}
-
     def __post_init__(self) -> None:
-        _require(set(self.stages) <= {"256", "512", "1024"} and bool(self.stages),
-                 f"stages must be a non-empty subset of 256, 512, 1024, got {sorted(self.stages)}")
         _require(all(a > 0 for a in self.aspect_ratios) and bool(self.aspect_ratios),
                  f"aspect_ratios must be positive, got {self.aspect_ratios}")
         _require(len(self.caption_ratios) == 3 and all(r >= 0 for r in self.caption_ratios)
@@ -668,6 +663,23 @@ class PretrainConfig(_Strict):
         _require(self.model.in_channels == channels * ae.patch_size**2,
                  f"model.in_channels ({self.model.in_channels}) must equal the autoencoder's channels x "
                  f"patch_size^2 ({channels} x {ae.patch_size}^2)")
+
+
+@dataclass
+class PretrainConfig(TrainerConfig):
+    """The trainer and the progressive-resolution stages' recipes."""
+
+    stages: dict[str, PretrainStageConfig] = field(default_factory=lambda: _tiny_pretrain_stages())
+
+    def trainer(self) -> TrainerConfig:
+        """The shared settings without the stages: what a stage after pretraining builds, runs and samples a
+        checkpoint with (retraining a pretraining stage differently re-runs it through its input instead)."""
+        return TrainerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainerConfig)})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(set(self.stages) <= {"256", "512", "1024"} and bool(self.stages),
+                 f"stages must be a non-empty subset of 256, 512, 1024, got {sorted(self.stages)}")
         dp = self.parallel.world_size // self.parallel.tp
         for name, stage in self.stages.items():
             _require(stage.global_batch % dp == 0,
@@ -865,7 +877,9 @@ class PreferenceConfig(_Strict):
     # the tiny DiT needs a large lr to move at all in a few dozen steps (at 2e-5 neither loss changed it measurably)
     synthetic: PreferenceStageConfig = field(default_factory=lambda: PreferenceStageConfig(steps=30, lr=1e-4))
     calibration: PreferenceStageConfig = field(default_factory=lambda: PreferenceStageConfig(steps=10, lr=5e-5))
-    annotations: str = ""  # human-annotation table (Parquet, schema Annotations); "" = simulated annotators
+    # a human annotation set: a folder (local, or an object-store URI for a remote run) with annotations.parquet
+    # (schema Annotations) and the images it names; "" = simulated annotators
+    annotations: str = ""
     simulated_annotations: int = 16  # pairs the simulated annotators label when ``annotations`` is ""
     simulated_label_noise: float = 0.1  # probability a simulated annotator picks the worse image
     eval_prompts: int = 16  # held-out prompts for the preferred-rate over the reference
@@ -1418,32 +1432,36 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def load_config(preset_name: str = "tiny", overrides: str | Path | dict[str, Any] | None = None) -> PipelineConfig:
-    """A preset with overrides (a YAML file path, a YAML string, or a dict) merged on top.
+def _overrides(overrides: str | Path | dict[str, Any] | None) -> dict[str, Any]:
+    """One override source as a mapping: a YAML file path, a YAML string, a dict, or nothing."""
+    if overrides is None or overrides == "":
+        return {}
+    if isinstance(overrides, dict):
+        return overrides
+    text = str(overrides)
+    source = Path(text)
+    if "\n" not in text and source.suffix in (".yaml", ".yml", ".json"):
+        if not source.is_file():
+            raise ConfigError(f"config file not found: {source}")
+        text = source.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        if "\n" not in text:  # most likely a mistyped file name
+            raise ConfigError(f"config file not found: {overrides} (inline overrides must be a YAML mapping)")
+        raise ConfigError(f"config overrides must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(preset_name: str = "tiny", *overrides: str | Path | dict[str, Any] | None) -> PipelineConfig:
+    """A preset with overrides (each a YAML file path, a YAML string, or a dict) merged on top, in order.
 
     Raises ConfigError naming the offending key for unknown keys, wrong types and out-of-range values.
     """
-    base = preset(preset_name).to_dict()
-    if overrides is None or overrides == "":
-        data: Any = {}
-    elif isinstance(overrides, dict):
-        data = overrides
-    else:
-        text = str(overrides)
-        source = Path(text)
-        if "\n" not in text and source.suffix in (".yaml", ".yml", ".json"):
-            if not source.is_file():
-                raise ConfigError(f"config file not found: {source}")
-            text = source.read_text()
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        if isinstance(overrides, (str, Path)) and "\n" not in str(overrides):  # most likely a mistyped file name
-            raise ConfigError(f"config file not found: {overrides} (inline overrides must be a YAML mapping)")
-        raise ConfigError(f"config overrides must be a mapping, got {type(data).__name__}")
-    if data.get("preset", preset_name) != preset_name:
-        base = preset(data["preset"]).to_dict()
+    data: dict[str, Any] = {}
+    for override in overrides:
+        data = deep_merge(data, _overrides(override))
+    base = preset(data.get("preset", preset_name)).to_dict()
     return PipelineConfig.from_dict(deep_merge(base, data))
-

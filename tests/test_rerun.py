@@ -15,17 +15,18 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
 from krea2_core.artifacts import Manifest, read_manifest
-from krea2_core.captioning.stages import run_scene_captions
+from krea2_core.captioning.stages import SCENE_CAPTIONS
 from krea2_core.cli import main
 from krea2_core.config import PipelineConfig, deep_merge, load_config
-from krea2_core.data import stages as data
-from krea2_core.data.packing import packing_config, run_packing
+from krea2_core.data.packing import packing_spec
 from krea2_core.data.schemas import Captions, Verdicts, read_table, write_table
+from krea2_core.data.stages import INGEST, SCORING, SELECTION, WORLD_POOL
 from krea2_core.models.dit import Krea2DiT
 from krea2_core.rerun import RerunError, plan, rerun
+from krea2_core.stage_spec import run_stage
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun, configure_tracking, end_pipeline_run, start_pipeline_run
-from krea2_core.training.pretrain import WEIGHTS_FILE, stage_view
+from krea2_core.training.pretrain import PRETRAIN_STAGES, WEIGHTS_FILE, pretrain_settings
 
 SMALL = {
     "world": {"n_scenes": 12, "n_exact_duplicates": 2, "n_near_duplicates": 2, "n_color_variants": 1,
@@ -40,7 +41,6 @@ SMALL = {
                                     "world_scenes": {"n": 4}}
                             for stage in ("256", "512", "1024")}},
 }
-PRETRAIN_STAGES = ("256", "512", "1024")
 
 
 def _config(**changes: Any) -> PipelineConfig:
@@ -49,12 +49,11 @@ def _config(**changes: Any) -> PipelineConfig:
 
 def _curate(config: PipelineConfig, parent: str) -> tuple[dict[str, Path], Manifest]:
     """The first four stages, run for real: their artifacts and the selection manifest."""
-    world, _ = data.run_world_pool(config.world, parent_run_id=parent)
-    raw_pool, _ = data.run_ingest(world, config.curation.parallel, parent_run_id=parent)
-    scores, _ = data.run_scoring(raw_pool, config.curation.analysis, config.curation.parallel, parent_run_id=parent)
-    curated, manifest = data.run_selection(raw_pool, scores, config.curation.stages, config.curation.dedup,
-                                           parent_run_id=parent)
-    return {"world_pool": world, "raw_pool": raw_pool, "scores": scores, "curated": curated}, manifest
+    world = run_stage(WORLD_POOL, config, {}, parent)
+    raw_pool = run_stage(INGEST, config, {"world_pool": world}, parent)
+    scores = run_stage(SCORING, config, {"raw_pool": raw_pool}, parent)
+    curated = run_stage(SELECTION, config, {"raw_pool": raw_pool, "scores": scores}, parent)
+    return {"world_pool": world, "raw_pool": raw_pool, "scores": scores, "curated": curated}, read_manifest(curated)
 
 
 @pytest.fixture
@@ -98,17 +97,17 @@ def pretrained_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, st
         config = load_config("tiny", SMALL)
         parent = start_pipeline_run(root, "tiny", config)
         paths, _ = _curate(config, parent)
-        scenes, _ = run_scene_captions(paths["world_pool"], paths["raw_pool"], parent_run_id=parent)
-        paths["captions"], _ = execute_stage("captioning", "captions", _fixed_captions,
-                                             config={"captioning": config.captioning},
+        scenes = run_stage(SCENE_CAPTIONS, config, {"world_pool": paths["world_pool"], "raw_pool": paths["raw_pool"]},
+                           parent)
+        paths["captions"], _ = execute_stage("captioning", "captions", _fixed_captions, config=config.captioning,
                                              inputs={"curated": paths["curated"], "scene_captions": scenes},
                                              parent_run_id=parent)
         init: dict[str, Path] = {}
         for stage in PRETRAIN_STAGES:
-            paths[f"pack_{stage}"], _ = run_packing(paths["curated"], paths["captions"],
-                                                    packing_config(config.pretrain, stage), parent_run_id=parent)
+            paths[f"pack_{stage}"] = run_stage(packing_spec(stage), config,
+                                               {"curated": paths["curated"], "captions": paths["captions"]}, parent)
             paths[f"pretrain_{stage}"], manifest = execute_stage(
-                f"pretrain_{stage}", "checkpoint", _untrained(config), config=stage_view(config.pretrain, stage),
+                f"pretrain_{stage}", "checkpoint", _untrained(config), config=pretrain_settings(config, stage),
                 inputs={"packed": paths[f"pack_{stage}"], **init}, parent_run_id=parent)
             init = {"init": paths[f"pretrain_{stage}"]}
         end_pipeline_run(root, parent, [manifest.mlflow_run_id])
@@ -131,7 +130,7 @@ def _why(steps: list[tuple[str, bool, str]]) -> dict[str, str]:
 
 def test_dry_run_says_what_would_rerun_and_why(recorded: tuple[str, PipelineConfig, dict[str, Path]]) -> None:
     parent, config, _ = recorded
-    assert all(why.startswith("cached") for why in _why(plan(parent, config)).values())
+    assert all(why.startswith("cached") for why in _why(plan(parent, config)).values()), plan(parent, config)
 
     threshold = load_config("tiny", {**SMALL, "curation": {**SMALL["curation"], "stages": {"512": {"min_side": 100}}}})
     assert _why(plan(parent, threshold)) == {
@@ -142,7 +141,7 @@ def test_dry_run_says_what_would_rerun_and_why(recorded: tuple[str, PipelineConf
     }
     side = load_config("tiny", {**SMALL, "curation": {**SMALL["curation"], "analysis": {"side": 128}}})
     steps = _why(plan(parent, side))
-    assert steps["scoring"] == "RE-RUN config changed: analysis.side"
+    assert steps["scoring"] == "RE-RUN config changed: side"  # its settings: the AnalysisConfig
     assert steps["selection"] == "RE-RUN input from re-run stage(s): scoring"
 
 
@@ -150,8 +149,9 @@ def test_rerun_reuses_the_recorded_inputs(recorded: tuple[str, PipelineConfig, d
     parent, config, paths = recorded
     changed = replace(config, curation=replace(config.curation, stages={
         **config.curation.stages, "512": replace(config.curation.stages["512"], min_side=100)}))
-    path, manifest = rerun("selection", parent, changed)
+    path = rerun("selection", parent, changed)
     assert path != paths["curated"] and path.is_dir()
+    manifest = read_manifest(path)
     original = MlflowClient().get_run(MlflowClient().get_run(parent).data.tags["krea2.stage_run.selection"])
     new = MlflowClient().get_run(manifest.mlflow_run_id)
     for name in ("raw_pool", "scores"):
@@ -183,12 +183,12 @@ def test_dry_run_of_the_pretraining_stages(pretrained: tuple[str, PipelineConfig
 
     # a training setting of the last stage re-runs that stage only: packing and earlier stages are cached
     longer = _why(plan(parent, _config(pretrain={"stages": {"1024": {"steps": 3}}})))
-    assert longer == {**dict.fromkeys(longer, CACHED), "pretrain_1024": "RE-RUN config changed: stages.pretrain_1024.steps"}
+    assert longer == {**dict.fromkeys(longer, CACHED), "pretrain_1024": "RE-RUN config changed: recipe.steps"}
 
     # a training setting of the first stage re-runs its training and the stages initialised from it
     lr = _why(plan(parent, _config(pretrain={"stages": {"256": {"lr": 3e-4}}})))
     assert {stage: why for stage, why in lr.items() if why != CACHED} == {
-        "pretrain_256": "RE-RUN config changed: stages.pretrain_256.lr",
+        "pretrain_256": "RE-RUN config changed: recipe.lr",
         "pretrain_512": "RE-RUN input from re-run stage(s): pretrain_256",
         "pretrain_1024": "RE-RUN input from re-run stage(s): pretrain_512"}
 
@@ -197,7 +197,7 @@ def test_dry_run_of_the_pretraining_stages(pretrained: tuple[str, PipelineConfig
     assert {stage: aspects[stage] for stage in CURATION} == dict.fromkeys(CURATION, CACHED)
     for stage in PRETRAIN_STAGES:
         assert aspects[f"pack_{stage}"] == "RE-RUN config changed: aspect_ratios"
-        assert aspects[f"pretrain_{stage}"] == "RE-RUN config changed: aspect_ratios"  # and its packed input
+        assert aspects[f"pretrain_{stage}"] == "RE-RUN config changed: trainer.aspect_ratios"  # and its packed input
 
     # a curation change re-runs packing through its inputs
     threshold = _why(plan(parent, _config(curation={"stages": {"512": {"min_side": 100}}})))
@@ -210,7 +210,7 @@ def test_dry_run_of_the_pretraining_stages(pretrained: tuple[str, PipelineConfig
     assert main(["rerun", "pretrain_512", "--from-run", parent, "--config", str(overrides), "--dry-run"]) == 0
     lines = {line.split()[0]: line.split(None, 1)[1] for line in capsys.readouterr().out.splitlines()}
     assert lines["pack_512"].startswith("cached") and lines["pretrain_256"].startswith("cached")
-    assert lines["pretrain_512"] == "RE-RUN  config changed: stages.pretrain_512.steps"
+    assert lines["pretrain_512"] == "RE-RUN  config changed: recipe.steps"
     assert lines["pretrain_1024"] == "RE-RUN  input from re-run stage(s): pretrain_512"
 
 
@@ -220,9 +220,10 @@ def test_rerun_trains_a_stage_on_its_recorded_inputs(pretrained: tuple[str, Pipe
     parent, _, paths = pretrained
     changed = _config(pretrain={"stages": {"512": {"steps": 2}}})
     assert changed.pretrain.parallel.nproc_per_node == 2
-    path, manifest = rerun("pretrain_512", parent, changed)
+    path = rerun("pretrain_512", parent, changed)
     assert path != paths["pretrain_512"] and (path / WEIGHTS_FILE).is_file()
-    assert read_manifest(path, kind="checkpoint") == manifest and manifest.counts["steps"] == 2
+    manifest = read_manifest(path, kind="checkpoint")
+    assert manifest.counts["steps"] == 2
     # each of the 2 ranks wrote its shard of the final training state
     assert len(list((path / "train_state").glob("*.distcp"))) == 2
 
@@ -232,7 +233,7 @@ def test_rerun_trains_a_stage_on_its_recorded_inputs(pretrained: tuple[str, Pipe
     new = client.get_run(manifest.mlflow_run_id)
     assert new.data.tags["krea2.upstream.packed"] == recorded["pack_512"].info.run_id
     assert new.data.tags["krea2.upstream.init"] == recorded["pretrain_256"].info.run_id
-    assert new.data.params["stages.pretrain_512.steps"] == "2" and "stages.pretrain_256.steps" not in new.data.params
+    assert new.data.params["name"] == "pretrain_512" and new.data.params["recipe.steps"] == "2"
     steps = _why(plan(manifest.mlflow_run_id, changed))
     assert list(steps)[-3:] == ["pretrain_256", "pack_512", "pretrain_512"]
     assert set(steps.values()) == {CACHED}

@@ -1,21 +1,23 @@
-"""Captioning stage entry points: scene-graph captions of the world's images, then captioning of every
-kept image (OCR, long caption, rewrites), resumable by shard."""
+"""The captioning stages, each a ``StageSpec`` beside its ``run_*``: scene-graph captions of the world's images,
+then captioning of every kept image (OCR, long caption, rewrites), resumable by shard."""
 
 from __future__ import annotations
 
 import functools
 import time
 from pathlib import Path
+from typing import Mapping
 
 import mlflow
 import pandas as pd
 
-from krea2_core.artifacts import Manifest, read_manifest
+from krea2_core.artifacts import read_manifest
 from krea2_core.captioning.worker import CaptionWorker
 from krea2_core.config import CaptioningConfig, ParallelConfig
 from krea2_core.data.ingest import RAW_POOL_FILE
 from krea2_core.data.schemas import Captions, RawPool, SceneCaptions, Verdicts, read_table, write_table
 from krea2_core.shards import run_sharded
+from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
 from krea2_core.world.pool import SCENES_FILE
@@ -31,17 +33,22 @@ def scene_graph_captions(raw_pool: pd.DataFrame, scenes: pd.DataFrame) -> pd.Dat
     return captions.drop(columns="file").assign(source="scene_graph")
 
 
-def run_scene_captions(world_pool: Path, raw_pool: Path, *, parent_run_id: str = "") -> tuple[Path, Manifest]:
-    read_manifest(world_pool, kind="world_pool")
+def run_scene_captions(inputs: Mapping[str, Path], settings: None = None, parent_run_id: str = "") -> Path:
+    """The world images' captions, written from their scene graphs (no setting changes them)."""
+    read_manifest(inputs["world_pool"], kind="world_pool")
 
-    def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        pool = read_table(inputs["raw_pool"] / RAW_POOL_FILE, RawPool)
-        scenes = pd.read_parquet(inputs["world_pool"] / SCENES_FILE)
+    def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+        pool = read_table(paths["raw_pool"] / RAW_POOL_FILE, RawPool)
+        scenes = pd.read_parquet(paths["world_pool"] / SCENES_FILE)
         captions = write_table(scene_graph_captions(pool, scenes), staging / SCENE_CAPTIONS_FILE, SceneCaptions)
         return StageOutput(counts={"captioned": len(captions), "pool": len(pool)})
 
-    return execute_stage("scene_captions", "scene_captions", body, config={"source": "scene_graph"},
-                         inputs={"world_pool": world_pool, "raw_pool": raw_pool}, parent_run_id=parent_run_id)
+    return execute_stage(SCENE_CAPTIONS.name, SCENE_CAPTIONS.kind, body, config=settings, inputs=dict(inputs),
+                         parent_run_id=parent_run_id)[0]
+
+
+SCENE_CAPTIONS = StageSpec("scene_captions", "scene_captions", {"world_pool": "world_pool", "raw_pool": "ingest"},
+                           lambda p: None, run_scene_captions)
 
 
 def _kept_union(curated: Path) -> pd.DataFrame:
@@ -51,16 +58,16 @@ def _kept_union(curated: Path) -> pd.DataFrame:
     return kept.drop_duplicates("id").sort_values("id").reset_index(drop=True)
 
 
-def run_captioning(curated: Path, scene_captions: Path, config: CaptioningConfig, parallel: ParallelConfig, *,
-                   parent_run_id: str = "") -> tuple[Path, Manifest]:
-    def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        kept = _kept_union(inputs["curated"])
-        scenes = read_table(inputs["scene_captions"] / SCENE_CAPTIONS_FILE, SceneCaptions).set_index("id")
-        worker = functools.partial(CaptionWorker, config, scenes[["long", "medium", "short"]].to_dict("index"))
+def run_captioning(inputs: Mapping[str, Path], settings: CaptioningConfig, parent_run_id: str = "", *,
+                   parallel: ParallelConfig) -> Path:
+    def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+        kept = _kept_union(paths["curated"])
+        scenes = read_table(paths["scene_captions"] / SCENE_CAPTIONS_FILE, SceneCaptions).set_index("id")
+        worker = functools.partial(CaptionWorker, settings, scenes[["long", "medium", "short"]].to_dict("index"))
         items = list(kept[["id", "uri", "exif"]].itertuples(index=False, name=None))
         start = time.perf_counter()
-        frame, reused = run_sharded(items, worker, run.work_dir, config.shard_size, parallel=parallel,
-                                    num_gpus=config.gpu_fraction, desc="caption")
+        frame, reused = run_sharded(items, worker, run.work_dir, settings.shard_size, parallel=parallel,
+                                    num_gpus=settings.gpu_fraction, desc="caption")
         seconds = time.perf_counter() - start
         captions = write_table(frame, staging / CAPTIONS_FILE, Captions)
         mlflow.log_table(captions.drop(columns=["error"]).head(25), artifact_file="captions_sample.json")
@@ -72,5 +79,9 @@ def run_captioning(curated: Path, scene_captions: Path, config: CaptioningConfig
             metrics={"images_per_s": (len(captions) / seconds) if seconds > 0 else 0.0,
                      "with_text_share": float((captions["ocr_text"] != "").mean()) if len(captions) else 0.0})
 
-    return execute_stage("captioning", "captions", body, config={"captioning": config},
-                         inputs={"curated": curated, "scene_captions": scene_captions}, parent_run_id=parent_run_id)
+    return execute_stage(CAPTIONING.name, CAPTIONING.kind, body, config=settings, inputs=dict(inputs),
+                         parent_run_id=parent_run_id)[0]
+
+
+CAPTIONING = StageSpec("captioning", "captions", {"curated": "selection", "scene_captions": "scene_captions"},
+                       lambda p: p.captioning, run_captioning, parallel=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from krea2_core.config import SemanticCurationConfig
+from krea2_core.config import CoverageConfig, HierarchicalKMeansConfig, SAEConfig, SemanticDedupConfig
 from krea2_core.curation.clusters import CaptionClusterNamer, balanced_sample, hierarchical_kmeans, leaves_to_drop, name_leaves
 from krea2_core.curation.coverage import (ConceptIndex, coverage_counts, coverage_report, ensure_coverage, load_graph,
                                          select_concepts)
@@ -52,7 +52,18 @@ class Selection:
     sae_history: list[dict[str, float]]
 
 
-def select_for_midtraining(c: Candidates, config: SemanticCurationConfig) -> Selection:
+@dataclass
+class SemanticSelectionSettings:
+    """What selection depends on: the semantic curation config but the embedder (the embedding stage's)."""
+
+    stage: str
+    sae: SAEConfig
+    kmeans: HierarchicalKMeansConfig
+    dedup: SemanticDedupConfig
+    coverage: CoverageConfig
+
+
+def select_for_midtraining(c: Candidates, config: SemanticSelectionSettings) -> Selection:
     n = len(c.ids)
     reason = np.full(n, None, dtype=object)
     dup_of = np.full(n, None, dtype=object)

@@ -1,23 +1,25 @@
-"""Entry points of the semantic curation stages: embedding, then midtraining selection."""
+"""The semantic curation stages, embedding then midtraining selection, each a ``StageSpec`` beside its ``run_*``."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from krea2_core.artifacts import Manifest
 from krea2_core.captioning.stages import CAPTIONS_FILE
-from krea2_core.config import EmbedderConfig, SemanticCurationConfig
+from krea2_core.config import EmbedderConfig, PipelineConfig
 from krea2_core.curation.embedders import make_embedder, read_embeddings, write_embeddings
 from krea2_core.curation.plots import cluster_size_plot, tag_count_plot
 from krea2_core.curation.sae import reconstruction_fvu, save_sae
-from krea2_core.curation.selection import Candidates, select_for_midtraining
+from krea2_core.curation.selection import Candidates, SemanticSelectionSettings, select_for_midtraining
 from krea2_core.data.images import BadImage, load_image
 from krea2_core.data.schemas import Captions, Verdicts, read_table
+from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
 
@@ -33,11 +35,18 @@ def _kept(curated: Path, stage: str) -> pd.DataFrame:
     return read_table(path, Verdicts)
 
 
-def run_embedding(curated: Path, stage: str, config: EmbedderConfig, *, parent_run_id: str = "") -> tuple[Path, Manifest]:
-    """Embeddings of one stage's kept images; images that fail to load are listed, not fatal."""
+@dataclass
+class EmbeddingSettings:
+    stage: str  # the curated resolution stage whose kept images are embedded
+    embedder: EmbedderConfig
 
-    def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        kept = _kept(inputs["curated"], stage)
+
+def run_embedding(inputs: Mapping[str, Path], settings: EmbeddingSettings, parent_run_id: str = "") -> Path:
+    """Embeddings of one stage's kept images; images that fail to load are listed, not fatal."""
+    config = settings.embedder
+
+    def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+        kept = _kept(paths["curated"], settings.stage)
         embedder = make_embedder(config)
         ids, vectors, failed = [], [], []
         rows = list(zip(kept["id"], kept["uri"], strict=True))
@@ -57,23 +66,27 @@ def run_embedding(curated: Path, stage: str, config: EmbedderConfig, *, parent_r
         pd.DataFrame(failed, columns=["id", "uri", "error"]).to_parquet(staging / FAILED_FILE, index=False)
         return StageOutput(counts={"embedded": len(ids), "failed": len(failed), "dim": int(matrix.shape[1])})
 
-    return execute_stage("embedding", "embeddings", body, config={"stage": stage, "embedder": config},
-                         inputs={"curated": curated}, parent_run_id=parent_run_id)
+    return execute_stage(EMBEDDING.name, EMBEDDING.kind, body, config=settings, inputs=dict(inputs),
+                         parent_run_id=parent_run_id)[0]
 
 
-def semantic_selection_config(config: SemanticCurationConfig) -> dict[str, object]:
-    """What selection depends on: everything but the embedder (which only the embedding stage uses)."""
-    return {k: v for k, v in config.to_dict().items() if k != "embedder"}
+EMBEDDING = StageSpec("embedding", "embeddings", {"curated": "selection"},
+                      lambda p: EmbeddingSettings(stage=p.semantic.stage, embedder=p.semantic.embedder), run_embedding)
 
 
-def run_semantic_selection(curated: Path, embeddings: Path, captions: Path, config: SemanticCurationConfig, *,
-                           parent_run_id: str = "") -> tuple[Path, Manifest]:
+def semantic_selection_settings(config: PipelineConfig) -> SemanticSelectionSettings:
+    s = config.semantic
+    return SemanticSelectionSettings(stage=s.stage, sae=s.sae, kmeans=s.kmeans, dedup=s.dedup, coverage=s.coverage)
+
+
+def run_semantic_selection(inputs: Mapping[str, Path], settings: SemanticSelectionSettings,
+                           parent_run_id: str = "") -> Path:
     """The midtraining sample of one curated stage, with every row's verdict and the reports."""
 
-    def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        kept = _kept(inputs["curated"], config.stage).set_index("id")
-        ids, vectors, _ = read_embeddings(inputs["embeddings"] / EMBEDDINGS_FILE)
-        caption_of = read_table(inputs["captions"] / CAPTIONS_FILE, Captions).set_index("id")["long"]
+    def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+        kept = _kept(paths["curated"], settings.stage).set_index("id")
+        ids, vectors, _ = read_embeddings(paths["embeddings"] / EMBEDDINGS_FILE)
+        caption_of = read_table(paths["captions"] / CAPTIONS_FILE, Captions).set_index("id")["long"]
         rows = kept.loc[ids]
         candidates = Candidates(
             ids=np.asarray(ids), vectors=vectors,
@@ -81,7 +94,7 @@ def run_semantic_selection(curated: Path, embeddings: Path, captions: Path, conf
             pixels=(rows["width"].to_numpy(np.int64) * rows["height"].to_numpy(np.int64)),
             n_bytes=rows["n_bytes"].fillna(0).to_numpy(np.int64),
         )
-        selection = select_for_midtraining(candidates, config)
+        selection = select_for_midtraining(candidates, settings)
         verdicts = selection.verdicts.merge(rows[["uri", "source"]], left_on="id", right_index=True)
         verdicts.to_parquet(staging / "selection.parquet", index=False)
         verdicts[verdicts["kept"]].to_parquet(staging / "sample.parquet", index=False)
@@ -105,9 +118,13 @@ def run_semantic_selection(curated: Path, embeddings: Path, captions: Path, conf
         (staging / "summary.json").write_text(json.dumps(counts, indent=2, sort_keys=True))
         return StageOutput(counts=counts, metrics=_balance(verdicts))
 
-    return execute_stage("semantic_selection", "midtrain_selection", body, config=semantic_selection_config(config),
-                         inputs={"curated": curated, "embeddings": embeddings, "captions": captions},
-                         parent_run_id=parent_run_id)
+    return execute_stage(SEMANTIC_SELECTION.name, SEMANTIC_SELECTION.kind, body, config=settings, inputs=dict(inputs),
+                         parent_run_id=parent_run_id)[0]
+
+
+SEMANTIC_SELECTION = StageSpec("semantic_selection", "midtrain_selection",
+                               {"curated": "selection", "embeddings": "embedding", "captions": "captioning"},
+                               semantic_selection_settings, run_semantic_selection)
 
 
 def _balance(verdicts: pd.DataFrame) -> dict[str, float]:

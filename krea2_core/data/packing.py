@@ -17,7 +17,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm.auto import tqdm
 
-from krea2_core.artifacts import Manifest, read_manifest
+from krea2_core.artifacts import read_manifest
 from krea2_core.captioning.stages import CAPTIONS_FILE
 from krea2_core.config import PackingConfig, ParallelConfig, PretrainConfig, WorldScenesConfig
 from krea2_core.data.buckets import assign_bucket, bucket_sizes, resize_crop
@@ -34,6 +34,7 @@ from krea2_core.data.images import BadImage, load_image
 from krea2_core.data.schemas import Captions, Packed, Verdicts, read_table, validate
 from krea2_core.models.autoencoders import pixel_multiple
 from krea2_core.parallel import map_shards
+from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
 from krea2_core.world.captions import captions as scene_captions
@@ -225,21 +226,28 @@ def packing_config(config: PretrainConfig, stage: str) -> PackingConfig:
                          seed=config.seed, world_scenes=config.stages[stage].world_scenes)
 
 
-def run_packing(curated: Path, captions: Path, packing: PackingConfig, *, parent_run_id: str = "",
-                root: Path | None = None, parallel: ParallelConfig = _SERIAL) -> tuple[Path, Manifest]:
-    """Pack resolution stage ``packing.stage`` of a ``curated`` artifact with its ``captions`` (a ``packed``
+def run_packing(inputs: Mapping[str, Path], settings: PackingConfig, parent_run_id: str = "", *,
+                parallel: ParallelConfig = _SERIAL, root: Path | None = None) -> Path:
+    """Pack resolution stage ``settings.stage`` of a ``curated`` artifact with its ``captions`` (a ``packed``
     artifact). ``parallel`` is not part of the artifact key: it does not change the packed bytes."""
-    read_manifest(curated, kind="curated")
-    read_manifest(captions, kind="captions")
+    read_manifest(inputs["curated"], kind="curated")
+    read_manifest(inputs["captions"], kind="captions")
 
-    def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        kept = read_table(inputs["curated"] / packing.stage / "kept.parquet", Verdicts)
-        texts = read_table(inputs["captions"] / CAPTIONS_FILE, Captions)
-        counts = pack_stage(kept, texts, resolution=packing.resolution, aspect_ratios=packing.aspect_ratios,
-                            multiple=packing.multiple, global_batch=packing.global_batch, seed=packing.seed,
-                            out_dir=staging, parallel=parallel, world_scenes=packing.world_scenes)
+    def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+        kept = read_table(paths["curated"] / settings.stage / "kept.parquet", Verdicts)
+        texts = read_table(paths["captions"] / CAPTIONS_FILE, Captions)
+        counts = pack_stage(kept, texts, resolution=settings.resolution, aspect_ratios=settings.aspect_ratios,
+                            multiple=settings.multiple, global_batch=settings.global_batch, seed=settings.seed,
+                            out_dir=staging, parallel=parallel, world_scenes=settings.world_scenes)
         return StageOutput(counts=counts, metrics={
             "packed_fraction": counts["packed"] / max(1, counts["kept"] + counts["world_scenes"])})
 
-    return execute_stage(f"pack_{packing.stage}", "packed", body, config=packing,
-                         inputs={"curated": curated, "captions": captions}, parent_run_id=parent_run_id, root=root)
+    spec = packing_spec(settings.stage)
+    return execute_stage(spec.name, spec.kind, body, config=settings, inputs=dict(inputs), parent_run_id=parent_run_id,
+                         root=root)[0]
+
+
+def packing_spec(stage: str) -> StageSpec:
+    """``pack_<stage>``: the curated images of pretraining stage ``stage`` in aspect-ratio-bucketed shards."""
+    return StageSpec(f"pack_{stage}", "packed", {"curated": "selection", "captions": "captioning"},
+                     lambda p: packing_config(p.pretrain, stage), run_packing, parallel=True)

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from krea2_core.artifacts import read_manifest, to_plain
+from krea2_core.artifacts import read_manifest
 from krea2_core.captioning.llm import ChatLLM, Generated, LocalChatLLM, Messages
 from krea2_core.captioning.rewriter import clean_generation, generate_isolated, cut_words, first_sentence
 from krea2_core.captioning.stages import CAPTIONS_FILE
@@ -40,6 +40,7 @@ from krea2_core.config import ExpanderDataConfig
 from krea2_core.data.schemas import Captions, ExpanderPairs, read_table, write_table
 from krea2_core.expander.faithfulness import faithfulness, parse_requirements
 from krea2_core.expander.format import THINK_CLOSE, THINK_OPEN
+from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.text import content_words
 from krea2_core.tracking import StageRun
@@ -251,14 +252,15 @@ def examples(pairs: pd.DataFrame) -> list[dict[str, object]]:
     return picked[["id", "style", "photo_medium", "user", "thinking", "expansion", "flags"]].to_dict("records")
 
 
-def run_expander_data(captions: Path, config: ExpanderDataConfig, parent_run_id: str = "", root: Path | None = None,
-                      llm: ChatLLM | None = None) -> Path:
-    """Write the expander's SFT pairs from a ``captions`` artifact; the writer is ``config.writer_model`` unless
+def run_expander_data(inputs: Mapping[str, Path], settings: ExpanderDataConfig, parent_run_id: str = "", *,
+                      root: Path | None = None, llm: ChatLLM | None = None) -> Path:
+    """Write the expander's SFT pairs from a ``captions`` artifact; the writer is ``settings.writer_model`` unless
     ``llm`` is given (tests). Returns the ``expander_data`` artifact directory."""
-    read_manifest(captions, kind="captions")
+    read_manifest(inputs["captions"], kind="captions")
+    config = settings
 
-    def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        path = inputs["captions"] / CAPTIONS_FILE
+    def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+        path = paths["captions"] / CAPTIONS_FILE
         table = read_table(path, Captions)
         usable = usable_captions(table, config, str(path))
         rows = sample_captions(usable, config)
@@ -271,9 +273,12 @@ def run_expander_data(captions: Path, config: ExpanderDataConfig, parent_run_id:
         return StageOutput(counts={"captions": len(table), "usable": len(usable), **counts},
                            metrics={**metrics, "seconds": seconds, "pairs_per_s": len(pairs) / max(seconds, 1e-9)})
 
-    out, _ = execute_stage("expander_data", "expander_data", body, config=to_plain(config),
-                           inputs={"captions": Path(captions)}, parent_run_id=parent_run_id, root=root)
-    return out
+    return execute_stage(EXPANDER_DATA.name, EXPANDER_DATA.kind, body, config=settings, inputs=dict(inputs),
+                         parent_run_id=parent_run_id, root=root)[0]
+
+
+EXPANDER_DATA = StageSpec("expander_data", "expander_data", {"captions": "captioning"}, lambda p: p.expander.data,
+                          run_expander_data)
 
 
 def read_pairs(artifact: Path) -> pd.DataFrame:

@@ -38,7 +38,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,8 +46,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from krea2_core.artifacts import read_manifest, to_plain
-from krea2_core.config import ExpanderRLConfig, ExpansionConfig, PretrainConfig
+from krea2_core.artifacts import read_manifest
+from krea2_core.config import ExpanderRLConfig, ExpansionConfig, TrainerConfig
 from krea2_core.curation.embedders import Embedder, make_embedder, resolve_device
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.expander.evaluate import (
@@ -66,13 +66,13 @@ from krea2_core.post.diversity import embedding_spread
 from krea2_core.post.grpo import grpo_loss, reward_metrics
 from krea2_core.post.pairs import call_seed
 from krea2_core.post.rewards import LearnedAestheticReward, RubricReward, gdpo_advantages
+from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training.pretrain import new_model, text_to_image
 from krea2_core.training.schedules import wsd_scheduler
 from krea2_core.world.captions import Prompt
 
-STAGE = "expander_rl"
 KIND = "expander"
 FORMAT = "think-then-expand"
 INFO_FILE = "expander.json"
@@ -84,23 +84,25 @@ SAMPLES_FILE = "samples.png"
 Log = Callable[[int, dict[str, float]], None]
 
 
-def expander_rl_view(config: ExpanderRLConfig, expansion: ExpansionConfig, pretrain: PretrainConfig,
-                     resolution: int) -> dict[str, Any]:
-    """What the stage depends on (its cache key and recorded config): the image model's sampling settings, not
-    how it was trained."""
-    return {"rl": to_plain(config), "expansion": to_plain(expansion), "resolution": resolution,
-            "pretrain": pretrain.model_settings()}
+@dataclass
+class ExpanderRLSettings:
+    """What the stage depends on: the RL recipe, the expansion format and gate, the resolution and the trainer
+    (how the image model is built and sampled), not how the image model was trained."""
+
+    rl: ExpanderRLConfig
+    expansion: ExpansionConfig
+    resolution: int
+    trainer: TrainerConfig
 
 
-def run_expander_rl(sft: Path, image_model: Path, reward_model: Path | None, config: ExpanderRLConfig,
-                    expansion: ExpansionConfig, pretrain: PretrainConfig, resolution: int, parent_run_id: str = "",
+def run_expander_rl(inputs: Mapping[str, Path], settings: ExpanderRLSettings, parent_run_id: str = "", *,
                     root: Path | None = None) -> Path:
     """GDPO of the ``sft`` expander artifact through the images of the ``image_model`` checkpoint artifact (the
-    aesthetic reward from the ``reward_model`` artifact when its weight is > 0), at ``resolution``."""
-    sft, image_model = Path(sft), Path(image_model)
+    aesthetic reward from the ``reward_model`` artifact when its weight is > 0), at ``settings.resolution``."""
+    config, expansion, pretrain, resolution = settings.rl, settings.expansion, settings.trainer, settings.resolution
+    sft, image_model = Path(inputs["sft"]), Path(inputs["image_model"])
+    reward_model = Path(inputs["reward_model"]) if "reward_model" in inputs else None
     base_model = _check_inputs(sft, image_model, reward_model, config)
-    inputs = {"sft": sft, "image_model": image_model,
-              **({"reward_model": Path(reward_model)} if reward_model is not None else {})}
 
     def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
         device = resolve_device(config.device)
@@ -135,10 +137,18 @@ def run_expander_rl(sft: Path, image_model: Path, reward_model: Path | None, con
                                    "samples": config.steps * config.prompts_per_step * config.group_size},
                            metrics=metrics)
 
-    out, _ = execute_stage(STAGE, KIND, body, config=expander_rl_view(config, expansion, pretrain, resolution),
-                           inputs=inputs,
-                           parent_run_id=parent_run_id, root=root)
-    return out
+    return execute_stage(EXPANDER_RL.name, EXPANDER_RL.kind, body, config=settings, inputs=dict(inputs),
+                         parent_run_id=parent_run_id, root=root)[0]
+
+
+# the whole pipeline trains the expander through the distilled model (the sampler users get); the aesthetic reward
+# model, when the expander weighs that reward, is the one post-training trains
+EXPANDER_RL = StageSpec("expander_rl", KIND, {"sft": "expander_sft", "image_model": "distill",
+                                              "reward_model": "reward_model"},
+                        lambda p: ExpanderRLSettings(rl=p.expander.rl, expansion=p.expander.expansion,
+                                                     resolution=p.post.resolution, trainer=p.pretrain.trainer()),
+                        run_expander_rl,
+                        optional={"reward_model": lambda p: p.expander.rl.weights.get("aesthetic", 0.0) > 0})
 
 
 def _check_inputs(sft: Path, image_model: Path, reward_model: Path | None, config: ExpanderRLConfig) -> str:
@@ -230,7 +240,7 @@ def mining_verdicts(rewards: np.ndarray, config: ExpanderRLConfig) -> list[str]:
 
 
 def mine_hard_cases(expander: Expander, pipe: TextToImage, candidates: Sequence[Prompt], config: ExpanderRLConfig,
-                    expansion: ExpansionConfig, pretrain: PretrainConfig, resolution: int) -> pd.DataFrame:
+                    expansion: ExpansionConfig, pretrain: TrainerConfig, resolution: int) -> pd.DataFrame:
     """One group of ``group_size`` sampled expansions per candidate -> images -> image rewards -> a row per
     candidate: prompt, rubric (JSON), mean, std, kept, reason."""
     g = config.group_size
@@ -337,7 +347,7 @@ class Round:
 
 
 def rollout(expander: Expander, pipe: TextToImage, prompts: Sequence[Prompt], config: ExpanderRLConfig,
-            expansion: ExpansionConfig, pretrain: PretrainConfig, resolution: int, step: int) -> Round:
+            expansion: ExpansionConfig, pretrain: TrainerConfig, resolution: int, step: int) -> Round:
     """``group_size`` sampled expansions per prompt and their images; answers seeded by (seed, step), image i's
     noise by (seed, step, i): a group's samples get different noise."""
     completions, expansions = sample_expansions(expander, prompts, config, expansion, n=config.group_size,
@@ -362,7 +372,7 @@ def score_round(batch: Round, rewards: Callable[..., dict[str, np.ndarray]], con
 def train_expander(policy: Expander, reference: Expander, pipe: TextToImage,
                    rewards: Callable[..., dict[str, np.ndarray]], realistic: Sequence[Prompt],
                    hard: Sequence[Prompt], config: ExpanderRLConfig, expansion: ExpansionConfig,
-                   pretrain: PretrainConfig, resolution: int, log: Log | None = None) -> None:
+                   pretrain: TrainerConfig, resolution: int, log: Log | None = None) -> None:
     """``config.steps`` rounds of GDPO on ``policy``'s model (in place) against ``reference``'s;
     ``log(round, metrics)`` gets every round's metrics (rounds count from 1)."""
     model = policy[1]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,6 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from krea2_core.artifacts import to_plain
 from krea2_core.config import ExpanderSFTConfig, ExpansionConfig
 from krea2_core.expander import format as fmt
 from krea2_core.expander.data import read_pairs
@@ -38,6 +37,7 @@ from krea2_core.expander.faithfulness import judge
 from krea2_core.expander.model import (ARTIFACT_KIND, MICRO_BATCH, expand_loaded, load_expander, prompt_texts,
                                        save_expander)
 from krea2_core.expander.user_prompts import prompt_set
+from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training.schedules import wsd_scheduler
@@ -147,9 +147,13 @@ def _numbers(prefix: str, report: dict[str, Any]) -> dict[str, float]:
     return {f"{prefix}.{k}": v for k, v in report.items() if isinstance(v, float)}
 
 
-def sft_view(config: ExpanderSFTConfig, expansion: ExpansionConfig, resolution: int) -> dict[str, Any]:
-    """What the stage depends on (its cache key and recorded config)."""
-    return {"sft": to_plain(config), "expansion": to_plain(expansion), "resolution": resolution}
+@dataclass
+class ExpanderSFTSettings:
+    """What the stage depends on: the SFT recipe, the expansion format and gate, and the evaluation resolution."""
+
+    sft: ExpanderSFTConfig
+    expansion: ExpansionConfig
+    resolution: int
 
 
 def _splits(pairs: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -160,13 +164,12 @@ def _splits(pairs: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return train, val
 
 
-def run_expander_sft(pairs: Path, config: ExpanderSFTConfig, expansion: ExpansionConfig, resolution: int,
-                     parent_run_id: str = "", root: Path | None = None) -> Path:
-    """Finetune ``config.model_id`` on the ``expander_data`` artifact ``pairs``; evaluate on world user prompts
-    on the held-out world user prompts at ``resolution`` with ``expansion``'s gate. Returns the ``expander`` artifact
-    directory."""
-    train_pairs, val_pairs = _splits(pairs)
-    stage_config = sft_view(config, expansion, resolution)
+def run_expander_sft(inputs: Mapping[str, Path], settings: ExpanderSFTSettings, parent_run_id: str = "", *,
+                     root: Path | None = None) -> Path:
+    """Finetune ``settings.sft.model_id`` on the ``expander_data`` artifact ``pairs``; evaluate on the held-out world
+    user prompts at ``settings.resolution`` with the expansion's gate. Returns the ``expander`` artifact directory."""
+    config, expansion, resolution = settings.sft, settings.expansion, settings.resolution
+    train_pairs, val_pairs = _splits(inputs["pairs"])
 
     def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
         tokenizer, model = load_expander(config.model_id, config.device)
@@ -213,6 +216,10 @@ def run_expander_sft(pairs: Path, config: ExpanderSFTConfig, expansion: Expansio
                                    "truncated": cut_train + cut_val, "steps": config.steps,
                                    "eval_prompts": len(prompts)}, metrics=metrics)
 
-    out, _ = execute_stage("expander_sft", ARTIFACT_KIND, body, config=stage_config, inputs={"pairs": Path(pairs)},
-                           parent_run_id=parent_run_id, root=root)
-    return out
+    return execute_stage(EXPANDER_SFT.name, EXPANDER_SFT.kind, body, config=settings, inputs=dict(inputs),
+                         parent_run_id=parent_run_id, root=root)[0]
+
+
+EXPANDER_SFT = StageSpec("expander_sft", ARTIFACT_KIND, {"pairs": "expander_data"},
+                         lambda p: ExpanderSFTSettings(sft=p.expander.sft, expansion=p.expander.expansion,
+                                                       resolution=p.post.resolution), run_expander_sft)

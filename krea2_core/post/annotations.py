@@ -11,20 +11,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from krea2_core.artifacts import Manifest
-from krea2_core.config import PreferenceConfig, PretrainConfig
+from krea2_core.config import PipelineConfig, SamplerConfig, TrainerConfig
 from krea2_core.data.schemas import Annotations, read_table, write_table
-from krea2_core.post.oracle import PreferenceOracle, WorldCheckerOracle, judge
-from krea2_core.post.pairs import (PAIR_COLUMNS, SKIPPED_COLUMNS, Draw, generation_view, load_pipes, png_bytes,
-                                   sample_draws, skip_counts, source_name, write_pairs)
+from krea2_core.post.oracle import PreferenceOracle, WorldCheckerOracle, judge, keyed
+from krea2_core.post.pairs import (BATCH, PAIR_COLUMNS, SKIPPED_COLUMNS, Draw, PairSettings, load_pipes,
+                                   pair_settings, png_bytes, sample_draws, skip_counts, source_name, write_pairs)
+from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
 from krea2_core.world.captions import sample_prompts
@@ -108,24 +109,48 @@ def simulated_choices(scores_a: Sequence[float], scores_b: Sequence[float], min_
     return choices
 
 
-def simulate_annotations(policy: Path, previous: Path, config: PreferenceConfig, pretrain: PretrainConfig,
-                         resolution: int, out_dir: Path, oracle: PreferenceOracle | None = None) -> Path:
+@dataclass
+class SimulatedAnnotations:
+    """How a simulated annotation table is made: ``n`` fresh samples of the policy against the previous checkpoint,
+    both with the synthetic pairs' policy sampler, on prompts seeded apart from theirs, labelled by the oracle (a tie
+    within ``min_margin``) with ``label_noise``."""
+
+    policy: SamplerConfig
+    seed: int  # the synthetic pairs' seed: these prompts are drawn from seed + 1
+    min_margin: float
+    n: int
+    label_noise: float
+    resolution: int
+    trainer: TrainerConfig
+    batch: int = BATCH  # decides the call seeds, as in PairSettings
+
+
+def simulated_like(pairs: PairSettings, n: int, label_noise: float) -> SimulatedAnnotations:
+    """Simulated annotations sampled like the synthetic ``pairs``."""
+    return SimulatedAnnotations(policy=pairs.pairs.policy, seed=pairs.pairs.seed, min_margin=pairs.pairs.min_margin,
+                                n=n, label_noise=label_noise, resolution=pairs.resolution, trainer=pairs.trainer,
+                                batch=pairs.batch)
+
+
+def simulate_annotations(policy: Path, previous: Path, simulated: SimulatedAnnotations, out_dir: Path,
+                         oracle: PreferenceOracle | None = None) -> Path:
     """Write a simulated annotation table (``annotations.parquet`` + ``images/``) into ``out_dir``: the policy
     against the previous checkpoint (same sampler settings, sides shuffled) on prompts seeded apart from the
     synthetic pairs; returns the table's path."""
     oracle = oracle or WorldCheckerOracle()
-    seed, n = config.pairs.seed + 1, config.simulated_annotations
+    pretrain, resolution = simulated.trainer, simulated.resolution
+    seed, n = simulated.seed + 1, simulated.n
     prompts = [p for p, _ in sample_prompts(np.random.default_rng(seed), n, resolution, resolution)]
-    samplers = [config.pairs.policy, dataclasses.replace(config.pairs.policy, checkpoint="previous")]
+    samplers = [simulated.policy, dataclasses.replace(simulated.policy, checkpoint="previous")]
     policy_is_b = np.random.default_rng([seed, 3]).random(n) < 0.5
     draws = [Draw(i, samplers[int(swap) if side == "a" else 1 - int(swap)], side)
              for side in ("a", "b") for i, swap in enumerate(policy_is_b)]
     with tqdm(total=2 * n, desc="simulated annotations", mininterval=5) as progress:
         images = sample_draws(draws, [p.text for p in prompts], load_pipes(policy, previous, pretrain),
                               resolution=resolution, shift=pretrain.eval.shift, seed=seed, salt=SIMULATED,
-                              progress=progress)
+                              batch_size=simulated.batch, progress=progress)
     choices = simulated_choices(oracle.score(images[:n], prompts), oracle.score(images[n:], prompts),
-                                config.pairs.min_margin, config.simulated_label_noise, seed)
+                                simulated.min_margin, simulated.label_noise, seed)
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     files = []
     for draw, image in zip(draws, images, strict=True):
@@ -150,39 +175,73 @@ def table_digest(table: Path) -> str:
     return h.hexdigest()
 
 
-def annotation_view(config: PreferenceConfig, pretrain: PretrainConfig, resolution: int,
-                    oracle: PreferenceOracle | None = None, annotations: Path | None = None) -> dict[str, Any]:
-    """What the calibration pairs depend on: the human table's content, or how the simulated table is made."""
+@dataclass
+class AnnotationSettings:
+    """What the calibration pairs depend on: the human table's content (``table_sha256``), or how the simulated
+    table is made (``simulated``, when there is no table)."""
+
+    resolution: int
+    table_sha256: str = ""
+    simulated: Optional[SimulatedAnnotations] = None
+
+
+def annotation_settings(config: PipelineConfig, annotations: Path | None) -> AnnotationSettings:
+    """The settings with the human annotation set ``annotations`` (a local copy of ``post.preference.annotations``),
+    or with simulated annotators when it is None. Its table is checked (SchemaError) here, before anything runs."""
+    resolution = config.post.resolution
     if annotations is not None:
-        return {"annotations_sha256": table_digest(Path(annotations)), "resolution": resolution}
-    return {SIMULATED: {**generation_view(config, pretrain, resolution, oracle or WorldCheckerOracle()),
-                        "n": config.simulated_annotations, "label_noise": config.simulated_label_noise}}
+        return AnnotationSettings(resolution=resolution, table_sha256=table_digest(Path(annotations) / TABLE_FILE))
+    po = config.post.preference
+    return AnnotationSettings(resolution=resolution, simulated=simulated_like(
+        pair_settings(config), po.simulated_annotations, po.simulated_label_noise))
 
 
-def run_annotation_pairs(annotations: Path | None, policy: Path, previous: Path, config: PreferenceConfig,
-                         pretrain: PretrainConfig, resolution: int, *, parent_run_id: str = "",
-                         root: Path | None = None, oracle: PreferenceOracle | None = None) -> tuple[Path, Manifest]:
-    """The calibration pairs: from the human table ``annotations``, or, when None, from a simulated table
-    written into the artifact (``simulated/``) from ``policy`` and ``previous``."""
-    oracle = oracle or WorldCheckerOracle()
-    # a human table is checked (SchemaError) before anything runs; its content, not its path, is the cache key
-    view = annotation_view(config, pretrain, resolution, oracle, annotations)
-    inputs = {"policy": policy, "previous": previous} if annotations is None else {}
+def annotation_set(config: PipelineConfig) -> Path | None:
+    """The human annotation set a local run reads (``post.preference.annotations``), None for simulated annotators."""
+    return Path(config.post.preference.annotations) if config.post.preference.annotations else None
+
+
+def run_annotation_pairs(inputs: Mapping[str, Path], settings: AnnotationSettings, parent_run_id: str = "", *,
+                         annotations: Path | None = None, root: Path | None = None,
+                         oracle: PreferenceOracle | None = None) -> Path:
+    """The calibration pairs: from the human annotation set ``annotations`` (a folder: ``annotations.parquet`` and the
+    images it names; ``settings`` holds its digest), or, with simulated annotators, from a table written into the
+    artifact (``simulated/``) from ``policy`` and ``previous``."""
+    simulated = settings.simulated
+    table = Path(annotations) / TABLE_FILE if annotations is not None else None
+    if (table is None) == (simulated is None):
+        raise ValueError("the calibration pairs come from a human annotation set or from simulated annotators: "
+                         f"got {'neither' if table is None else 'both'}")
+    if table is not None and table_digest(table) != settings.table_sha256:
+        raise ValueError(f"{table}: the annotation table changed since its settings were made (sha256 "
+                         f"{settings.table_sha256[:12]}...); make them again")
 
     def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        if annotations is None:
-            table = simulate_annotations(paths["policy"], paths["previous"], config, pretrain, resolution,
-                                         staging / SIMULATED, oracle)
-            pairs, skipped = load_annotations(table, resolution, origin=SIMULATED)
+        if simulated is not None:
+            written = simulate_annotations(paths["policy"], paths["previous"], simulated, staging / SIMULATED, oracle)
+            pairs, skipped = load_annotations(written, settings.resolution, origin=SIMULATED)
         else:
-            pairs, skipped = load_annotations(Path(annotations), resolution)
-        write_pairs(pairs, skipped, staging, run, "preference_annotations")
+            pairs, skipped = load_annotations(Path(table), settings.resolution)
+        write_pairs(pairs, skipped, staging, run, ANNOTATIONS.name)
         rows = len(pairs) + len(skipped)
         metrics = {"usable_fraction": len(pairs) / rows}
-        if annotations is None:
+        if simulated is not None:
             metrics[f"{SIMULATED}.policy_win_rate"] = float(pairs["winner_source"].str.contains("-policy-").mean())
-        return StageOutput(counts={"rows": rows, "pairs": len(pairs), SIMULATED: int(annotations is None),
+        return StageOutput(counts={"rows": rows, "pairs": len(pairs), SIMULATED: int(simulated is not None),
                                    **skip_counts(skipped)}, metrics=metrics)
 
-    return execute_stage("preference_annotations", "preference_pairs", body, config=view, inputs=inputs,
-                         parent_run_id=parent_run_id, root=root)
+    return execute_stage(ANNOTATIONS.name, ANNOTATIONS.kind, body, config=keyed(settings, oracle),
+                         inputs=dict(inputs) if simulated is not None else {}, parent_run_id=parent_run_id,
+                         root=root)[0]
+
+
+def _simulated(config: PipelineConfig) -> bool:
+    return not config.post.preference.annotations
+
+
+# simulated annotators label the synthetic policy's samples against the previous checkpoint's; a human set needs neither
+ANNOTATIONS = StageSpec("preference_annotations", "preference_pairs",
+                        {"policy": "preference_synthetic", "previous": "midtrain"},
+                        lambda p: annotation_settings(p, annotation_set(p)), run_annotation_pairs,
+                        optional={"policy": _simulated, "previous": _simulated},
+                        files=lambda p: {"annotations": annotation_set(p)})

@@ -20,13 +20,14 @@ like any checkpoint; ``distill.json`` (how to sample it: ``student_steps``, ``sh
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import json
 import shutil
 import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -37,11 +38,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from krea2_core.artifacts import read_manifest, to_plain
-from krea2_core.config import DistillConfig, PretrainConfig
+from krea2_core.config import DistillConfig, TrainerConfig
 from krea2_core.diffusion.sampling import ModelFn, guided, inference_timesteps
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.post.preference import Log, policy_and_reference
 from krea2_core.post.tdm import fake_score_loss, few_step_sample, interval_times, student_rollout, student_x0, tdm_loss
+from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
@@ -54,24 +56,28 @@ from krea2_core.evaluation.prompt_following import Generate, comparison_metrics,
     score_images
 from krea2_core.world.captions import sample_prompts
 
-STAGE = "distill"
 DISTILL_FILE = "distill.json"
 EVAL_FILE = "eval.json"
 LATENCY_REPEATS = 2
 LATENCY_PROMPTS = 8  # latency is timed on this many of the held-out prompts (the teacher's 50 CFG steps are slow)
 
 
-def distill_view(config: DistillConfig, pretrain: PretrainConfig, resolution: int) -> dict[str, Any]:
-    """What the stage depends on (its cache key): not the pretraining stages."""
-    return {"distill": to_plain(config), "resolution": resolution,
-            "pretrain": pretrain.model_settings()}
+@dataclass
+class DistillSettings:
+    """What the stage depends on: the distillation recipe, the resolution and the trainer (not the pretraining
+    stages)."""
+
+    distill: DistillConfig
+    resolution: int
+    trainer: TrainerConfig
 
 
-def run_distill_stage(teacher: Path, config: DistillConfig, pretrain: PretrainConfig, resolution: int,
-                      parent_run_id: str = "", root: Path | None = None) -> Path | None:
-    """Distil the ``teacher`` checkpoint artifact into a ``config.student_steps`` student at ``resolution``.
-    Returns the checkpoint artifact on rank 0, None on the other ranks.
-    Every argument is positional-capable: ``launch_local`` passes them positionally."""
+def run_distill_stage(inputs: Mapping[str, Path], settings: DistillSettings, parent_run_id: str = "",
+                      root: Path | None = None) -> Path | None:
+    """Distil the ``teacher`` checkpoint artifact into a ``settings.distill.student_steps`` student at
+    ``settings.resolution``. Returns the checkpoint artifact on rank 0, None on the other ranks."""
+    config, pretrain, resolution = settings.distill, settings.trainer, settings.resolution
+    teacher = Path(inputs["teacher"])
     read_manifest(teacher, kind="checkpoint")
 
     def check(env: DistEnv) -> None:  # bad input fails before anything is written
@@ -87,9 +93,14 @@ def run_distill_stage(teacher: Path, config: DistillConfig, pretrain: PretrainCo
             return None
         return _publish(student, run, staging, config, pretrain, Path(teacher), resolution)
 
-    return run_distributed_stage(STAGE, work, parallel=pretrain.parallel,
-                                 view=distill_view(config, pretrain, resolution), inputs={"teacher": Path(teacher)},
-                                 check=check, parent_run_id=parent_run_id, root=root)
+    return run_distributed_stage(DISTILL.name, work, parallel=pretrain.parallel, view=settings,
+                                 inputs={"teacher": teacher}, check=check, parent_run_id=parent_run_id, root=root)
+
+
+DISTILL = StageSpec("distill", "checkpoint", {"teacher": "rl"},
+                    lambda p: DistillSettings(distill=p.post.distill, resolution=p.post.resolution,
+                                              trainer=p.pretrain.trainer()),
+                    run_distill_stage, distributed=True)
 
 
 def rank_slots(batch: int, dp_rank: int, dp_size: int) -> Tensor:
@@ -100,7 +111,7 @@ def rank_slots(batch: int, dp_rank: int, dp_size: int) -> Tensor:
     return torch.arange(dp_rank * per_rank, (dp_rank + 1) * per_rank)
 
 
-def training_prompts(config: DistillConfig, pretrain: PretrainConfig, resolution: int) -> list[str]:
+def training_prompts(config: DistillConfig, pretrain: TrainerConfig, resolution: int) -> list[str]:
     """The data-free prompt set: ``config.n_prompts`` world prompts seeded by ``config.seed`` (apart from the
     held-out evaluation prompts), in the evaluation's scene domain."""
     rng = np.random.default_rng(config.seed)
@@ -145,7 +156,7 @@ def draw_samples(slots: Tensor, *, seed: int, step: int, token_shape: tuple[int,
                        fake_eps=torch.stack(draws["fake_eps"], dim=1))
 
 
-def student_fake_teacher(pretrain: PretrainConfig, teacher: Path, env: DistEnv
+def student_fake_teacher(pretrain: TrainerConfig, teacher: Path, env: DistEnv
                          ) -> tuple[TextToImage, nn.Module, nn.Module]:
     """The student (trainable, with the frozen autoencoder and text encoder), the fake score (trainable) and the
     frozen teacher, all the ``teacher`` weights, all parallelised like pretraining (no float8)."""
@@ -185,7 +196,7 @@ class _Trainable:
     grad_clip: float
 
     @classmethod
-    def build(cls, model: nn.Module, pretrain: PretrainConfig, lr: float, total_steps: int, warmup_steps: int
+    def build(cls, model: nn.Module, pretrain: TrainerConfig, lr: float, total_steps: int, warmup_steps: int
               ) -> _Trainable:
         optimizers = build_optimizers(model, pretrain.optimizer, lr)
         return cls(model, optimizers, [wsd_scheduler(o, total_steps=total_steps, warmup_steps=warmup_steps,
@@ -208,7 +219,7 @@ class _Trainable:
 
 
 def train_distill(pipe: TextToImage, fake: nn.Module, teacher: nn.Module, prompts: Sequence[str],
-                  config: DistillConfig, pretrain: PretrainConfig, env: DistEnv, resolution: int, *,
+                  config: DistillConfig, pretrain: TrainerConfig, env: DistEnv, resolution: int, *,
                   checkpoints: Path | None = None, log: Log | None = None,
                   checkpoint_every_s: float = ckpt.CHECKPOINT_EVERY_S) -> None:
     """Distil into ``pipe.model`` (the student) with the fake score ``fake`` against the frozen CFG ``teacher`` (all
@@ -276,7 +287,7 @@ def seconds_per_image(generate: Generate, texts: Sequence[str], repeats: int = L
 
 
 def evaluate_distillation(student: TextToImage, teacher: TextToImage, config: DistillConfig,
-                          pretrain: PretrainConfig, resolution: int
+                          pretrain: TrainerConfig, resolution: int
                           ) -> tuple[dict[str, float], dict[str, list[Image.Image]]]:
     """Held-out checker scores of the student (K steps, no CFG), the teacher (``teacher_eval_steps``, CFG) and the
     naive few-step teacher (K steps, CFG), one noise per prompt for all three, and the student minus each teacher
@@ -314,7 +325,7 @@ def _student_weights(checkpoint: Path, out: Path) -> None:
     save_file(weights, out, metadata={"format": "pt"})
 
 
-def _publish(pipe: TextToImage, run: StageRun, staging: Path, config: DistillConfig, pretrain: PretrainConfig,
+def _publish(pipe: TextToImage, run: StageRun, staging: Path, config: DistillConfig, pretrain: TrainerConfig,
              teacher: Path, resolution: int) -> StageOutput:
     _student_weights(run.work_dir / "checkpoints" / ckpt.step_dir_name(config.steps), staging / WEIGHTS_FILE)
     (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(pretrain.model), indent=2))
@@ -331,5 +342,5 @@ def _publish(pipe: TextToImage, run: StageRun, staging: Path, config: DistillCon
     grid = image_grid([image for name in ("teacher", "student", "teacher_few_step") for image in images[name][:shown]],
                       columns=shown)
     grid.save(staging / "samples.png")
-    run.log_image(grid, f"samples/{STAGE}.png")
+    run.log_image(grid, f"samples/{DISTILL.name}.png")
     return StageOutput(counts={"steps": config.steps, "student_steps": config.student_steps}, metrics=metrics)

@@ -32,8 +32,9 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -42,15 +43,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from krea2_core.artifacts import read_manifest, to_plain
-from krea2_core.config import EvalConfig, PretrainConfig, RLConfig
+from krea2_core.config import EvalConfig, TrainerConfig, RLConfig
 from krea2_core.curation.embedders import make_embedder
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.post.diversity import group_diversity
 from krea2_core.post.flow_sde import Rollout, gaussian_kl, gaussian_log_prob, sde_rollout, sde_step
 from krea2_core.post.preference import policy_and_reference
 from krea2_core.post.prompt_pool import PromptPool, rl_prompts
+from krea2_core.post.reward_model import trains_reward_model
 from krea2_core.post.reward_service import RewardService
 from krea2_core.post.rewards import gdpo_advantages
+from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
@@ -63,7 +66,6 @@ from krea2_core.evaluation.prompt_following import comparison_metrics, eval_samp
     score_images
 from krea2_core.world.captions import Prompt
 
-STAGE = "rl"
 POOL_FILE = "pool.parquet"
 EVAL_FILE = "eval.json"
 
@@ -87,18 +89,23 @@ def check_rl_config(config: RLConfig, dp_size: int) -> None:
                          f"data-parallel size ({dp_size})")
 
 
-def rl_view(config: RLConfig, pretrain: PretrainConfig, resolution: int) -> dict[str, Any]:
-    """What the stage depends on (its cache key): not the pretraining stages."""
-    return {"rl": to_plain(config), "resolution": resolution,
-            "pretrain": pretrain.model_settings()}
+@dataclass
+class RLSettings:
+    """What the stage depends on: the RL recipe, the resolution and the trainer (not the pretraining stages)."""
+
+    rl: RLConfig
+    resolution: int
+    trainer: TrainerConfig
 
 
-def run_rl_stage(init: Path, reward_model: Path | None, config: RLConfig, pretrain: PretrainConfig,
-                 resolution: int, parent_run_id: str = "", root: Path | None = None) -> Path | None:
+def run_rl_stage(inputs: Mapping[str, Path], settings: RLSettings, parent_run_id: str = "",
+                 root: Path | None = None) -> Path | None:
     """Flow-GRPO on the ``init`` checkpoint artifact (also the frozen reference) with the rewards of
-    ``config.rewards`` (the aesthetic one from the ``reward_model`` artifact unless a model is named), at
-    ``resolution``. Returns the checkpoint artifact on rank 0, None on the other ranks.
-    Every argument is positional-capable: ``launch_local`` passes them positionally."""
+    ``settings.rl.rewards`` (the aesthetic one from the ``reward_model`` artifact unless a model is named), at
+    ``settings.resolution``. Returns the checkpoint artifact on rank 0, None on the other ranks."""
+    config, pretrain, resolution = settings.rl, settings.trainer, settings.resolution
+    init = Path(inputs["init"])
+    reward_model = Path(inputs["reward_model"]) if "reward_model" in inputs else None
     read_manifest(init, kind="checkpoint")
     if reward_model is not None:
         read_manifest(reward_model, kind="reward_model")
@@ -107,7 +114,7 @@ def run_rl_stage(init: Path, reward_model: Path | None, config: RLConfig, pretra
                          "(or weight 0)")
 
     def work(env: DistEnv, scratch: Path, run: StageRun | None, staging: Path | None) -> StageOutput | None:
-        pipe, reference = policy_and_reference(pretrain, Path(init), env)
+        pipe, reference = policy_and_reference(pretrain, init, env)
         pool = PromptPool(rl_prompts(config.pool, resolution), config.pool)
         if run is None or staging is None:  # rank 0 alone serves the rewards and logs
             train_grpo(pipe, reference, pool, None, config, pretrain, env, resolution,
@@ -117,13 +124,17 @@ def run_rl_stage(init: Path, reward_model: Path | None, config: RLConfig, pretra
             train_grpo(pipe, reference, pool, rewards, config, pretrain, env, resolution,
                        checkpoints=scratch / "checkpoints",
                        log=MetricsLog(scratch / METRICS_FILE, run, every=config.grpo.log_every, last=config.grpo.steps))
-        return _publish(pipe, pool, run, staging, config, pretrain, Path(init), resolution)
+        return _publish(pipe, pool, run, staging, config, pretrain, init, resolution)
 
-    inputs = {"init": Path(init), **({"reward_model": Path(reward_model)} if reward_model is not None else {})}
     return run_distributed_stage(
-        STAGE, work, parallel=pretrain.parallel, view=rl_view(config, pretrain, resolution), inputs=inputs,
+        RL.name, work, parallel=pretrain.parallel, view=settings, inputs={k: Path(v) for k, v in inputs.items()},
         check=lambda env: check_rl_config(config, data_parallel_rank(env, pretrain.parallel.tp)[1]),
         parent_run_id=parent_run_id, root=root)
+
+
+RL = StageSpec("rl", "checkpoint", {"init": "preference_calibration", "reward_model": "reward_model"},
+               lambda p: RLSettings(rl=p.post.rl, resolution=p.post.resolution, trainer=p.pretrain.trainer()),
+               run_rl_stage, optional={"reward_model": trains_reward_model}, distributed=True)
 
 
 # --------------------------------------------------------------------------- the objective
@@ -228,7 +239,7 @@ def _train_on_rollout(pipe: TextToImage, ref_pipe: TextToImage, rollout: Rollout
 
 
 def train_grpo(pipe: TextToImage, reference: torch.nn.Module, pool: PromptPool, rewards: RewardScorer | None,
-               config: RLConfig, pretrain: PretrainConfig, env: DistEnv, resolution: int, *,
+               config: RLConfig, pretrain: TrainerConfig, env: DistEnv, resolution: int, *,
                checkpoints: Path | None = None, log: Log | None = None,
                checkpoint_every_s: float = ckpt.CHECKPOINT_EVERY_S) -> None:
     """Optimise ``pipe.model`` (parallelised) for ``config.grpo.steps`` rounds against ``reference``, every rank
@@ -322,7 +333,7 @@ def _flat(report: dict[str, Any], prefix: str) -> dict[str, float]:
 
 
 def _publish(pipe: TextToImage, pool: PromptPool, run: StageRun, staging: Path, config: RLConfig,
-             pretrain: PretrainConfig, init: Path, resolution: int) -> StageOutput:
+             pretrain: TrainerConfig, init: Path, resolution: int) -> StageOutput:
     steps = config.grpo.steps
     final = run.work_dir / "checkpoints" / ckpt.step_dir_name(steps)
     shutil.copy(final / ckpt.WEIGHTS_FILE, staging / WEIGHTS_FILE)

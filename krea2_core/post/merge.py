@@ -16,14 +16,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args, get_type_hints
+from typing import Mapping, get_args, get_type_hints
 
 import torch
 
-from krea2_core.artifacts import Manifest, read_manifest, to_plain
-from krea2_core.config import MergeConfig, PostTrainConfig, PretrainConfig
+from krea2_core.artifacts import read_manifest
+from krea2_core.config import MergeConfig, PipelineConfig, SceneDomainConfig, TrainerConfig
 from krea2_core.diffusion.text_to_image import TextToImage
+from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
 from krea2_core.training.merging import merge_checkpoints
@@ -35,64 +37,75 @@ EVAL_FILE = "eval.json"
 METHODS: tuple[str, ...] = get_args(get_type_hints(MergeConfig)["method"])
 
 
-def merge_view(post: PostTrainConfig, pretrain: PretrainConfig) -> dict[str, object]:
-    """What the merge stage depends on: the merge recipe, the domains' evaluation slices and the evaluation."""
-    return {"merge": to_plain(post.merge), "resolution": post.resolution, "eval_prompts": post.sft.eval_prompts,
-            "domains": {name: to_plain(d.scenes) for name, d in post.sft.domains.items()},
-            "eval": to_plain(pretrain.eval), "model": to_plain(pretrain.model),
-            "autoencoder": to_plain(pretrain.autoencoder), "text_encoder": to_plain(pretrain.text_encoder)}
+@dataclass
+class MergeSettings:
+    """What the merge stage depends on: the merge recipe, each domain's evaluation scenes and the evaluation."""
+
+    merge: MergeConfig
+    domains: dict[str, SceneDomainConfig]  # SFT domain -> the scenes its held-out prompts are drawn from
+    eval_prompts: int  # held-out prompts per domain
+    resolution: int
+    trainer: TrainerConfig
 
 
-def _score_matrix(pipe: TextToImage, candidates: dict[str, Path], post: PostTrainConfig, pretrain: PretrainConfig,
-                  device: torch.device, run: StageRun
+def merge_settings(config: PipelineConfig) -> MergeSettings:
+    post = config.post
+    return MergeSettings(merge=post.merge, domains={name: d.scenes for name, d in post.sft.domains.items()},
+                         eval_prompts=post.sft.eval_prompts, resolution=post.resolution,
+                         trainer=config.pretrain.trainer())
+
+
+def _score_matrix(pipe: TextToImage, candidates: dict[str, Path], settings: MergeSettings, device: torch.device,
+                  run: StageRun
                   ) -> tuple[dict[str, dict[str, PromptFollowing]], dict[str, list]]:
     """{candidate: {domain: checker results}} and each candidate's images per domain (for the grids)."""
     scores: dict[str, dict[str, PromptFollowing]] = {}
     images: dict[str, list] = {}
     for candidate, weights in candidates.items():
-        model = dataclasses.replace(pipe, model=new_model(pretrain, weights, device).eval())
+        model = dataclasses.replace(pipe, model=new_model(settings.trainer, weights, device).eval())
         scores[candidate] = {}
-        for domain_name, domain in post.sft.domains.items():
-            eval_cfg = dataclasses.replace(pretrain.eval, scenes=domain.scenes, n_prompts=post.sft.eval_prompts)
-            prompts = held_out_prompts(eval_cfg, post.resolution)
-            result, generated = evaluate(eval_sampler(model, eval_cfg, post.resolution), prompts)
+        for domain_name, scenes in settings.domains.items():
+            eval_cfg = dataclasses.replace(settings.trainer.eval, scenes=scenes, n_prompts=settings.eval_prompts)
+            prompts = held_out_prompts(eval_cfg, settings.resolution)
+            result, generated = evaluate(eval_sampler(model, eval_cfg, settings.resolution), prompts)
             scores[candidate][domain_name] = result
             images[f"{candidate}/{domain_name}"] = generated
             run.log_metrics(result.metrics(f"eval.{candidate}.{domain_name}"))
     return scores, images
 
 
-def run_merge(base: Path, sft: dict[str, Path], post: PostTrainConfig, pretrain: PretrainConfig, *,
-              parent_run_id: str = "", root: Path | None = None) -> tuple[Path, Manifest]:
-    """Merge the domain checkpoints ``sft`` (domain -> checkpoint) over ``base`` (the checkpoint they were
-    finetuned from) with ``post.merge``, and evaluate base, each domain and each merge method on each domain."""
-    if set(sft) != set(post.sft.domains):
-        raise ValueError(f"merge needs one SFT checkpoint per configured domain {sorted(post.sft.domains)}, "
-                         f"got {sorted(sft)}")
-    for path in (base, *sft.values()):
+def run_merge(inputs: Mapping[str, Path], settings: MergeSettings, parent_run_id: str = "", *,
+              root: Path | None = None) -> Path:
+    """Merge the domain checkpoints ``sft.<domain>`` over ``base`` (the checkpoint they were finetuned from) with
+    ``settings.merge``, and evaluate base, each domain and each merge method on each domain."""
+    if set(inputs) != {"base", *(f"sft.{name}" for name in settings.domains)}:
+        raise ValueError(f"merge needs a base and one SFT checkpoint per configured domain {sorted(settings.domains)}, "
+                         f"got {sorted(inputs)}")
+    for path in inputs.values():
         read_manifest(path, kind="checkpoint")
-    device = torch.device(pretrain.parallel.device if pretrain.parallel.device != "cuda" else "cuda:0")
+    trainer = settings.trainer
+    device = torch.device(trainer.parallel.device if trainer.parallel.device != "cuda" else "cuda:0")
 
-    def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        domains = {name: inputs[f"sft.{name}"] for name in post.sft.domains}
-        methods = METHODS if post.merge.compare else (post.merge.method,)
-        candidates = {"base": inputs["base"], **{f"sft_{name}": path for name, path in domains.items()}}
+    def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+        domains = {name: paths[f"sft.{name}"] for name in settings.domains}
+        methods = METHODS if settings.merge.compare else (settings.merge.method,)
+        candidates = {"base": paths["base"], **{f"sft_{name}": path for name, path in domains.items()}}
         stats: dict[str, float] = {}
         for method in methods:
-            out = staging if method == post.merge.method else run.work_dir / method
+            out = staging if method == settings.merge.method else run.work_dir / method
             out.mkdir(parents=True, exist_ok=True)
-            merged = merge_checkpoints(inputs["base"], domains, dataclasses.replace(post.merge, method=method),
+            merged = merge_checkpoints(paths["base"], domains, dataclasses.replace(settings.merge, method=method),
                                        out / WEIGHTS_FILE)
             stats.update({f"merge.{method}.{k}": v for k, v in merged.items()})
             candidates[f"merged_{method}"] = out
-        (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(pretrain.model), indent=2))
+        (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(trainer.model), indent=2))
         for method in methods:  # new_model reads the weights file of a checkpoint directory
-            if method != post.merge.method:
+            if method != settings.merge.method:
                 (run.work_dir / method / CONFIG_FILE).write_text((staging / CONFIG_FILE).read_text())
-        pipe = text_to_image(new_model(pretrain, None, device), pretrain, device)
-        results, images = _score_matrix(pipe, candidates, post, pretrain, device, run)
+        pipe = text_to_image(new_model(trainer, None, device), trainer, device)
+        results, images = _score_matrix(pipe, candidates, settings, device, run)
         scores = {c: {d: result.score for d, result in row.items()} for c, row in results.items()}
-        chosen = f"merged_{post.merge.method}"
+        chosen = f"merged_{settings.merge.method}"
         metrics = {f"score.{c}.{d}": s for c, row in scores.items() for d, s in row.items()}
         for candidate, row in results.items():
             if candidate == "base":
@@ -105,14 +118,22 @@ def run_merge(base: Path, sft: dict[str, Path], post: PostTrainConfig, pretrain:
             for method in methods:
                 kept = scores[f"merged_{method}"][name] - scores["base"][name]
                 metrics[f"gain_retained.{method}.{name}"] = kept / gain if gain > 0 else math.nan
-            metrics[f"gain_retained.{name}"] = metrics[f"gain_retained.{post.merge.method}.{name}"]
+            metrics[f"gain_retained.{name}"] = metrics[f"gain_retained.{settings.merge.method}.{name}"]
         metrics.update(stats)
-        (staging / EVAL_FILE).write_text(json.dumps({"scores": scores, "method": post.merge.method}, indent=2))
+        (staging / EVAL_FILE).write_text(json.dumps({"scores": scores, "method": settings.merge.method}, indent=2))
         grid = image_grid([image for name in domains for image in images[f"{chosen}/{name}"][:4]])
         grid.save(staging / "samples.png")
         run.log_image(grid, "samples/merged.png")
         return StageOutput(counts={"domains": len(domains), "methods_compared": len(methods)}, metrics=metrics)
 
-    inputs = {"base": base, **{f"sft.{name}": path for name, path in sft.items()}}
-    return execute_stage("merge", "checkpoint", body, config=merge_view(post, pretrain), inputs=inputs,
-                         parent_run_id=parent_run_id, root=root)
+    return execute_stage(MERGE_STAGE, "checkpoint", body, config=settings, inputs=dict(inputs),
+                         parent_run_id=parent_run_id, root=root)[0]
+
+
+MERGE_STAGE = "merge"
+
+
+def merge_spec(domains: tuple[str, ...]) -> StageSpec:
+    """``merge``: the midtraining checkpoint and one SFT checkpoint per domain."""
+    return StageSpec(MERGE_STAGE, "checkpoint", {"base": "midtrain", **{f"sft.{d}": f"sft_{d}" for d in domains}},
+                     merge_settings, run_merge)

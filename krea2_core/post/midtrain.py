@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
 
-from krea2_core.artifacts import Manifest, read_manifest, to_plain
+from krea2_core.artifacts import read_manifest
 from krea2_core.captioning.stages import CAPTIONS_FILE
-from krea2_core.config import MidtrainConfig, PackingConfig, PretrainConfig
+from krea2_core.config import MidtrainDomain, PackingConfig, PipelineConfig, PretrainConfig
 from krea2_core.data.packing import pack_stage, packing_config
 from krea2_core.data.schemas import Captions, Verdicts, read_table
+from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
+from krea2_core.training.pretrain import PRETRAIN_STAGES, TrainingSettings, run_training_stage
 from krea2_core.tracking import StageRun
 
 MIX_FILE = "mix.parquet"
@@ -33,7 +36,16 @@ def top_stage(pretrain: PretrainConfig) -> str:
     return max(pretrain.stages, key=lambda name: pretrain.stages[name].resolution)
 
 
-def select_mix(sample: pd.DataFrame, captions: pd.DataFrame, config: MidtrainConfig, seed: int
+@dataclass
+class MidtrainPackingSettings:
+    """What the midtraining shards depend on: the mix and how it is packed (not midtraining's recipe)."""
+
+    domains: dict[str, MidtrainDomain]
+    n_images: int
+    packing: PackingConfig  # the top pretraining stage's buckets at midtraining's resolution and batch size
+
+
+def select_mix(sample: pd.DataFrame, captions: pd.DataFrame, config: MidtrainPackingSettings, seed: int
                ) -> tuple[pd.DataFrame, dict[str, int]]:
     """(id, uri, source, domain) of the chosen images and, per domain, how many it lacked of its quota.
 
@@ -66,41 +78,43 @@ def select_mix(sample: pd.DataFrame, captions: pd.DataFrame, config: MidtrainCon
     return pd.concat(chosen, ignore_index=True), shortfall
 
 
-def midtrain_packing(pretrain: PretrainConfig, config: MidtrainConfig) -> PackingConfig:
-    """How the midtraining images are packed: the top pretraining stage's buckets at midtraining's batch size."""
-    return dataclasses.replace(packing_config(pretrain, top_stage(pretrain)), resolution=config.stage.resolution,
-                               global_batch=config.stage.global_batch)
+def midtrain_packing_settings(config: PipelineConfig) -> MidtrainPackingSettings:
+    pretrain, midtrain = config.pretrain, config.post.midtrain
+    packing = dataclasses.replace(packing_config(pretrain, top_stage(pretrain)), resolution=midtrain.stage.resolution,
+                                  global_batch=midtrain.stage.global_batch)
+    return MidtrainPackingSettings(domains=midtrain.domains, n_images=midtrain.n_images, packing=packing)
 
 
-def midtrain_packing_view(config: MidtrainConfig, packing: PackingConfig) -> dict[str, Any]:
-    """What the midtraining shards depend on (the packing stage's cache key)."""
-    return {"mix": to_plain(config.domains), "n_images": config.n_images, "packing": to_plain(packing)}
+def run_midtrain_packing(inputs: Mapping[str, Path], settings: MidtrainPackingSettings, parent_run_id: str = "", *,
+                         root: Path | None = None) -> Path:
+    """Choose the midtraining mix from the semantic ``selection`` and pack it (a ``packed`` artifact)."""
+    read_manifest(inputs["curated"], kind="curated")
+    read_manifest(inputs["captions"], kind="captions")
+    read_manifest(inputs["selection"], kind="midtrain_selection")
+    packing = settings.packing
 
-
-def run_midtrain_packing(curated: Path, captions: Path, selection: Path, config: MidtrainConfig,
-                         packing: PackingConfig, *, parent_run_id: str = "", root: Path | None = None
-                         ) -> tuple[Path, Manifest]:
-    """Choose the midtraining mix from the semantic ``selection`` and pack it with ``packing`` (from
-    ``midtrain_packing``; a ``packed`` artifact)."""
-    read_manifest(curated, kind="curated")
-    read_manifest(captions, kind="captions")
-    read_manifest(selection, kind="midtrain_selection")
-
-    def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        texts = read_table(inputs["captions"] / CAPTIONS_FILE, Captions)
-        mix, shortfall = select_mix(pd.read_parquet(inputs["selection"] / SAMPLE_FILE), texts, config, packing.seed)
-        kept = read_table(inputs["curated"] / packing.stage / "kept.parquet", Verdicts)
+    def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+        texts = read_table(paths["captions"] / CAPTIONS_FILE, Captions)
+        mix, shortfall = select_mix(pd.read_parquet(paths["selection"] / SAMPLE_FILE), texts, settings, packing.seed)
+        kept = read_table(paths["curated"] / packing.stage / "kept.parquet", Verdicts)
         kept = kept[kept["id"].isin(mix["id"])]
         counts = pack_stage(kept, texts, resolution=packing.resolution, aspect_ratios=packing.aspect_ratios,
                             multiple=packing.multiple, global_batch=packing.global_batch, seed=packing.seed,
                             out_dir=staging)
         mix.to_parquet(staging / MIX_FILE, index=False)
         per_domain = mix["domain"].value_counts()
-        counts.update({f"domain.{name}": int(per_domain.get(name, 0)) for name in config.domains})
+        counts.update({f"domain.{name}": int(per_domain.get(name, 0)) for name in settings.domains})
         counts.update({f"shortfall.{name}": n for name, n in shortfall.items()})
         return StageOutput(counts=counts, metrics={f"share.{name}": int(per_domain.get(name, 0)) / max(1, len(mix))
-                                                   for name in config.domains})
+                                                   for name in settings.domains})
 
-    return execute_stage("pack_midtrain", "packed", body, config=midtrain_packing_view(config, packing),
-                         inputs={"curated": curated, "captions": captions, "selection": selection},
-                         parent_run_id=parent_run_id, root=root)
+    return execute_stage(PACK_MIDTRAIN.name, PACK_MIDTRAIN.kind, body, config=settings, inputs=dict(inputs),
+                         parent_run_id=parent_run_id, root=root)[0]
+
+
+PACK_MIDTRAIN = StageSpec("pack_midtrain", "packed",
+                          {"curated": "selection", "captions": "captioning", "selection": "semantic_selection"},
+                          midtrain_packing_settings, run_midtrain_packing)
+MIDTRAIN = StageSpec("midtrain", "checkpoint", {"packed": "pack_midtrain", "init": f"pretrain_{PRETRAIN_STAGES[-1]}"},
+                     lambda p: TrainingSettings("midtrain", p.post.midtrain.stage, p.pretrain.trainer()),
+                     run_training_stage, distributed=True)

@@ -8,7 +8,7 @@ an image meets); a learned reward model or a VLM judge implements the same ``sco
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -33,6 +33,12 @@ class WorldCheckerOracle:
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[Prompt]) -> list[float]:
         return [score_images([image], [prompt]).score for image, prompt in zip(images, prompts, strict=True)]
+
+
+def keyed(settings: Any, oracle: PreferenceOracle | None) -> Any:
+    """A judging stage's artifact key: its settings, with the oracle's name when one other than the world's checker
+    (what every pipeline stage judges with) is given."""
+    return settings if oracle is None else {"settings": settings, "oracle": oracle.name}
 
 
 def judge(score_a: float, score_b: float, min_margin: float) -> str:

@@ -23,7 +23,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,11 +31,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from krea2_core.artifacts import Manifest, to_plain
-from krea2_core.config import PreferenceConfig, PretrainConfig, SamplerConfig
+from krea2_core.config import PairsConfig, PipelineConfig, SamplerConfig, TrainerConfig
 from krea2_core.data.schemas import PreferencePairs, Skipped, read_table, write_table
 from krea2_core.diffusion.text_to_image import TextToImage
-from krea2_core.post.oracle import PreferenceOracle, WorldCheckerOracle, judge
+from krea2_core.post.oracle import PreferenceOracle, WorldCheckerOracle, judge, keyed
+from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
 from krea2_core.training.pretrain import new_model, text_to_image
@@ -45,8 +45,8 @@ from krea2_core.world.captions import Prompt, sample_prompts
 PAIRS_FILE = "pairs.parquet"
 SKIPPED_FILE = "skipped.parquet"
 SAMPLES_FILE = "samples.png"
-BATCH = 16  # prompts per generate call (BATCH and CHUNK are part of the cache key: they decide the call seeds)
-CHUNK = 256  # prompts sampled, judged and encoded at a time
+BATCH = 16  # prompts per generate call (the default of PairSettings.batch)
+CHUNK = 256  # prompts sampled, judged and encoded at a time (the default of PairSettings.chunk)
 GRID_PAIRS = 8  # winner | loser rows in samples.png
 
 PAIR_COLUMNS = list(PreferencePairs.to_schema().columns)
@@ -82,7 +82,7 @@ def call_seed(seed: int, group: str, batch: int) -> int:
     return int(hashlib.sha256(f"{seed}/{group}/{batch}".encode()).hexdigest()[:8], 16)
 
 
-def load_pipes(policy: Path, previous: Path, pretrain: PretrainConfig) -> dict[str, TextToImage]:
+def load_pipes(policy: Path, previous: Path, pretrain: TrainerConfig) -> dict[str, TextToImage]:
     """"policy" and "previous" checkpoints, sharing one frozen autoencoder and text encoder."""
     device = torch.device("cuda" if pretrain.parallel.device == "cuda" else "cpu")
     pipe = text_to_image(new_model(pretrain, policy, device).eval(), pretrain, device)
@@ -90,17 +90,17 @@ def load_pipes(policy: Path, previous: Path, pretrain: PretrainConfig) -> dict[s
 
 
 def sample_draws(draws: Sequence[Draw], prompts: Sequence[str], pipes: dict[str, TextToImage], *, resolution: int,
-                 shift: float, seed: int, salt: str, progress: tqdm) -> list[Image.Image]:
-    """One image per draw (in draw order), generated in batches of one group (checkpoint, sampler, side); call
-    seeds hash (seed, salt, group, batch), so calls with another ``salt`` never share noise."""
+                 shift: float, seed: int, salt: str, batch_size: int, progress: tqdm) -> list[Image.Image]:
+    """One image per draw (in draw order), generated in batches of ``batch_size`` of one group (checkpoint, sampler,
+    side); call seeds hash (seed, salt, group, batch), so calls with another ``salt`` never share noise."""
     groups: dict[tuple[str, str], list[int]] = {}
     for i, draw in enumerate(draws):
         groups.setdefault((draw.source, draw.side), []).append(i)
     images: dict[int, Image.Image] = {}
     for (source, side), members in sorted(groups.items()):
         sampler = draws[members[0]].sampler
-        for batch, start in enumerate(range(0, len(members), BATCH)):
-            chunk = members[start:start + BATCH]
+        for batch, start in enumerate(range(0, len(members), batch_size)):
+            chunk = members[start:start + batch_size]
             out = pipes[sampler.checkpoint].generate(
                 [prompts[draws[i].prompt] for i in chunk], width=resolution, height=resolution, steps=sampler.steps,
                 cfg_scale=sampler.cfg_scale, shift=shift, seed=call_seed(seed, f"{salt}/{source}/{side}", batch))
@@ -109,11 +109,10 @@ def sample_draws(draws: Sequence[Draw], prompts: Sequence[str], pipes: dict[str,
     return [images[i] for i in range(len(draws))]
 
 
-def plan_draws(config: PreferenceConfig, n_prompts: int) -> tuple[list[Draw], list[Draw]]:
+def plan_draws(pairs: PairsConfig, n_prompts: int) -> tuple[list[Draw], list[Draw]]:
     """(side a, side b) per prompt. On-policy: a = the policy sampler, b = ``opponents[i % len]``. Off-policy
     (the first round(off_policy_fraction * n) of a seeded permutation): both from the previous checkpoint, a with
     the policy's sampler settings, b with the opponent's."""
-    pairs = config.pairs
     order = np.random.default_rng([pairs.seed, 1]).permutation(n_prompts)
     off_policy = set(order[:round(pairs.off_policy_fraction * n_prompts)].tolist())
     side_a, side_b = [], []
@@ -189,41 +188,48 @@ def skip_counts(skipped: pd.DataFrame) -> dict[str, int]:
     return {f"skipped.{reason}": int(n) for reason, n in skipped["reason"].value_counts().items()}
 
 
-def generation_view(config: PreferenceConfig, pretrain: PretrainConfig, resolution: int,
-                    oracle: PreferenceOracle | None = None) -> dict[str, Any]:
-    """Everything sampling and judging depend on (the stage's cache key with its input checkpoints)."""
-    return {"pairs": to_plain(config.pairs), "resolution": resolution, "model": to_plain(pretrain.model),
-            "autoencoder": to_plain(pretrain.autoencoder), "text_encoder": to_plain(pretrain.text_encoder),
-            "shift": pretrain.eval.shift, "dtype": pretrain.parallel.dtype, "batch": BATCH, "chunk": CHUNK,
-            "oracle": (oracle or WorldCheckerOracle()).name}
+@dataclass
+class PairSettings:
+    """Everything sampling and judging depend on (the stage's artifact key with its input checkpoints)."""
+
+    pairs: PairsConfig
+    resolution: int
+    trainer: TrainerConfig
+    batch: int = BATCH  # batch and chunk decide the call seeds, so they are in the key
+    chunk: int = CHUNK
 
 
-def run_pair_generation(policy: Path, previous: Path, config: PreferenceConfig, pretrain: PretrainConfig,
-                        resolution: int, *, parent_run_id: str = "", root: Path | None = None,
-                        oracle: PreferenceOracle | None = None) -> tuple[Path, Manifest]:
+def pair_settings(config: PipelineConfig) -> PairSettings:
+    return PairSettings(pairs=config.post.preference.pairs, resolution=config.post.resolution,
+                        trainer=config.pretrain.trainer())
+
+
+def run_pair_generation(inputs: Mapping[str, Path], settings: PairSettings, parent_run_id: str = "", *,
+                        root: Path | None = None, oracle: PreferenceOracle | None = None) -> Path:
     """Sample, judge and publish the synthetic preference pairs of ``policy`` (with ``previous`` as the weaker
-    checkpoint)."""
-    oracle = oracle or WorldCheckerOracle()
+    checkpoint), judged by ``oracle`` (default: the world's checker)."""
+    config, pretrain, resolution = settings.pairs, settings.trainer, settings.resolution
+    judge_with = oracle or WorldCheckerOracle()
 
-    def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        n = config.pairs.n_prompts
-        prompts = [p for p, _ in sample_prompts(np.random.default_rng(config.pairs.seed), n, resolution, resolution)]
+    def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+        n = config.n_prompts
+        prompts = [p for p, _ in sample_prompts(np.random.default_rng(config.seed), n, resolution, resolution)]
         side_a, side_b = plan_draws(config, n)
-        pipes = load_pipes(inputs["policy"], inputs["previous"], pretrain)
+        pipes = load_pipes(paths["policy"], paths["previous"], pretrain)
         frames = []
         with tqdm(total=2 * n, desc="preference pairs", mininterval=5) as progress:
-            for start in range(0, n, CHUNK):
-                a, b = side_a[start:start + CHUNK], side_b[start:start + CHUNK]
+            for start in range(0, n, settings.chunk):
+                a, b = side_a[start:start + settings.chunk], side_b[start:start + settings.chunk]
                 images = sample_draws(a + b, [p.text for p in prompts], pipes, resolution=resolution,
-                                      shift=pretrain.eval.shift, seed=config.pairs.seed, salt=str(start),
-                                      progress=progress)
+                                      shift=pretrain.eval.shift, seed=config.seed, salt=str(start),
+                                      batch_size=settings.batch, progress=progress)
                 frames.append(judge_pairs(
-                    prompts[start:start + CHUNK], images[:len(a)], images[len(a):],
+                    prompts[start:start + settings.chunk], images[:len(a)], images[len(a):],
                     [(x.source, y.source) for x, y in zip(a, b, strict=True)],
-                    [f"pair-{x.prompt:06d}" for x in a], oracle, config.pairs.min_margin, origin="synthetic"))
+                    [f"pair-{x.prompt:06d}" for x in a], judge_with, config.min_margin, origin="synthetic"))
         pairs = pd.concat([f[0] for f in frames], ignore_index=True)
         skipped = pd.concat([f[1] for f in frames], ignore_index=True)
-        write_pairs(pairs, skipped, staging, run, "preference_pairs")
+        write_pairs(pairs, skipped, staging, run, PAIRS.name)
         gaps = pairs["winner_score"] - pairs["loser_score"]
         return StageOutput(
             counts={"prompts": n, "pairs": len(pairs), "on_policy": int(pairs["on_policy"].sum()),
@@ -232,9 +238,12 @@ def run_pair_generation(policy: Path, previous: Path, config: PreferenceConfig, 
                      "winner_score": float(pairs["winner_score"].mean()),
                      "loser_score": float(pairs["loser_score"].mean()), **win_rates(pairs)})
 
-    return execute_stage("preference_pairs", "preference_pairs", body,
-                         config=generation_view(config, pretrain, resolution, oracle),
-                         inputs={"policy": policy, "previous": previous}, parent_run_id=parent_run_id, root=root)
+    return execute_stage(PAIRS.name, PAIRS.kind, body, config=keyed(settings, oracle), inputs=dict(inputs),
+                         parent_run_id=parent_run_id, root=root)[0]
+
+
+PAIRS = StageSpec("preference_pairs", "preference_pairs", {"policy": "merge", "previous": "midtrain"}, pair_settings,
+                  run_pair_generation)
 
 
 def read_pairs(artifact: Path) -> pd.DataFrame:

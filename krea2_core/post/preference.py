@@ -23,8 +23,9 @@ import dataclasses
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -33,12 +34,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from krea2_core.artifacts import read_manifest, to_plain
-from krea2_core.config import EvalConfig, PreferenceConfig, PreferenceLossConfig, PreferenceStageConfig, PretrainConfig
+from krea2_core.config import EvalConfig, PipelineConfig, PreferenceLossConfig, PreferenceStageConfig, TrainerConfig
 from krea2_core.diffusion.flow import add_noise, velocity_target
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.post.oracle import WorldCheckerOracle, preferred_rate
 from krea2_core.post.pairs import PAIRS_FILE, decode_pair_images, read_pairs
 from krea2_core.post.preference_loss import preference_loss
+from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
@@ -63,29 +65,44 @@ STAGES = ("synthetic", "calibration")
 Log = Callable[[int, dict[str, float]], None]
 
 
-def preference_view(name: str, config: PreferenceConfig, pretrain: PretrainConfig, resolution: int
-                    ) -> dict[str, Any]:
-    """What stage ``name`` depends on (its cache key): not the pair-generation settings (the pairs' digest covers
-    them) nor the pretraining stages."""
-    stage = config.synthetic if name == "synthetic" else config.calibration
-    return {"stage": name, "loss": to_plain(config.loss), "train": to_plain(stage), "eval_prompts": config.eval_prompts,
-            "resolution": resolution, "timestep_shift": config.timestep_shift,
-            "pretrain": pretrain.model_settings()}
+@dataclass
+class PreferenceSettings:
+    """What preference stage ``name`` depends on: its loss and recipe, the evaluation, the trainer; not the
+    pair-generation settings (the pairs' digest covers them) nor the pretraining stages."""
+
+    name: str  # synthetic or calibration
+    loss: PreferenceLossConfig
+    recipe: PreferenceStageConfig
+    timestep_shift: float
+    eval_prompts: int
+    resolution: int
+    trainer: TrainerConfig
 
 
-def run_preference_stage(pairs: Path, init: Path, name: str, config: PreferenceConfig, pretrain: PretrainConfig,
-                         resolution: int, parent_run_id: str = "",
-                         root: Path | None = None) -> Path | None:
-    """Optimise the ``init`` checkpoint artifact on the ``pairs`` artifact (all at ``resolution``) with
-    ``config.loss``, as stage ``name`` ("synthetic" or "calibration"); ``init`` is also the frozen reference.
-    Returns the checkpoint artifact on rank 0, None on the other ranks.
-    Every argument is positional-capable: ``launch_local`` passes them positionally."""
+def _check_name(name: str) -> None:
     if name not in STAGES:
         raise ValueError(f"preference stage must be one of {STAGES}, got {name!r}")
-    stage = config.synthetic if name == "synthetic" else config.calibration
+
+
+def preference_settings(config: PipelineConfig, name: str) -> PreferenceSettings:
+    _check_name(name)
+    po = config.post.preference
+    return PreferenceSettings(name=name, loss=po.loss, recipe=po.synthetic if name == "synthetic" else po.calibration,
+                              timestep_shift=po.timestep_shift, eval_prompts=po.eval_prompts,
+                              resolution=config.post.resolution, trainer=config.pretrain.trainer())
+
+
+def run_preference_stage(inputs: Mapping[str, Path], settings: PreferenceSettings, parent_run_id: str = "",
+                         root: Path | None = None) -> Path | None:
+    """Optimise the ``init`` checkpoint artifact on the ``pairs`` artifact (all at ``settings.resolution``) with
+    ``settings.loss``; ``init`` is also the frozen reference. Returns the checkpoint artifact on rank 0, None on the
+    other ranks."""
+    name, stage, pretrain, resolution = settings.name, settings.recipe, settings.trainer, settings.resolution
+    _check_name(name)
+    pairs, init = Path(inputs["pairs"]), Path(inputs["init"])
     read_manifest(pairs, kind="preference_pairs")
     read_manifest(init, kind="checkpoint")
-    table = load_pairs(Path(pairs), resolution)
+    table = load_pairs(pairs, resolution)
 
     def check(env: DistEnv) -> None:
         _, dp_size = data_parallel_rank(env, pretrain.parallel.tp)
@@ -94,18 +111,26 @@ def run_preference_stage(pairs: Path, init: Path, name: str, config: PreferenceC
                              f"data-parallel size ({dp_size})")
 
     def work(env: DistEnv, scratch: Path, run: StageRun | None, staging: Path | None) -> StageOutput | None:
-        pipe, reference = policy_and_reference(pretrain, Path(init), env)
+        pipe, reference = policy_and_reference(pretrain, init, env)
         log = MetricsLog(scratch / METRICS_FILE, run, every=stage.log_every, last=stage.steps) if run else None
-        train_preference(pipe, reference, table, config.loss, stage, pretrain, env, timestep_shift=config.timestep_shift,
-                         checkpoints=scratch / "checkpoints", log=log)
+        train_preference(pipe, reference, table, settings.loss, stage, pretrain, env,
+                         timestep_shift=settings.timestep_shift, checkpoints=scratch / "checkpoints", log=log)
         if run is None or staging is None:
             return None
-        return _publish(pipe, run, staging, name, config, pretrain, Path(init), resolution, len(table), stage.steps)
+        return _publish(pipe, run, staging, settings, init, len(table))
 
-    return run_distributed_stage(f"preference_{name}", work, parallel=pretrain.parallel,
-                                 view=preference_view(name, config, pretrain, resolution),
-                                 inputs={"pairs": Path(pairs), "init": Path(init)}, check=check,
-                                 parent_run_id=parent_run_id, root=root)
+    return run_distributed_stage(preference_spec(name).name, work, parallel=pretrain.parallel, view=settings,
+                                 inputs={"pairs": pairs, "init": init}, check=check, parent_run_id=parent_run_id,
+                                 root=root)
+
+
+def preference_spec(name: str) -> StageSpec:
+    """``preference_synthetic`` (from the merged checkpoint) or ``preference_calibration`` (from the synthetic one,
+    on the annotated pairs)."""
+    inputs = ({"pairs": "preference_pairs", "init": "merge"} if name == "synthetic"
+              else {"pairs": "preference_annotations", "init": "preference_synthetic"})
+    return StageSpec(f"preference_{name}", "checkpoint", inputs, lambda p: preference_settings(p, name),
+                     run_preference_stage, distributed=True)
 
 
 def load_pairs(artifact: Path, resolution: int) -> pd.DataFrame:
@@ -136,7 +161,7 @@ def pair_indices(n_pairs: int, global_batch: int, step: int, seed: int) -> np.nd
     return rows
 
 
-def policy_and_reference(pretrain: PretrainConfig, init: Path, env: DistEnv) -> tuple[TextToImage, torch.nn.Module]:
+def policy_and_reference(pretrain: TrainerConfig, init: Path, env: DistEnv) -> tuple[TextToImage, torch.nn.Module]:
     """The policy (trainable, with the frozen autoencoder and text encoder) and the frozen reference, both the
     ``init`` weights, both parallelised like pretraining (no float8: the loss compares their small differences)."""
     policy = parallelize(new_model(pretrain, init, env.device), pretrain.parallel, env, "none")
@@ -149,7 +174,7 @@ def _flow_errors(velocity: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def train_preference(pipe: TextToImage, reference: torch.nn.Module, pairs: pd.DataFrame, loss: PreferenceLossConfig,
-                     stage: PreferenceStageConfig, pretrain: PretrainConfig, env: DistEnv, *,
+                     stage: PreferenceStageConfig, pretrain: TrainerConfig, env: DistEnv, *,
                      timestep_shift: float = 1.0, checkpoints: Path | None = None, log: Log | None = None,
                      checkpoint_every_s: float = ckpt.CHECKPOINT_EVERY_S) -> None:
     """Optimise ``pipe.model`` (parallelised) for ``stage.steps`` steps against ``reference`` on ``pairs``
@@ -215,8 +240,9 @@ def compare_with_reference(policy: TextToImage, reference: TextToImage, eval_cfg
     return metrics, ours, theirs
 
 
-def _publish(pipe: TextToImage, run: StageRun, staging: Path, name: str, config: PreferenceConfig,
-             pretrain: PretrainConfig, init: Path, resolution: int, n_pairs: int, steps: int) -> StageOutput:
+def _publish(pipe: TextToImage, run: StageRun, staging: Path, settings: PreferenceSettings, init: Path,
+             n_pairs: int) -> StageOutput:
+    pretrain, steps = settings.trainer, settings.recipe.steps
     final = run.work_dir / "checkpoints" / ckpt.step_dir_name(steps)
     shutil.copy(final / ckpt.WEIGHTS_FILE, staging / WEIGHTS_FILE)
     (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(pretrain.model), indent=2))
@@ -226,10 +252,10 @@ def _publish(pipe: TextToImage, run: StageRun, staging: Path, name: str, config:
     metrics, ours, theirs = compare_with_reference(
         dataclasses.replace(pipe, model=new_model(pretrain, staging, device)),
         dataclasses.replace(pipe, model=new_model(pretrain, init, device)),
-        dataclasses.replace(pretrain.eval, n_prompts=config.eval_prompts), resolution)
+        dataclasses.replace(pretrain.eval, n_prompts=settings.eval_prompts), settings.resolution)
     run.log_metrics(metrics, step=steps)
     shown = min(pretrain.eval.grid_size, len(ours))
     grid = image_grid(ours[:shown] + theirs[:shown], columns=shown)
     grid.save(staging / "samples.png")
-    run.log_image(grid, f"samples/preference_{name}.png")
+    run.log_image(grid, f"samples/preference_{settings.name}.png")
     return StageOutput(counts={"steps": steps, "pairs": n_pairs}, metrics=metrics)

@@ -16,7 +16,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,11 +27,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from krea2_core.artifacts import Manifest, read_manifest, to_plain
-from krea2_core.config import EmbedderConfig, RewardModelConfig
+from krea2_core.artifacts import read_manifest, to_plain
+from krea2_core.config import EmbedderConfig, PipelineConfig, RewardModelConfig
 from krea2_core.curation.embedders import Embedder, make_embedder
 from krea2_core.evaluation.stats import share
 from krea2_core.post.pairs import PAIRS_FILE, read_pairs
+from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import MetricsLog, StageRun
 
@@ -165,24 +166,34 @@ def load_pair_tables(pairs: Sequence[Path]) -> pd.DataFrame:
     return table
 
 
-def run_reward_model(pairs: Sequence[Path], config: RewardModelConfig, parent_run_id: str = "",
-                     root: Path | None = None) -> tuple[Path, Manifest]:
-    """Train and publish the aesthetic reward model on the pairs of the ``pairs`` artifacts (inputs
-    ``pairs_0``, ``pairs_1``, ...)."""
-    table = load_pair_tables(pairs)
-    inputs = {f"pairs_{i}": Path(path) for i, path in enumerate(pairs)}
+def run_reward_model(inputs: Mapping[str, Path], settings: RewardModelConfig, parent_run_id: str = "",
+                     root: Path | None = None) -> Path:
+    """Train and publish the aesthetic reward model on the pairs of the ``preference_pairs`` artifacts
+    ``pairs.0``, ``pairs.1``, ... (in that order)."""
+    table = load_pair_tables([inputs[name] for name in sorted(inputs, key=lambda name: int(name.split(".")[1]))])
 
     def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        embedder = make_embedder(config.embedder)
-        winners, losers, n_images = embed_pairs(table, embedder, config.embedder.batch_size)
-        log = MetricsLog(staging / METRICS_FILE, run, every=LOG_EVERY, last=config.steps)
-        head, metrics, n_val = train_head(winners, losers, config, log)
+        embedder = make_embedder(settings.embedder)
+        winners, losers, n_images = embed_pairs(table, embedder, settings.embedder.batch_size)
+        log = MetricsLog(staging / METRICS_FILE, run, every=LOG_EVERY, last=settings.steps)
+        head, metrics, n_val = train_head(winners, losers, settings, log)
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, staging / HEAD_FILE)
-        info = {"embedder": to_plain(config.embedder), "dim": embedder.dim, "hidden": config.hidden,
+        info = {"embedder": to_plain(settings.embedder), "dim": embedder.dim, "hidden": settings.hidden,
                 "metrics": metrics}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
         return StageOutput(counts={"pairs": len(table), "train_pairs": len(table) - n_val, "val_pairs": n_val,
                                    "images": n_images}, metrics=metrics)
 
-    return execute_stage("reward_model", "reward_model", body, config=to_plain(config), inputs=inputs,
-                         parent_run_id=parent_run_id, root=root)
+    return execute_stage(REWARD_MODEL.name, REWARD_MODEL.kind, body, config=settings, inputs=dict(inputs),
+                         parent_run_id=parent_run_id, root=root)[0]
+
+
+def trains_reward_model(config: PipelineConfig) -> bool:
+    """RL weighs the aesthetic reward and names no model for it: the pipeline trains one on the PO pairs."""
+    rewards = config.post.rl.rewards
+    return rewards.weights.get("aesthetic", 0.0) > 0 and not rewards.aesthetic_model
+
+
+REWARD_MODEL = StageSpec("reward_model", "reward_model",
+                         {"pairs.0": "preference_pairs", "pairs.1": "preference_annotations"},
+                         lambda p: p.post.rl.reward_model, run_reward_model)

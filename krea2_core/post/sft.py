@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
 
-from krea2_core.artifacts import Manifest, to_plain
-from krea2_core.config import PretrainConfig, SFTConfig, SFTDomainConfig
+from krea2_core.config import SFTConfig, SFTDomainConfig, TrainerConfig
 from krea2_core.data.packing import pack_stage
+from krea2_core.models.autoencoders import pixel_multiple
+from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
-from krea2_core.training.pretrain import run_training_stage
+from krea2_core.training.pretrain import TrainingSettings, run_training_stage
 from krea2_core.world.captions import captions
 from krea2_core.world.render import render
 from krea2_core.world.scene import sample_scene
@@ -48,40 +50,64 @@ def render_domain(domain: SFTDomainConfig, resolution: int, image_dir: Path) -> 
     return pd.DataFrame(rows), pd.DataFrame(texts)
 
 
-def sft_data_view(domain: SFTDomainConfig, sft: SFTConfig, multiple: int) -> dict[str, Any]:
-    """What a domain set's packed shards depend on (the data stage's cache key)."""
-    return {"domain": to_plain(domain), "resolution": sft.stage.resolution, "global_batch": sft.stage.global_batch,
-            "multiple": multiple}
+@dataclass
+class SFTDataSettings:
+    """What a domain set's packed shards depend on."""
+
+    name: str
+    domain: SFTDomainConfig
+    resolution: int  # the SFT recipe's
+    global_batch: int
+    multiple: int  # image sides are multiples of this (the autoencoder's downsample x patch size)
 
 
-def run_sft_data(name: str, domain: SFTDomainConfig, sft: SFTConfig, multiple: int, *, parent_run_id: str = "",
-                 root: Path | None = None) -> tuple[Path, Manifest]:
-    """Render and pack domain ``name``'s set at the SFT resolution, image sides multiples of ``multiple`` (the
-    autoencoder's downsample x patch size); a ``packed`` artifact."""
-    stage = sft.stage
+def sft_data_settings(sft: SFTConfig, name: str, multiple: int) -> SFTDataSettings:
+    if name not in sft.domains:
+        raise ValueError(f"unknown SFT domain {name!r}; configured: {sorted(sft.domains)}")
+    return SFTDataSettings(name=name, domain=sft.domains[name], resolution=sft.stage.resolution,
+                           global_batch=sft.stage.global_batch, multiple=multiple)
 
-    def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
+
+def run_sft_data(inputs: Mapping[str, Path], settings: SFTDataSettings, parent_run_id: str = "", *,
+                 root: Path | None = None) -> Path:
+    """Render and pack domain ``settings.name``'s set at the SFT resolution; a ``packed`` artifact."""
+    domain = settings.domain
+
+    def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
         images = run.work_dir / "images"
-        kept, texts = render_domain(domain, stage.resolution, images)
-        counts = pack_stage(kept, texts, resolution=stage.resolution, aspect_ratios=[1.0], multiple=multiple,
-                            global_batch=stage.global_batch, seed=domain.seed, out_dir=staging)
+        kept, texts = render_domain(domain, settings.resolution, images)
+        counts = pack_stage(kept, texts, resolution=settings.resolution, aspect_ratios=[1.0],
+                            multiple=settings.multiple, global_batch=settings.global_batch, seed=domain.seed,
+                            out_dir=staging)
         kept.drop(columns=["uri"]).merge(texts, on="id").to_parquet(staging / SCENES_FILE, index=False)
         return StageOutput(counts=counts)
 
-    return execute_stage(f"sft_data_{name}", "packed", body, config=sft_data_view(domain, sft, multiple),
-                         parent_run_id=parent_run_id, root=root)
+    spec = sft_data_spec(settings.name)
+    return execute_stage(spec.name, spec.kind, body, config=settings, inputs=dict(inputs),
+                         parent_run_id=parent_run_id, root=root)[0]
 
 
-def domain_eval(pretrain: PretrainConfig, domain: SFTDomainConfig, sft: SFTConfig) -> PretrainConfig:
-    """``pretrain`` with its evaluation (held-out prompts, validation scenes) drawn from ``domain``."""
-    return dataclasses.replace(pretrain, eval=dataclasses.replace(pretrain.eval, scenes=domain.scenes,
-                                                                  n_prompts=sft.eval_prompts))
+def sft_data_spec(name: str) -> StageSpec:
+    return StageSpec(f"sft_data_{name}", "packed", {},
+                     lambda p: sft_data_settings(p.post.sft, name, pixel_multiple(p.pretrain.autoencoder)),
+                     run_sft_data)
 
 
-def run_sft(packed: Path, init: Path, name: str, pretrain: PretrainConfig, sft: SFTConfig,
-            parent_run_id: str = "", root: Path | None = None) -> Path | None:
-    """SFT of domain ``name`` from ``init`` (every torchrun rank calls it; rank 0 returns the checkpoint)."""
+def domain_eval(trainer: TrainerConfig, domain: SFTDomainConfig, sft: SFTConfig) -> TrainerConfig:
+    """``trainer`` with its evaluation (held-out prompts, validation scenes) drawn from ``domain``."""
+    return dataclasses.replace(trainer, eval=dataclasses.replace(trainer.eval, scenes=domain.scenes,
+                                                                 n_prompts=sft.eval_prompts))
+
+
+def sft_settings(trainer: TrainerConfig, sft: SFTConfig, name: str) -> TrainingSettings:
+    """SFT of domain ``name`` with the shared recipe, evaluated on the domain's held-out prompts."""
     if name not in sft.domains:
         raise ValueError(f"unknown SFT domain {name!r}; configured: {sorted(sft.domains)}")
-    return run_training_stage(packed, init, f"sft_{name}", sft.stage, domain_eval(pretrain, sft.domains[name], sft),
-                              parent_run_id=parent_run_id, root=root)
+    return TrainingSettings(f"sft_{name}", sft.stage, domain_eval(trainer, sft.domains[name], sft))
+
+
+def sft_spec(name: str) -> StageSpec:
+    """``sft_<name>``: one domain's SFT from the midtraining checkpoint."""
+    return StageSpec(f"sft_{name}", "checkpoint", {"packed": f"sft_data_{name}", "init": "midtrain"},
+                     lambda p: sft_settings(p.pretrain.trainer(), p.post.sft, name), run_training_stage,
+                     distributed=True)

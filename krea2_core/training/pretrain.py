@@ -23,8 +23,9 @@ import inspect
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -33,13 +34,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from krea2_core.artifacts import to_plain
-from krea2_core.config import DiTConfig, PretrainConfig, PretrainStageConfig
+from krea2_core.config import DiTConfig, PipelineConfig, PretrainStageConfig, TrainerConfig
 from krea2_core.data.loader import PackedLoader
 from krea2_core.diffusion.flow import add_noise, flow_loss, sample_timesteps, validation_loss
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.models.autoencoders import load_autoencoder
 from krea2_core.models.dit import Krea2DiT
 from krea2_core.models.text_encoders import load_text_encoder
+from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
@@ -72,46 +74,54 @@ def diffusers_config(model: DiTConfig) -> dict[str, Any]:
             "krea2": {k: v for k, v in plain.items() if k not in names}}
 
 
-def training_view(config: PretrainConfig, name: str, stage: PretrainStageConfig) -> dict[str, Any]:
-    """What training stage ``name`` depends on (its cache key): the shared settings and this stage's recipe, not
-    the other stages' (changing the 1024 stage does not re-run the 256 stage)."""
-    return {**to_plain(config), "stages": {name: to_plain(stage)}}
+PRETRAIN_STAGES = ("256", "512", "1024")  # progressive resolution: each stage starts from the previous one
 
 
-def stage_view(config: PretrainConfig, stage: str) -> dict[str, Any]:
-    """``training_view`` of pretraining stage ``stage``."""
-    return training_view(config, f"pretrain_{stage}", config.stages[stage])
+@dataclass
+class TrainingSettings:
+    """What a training stage's checkpoint depends on: its name, its recipe and the trainer, not the other stages'
+    recipes (changing the 1024 stage does not re-run the 256 stage)."""
+
+    name: str  # pretrain_<resolution>, midtrain or sft_<domain>
+    recipe: PretrainStageConfig
+    trainer: TrainerConfig
 
 
-def run_pretrain_stage(packed: Path, init: Path | None, stage: str, config: PretrainConfig,
-                       parent_run_id: str = "", root: Path | None = None) -> Path | None:
-    """Train resolution stage ``stage`` on its packed shards, from ``init`` (the previous stage's checkpoint
-    artifact) or from scratch. Returns the checkpoint artifact on rank 0, None on the other ranks."""
-    if stage not in config.stages:
-        raise ValueError(f"stage {stage!r} is not configured; configured stages: {sorted(config.stages)}")
-    return run_training_stage(packed, init, f"pretrain_{stage}", config.stages[stage], config,
-                              parent_run_id=parent_run_id, root=root)
-
-
-def run_training_stage(packed: Path, init: Path | None, name: str, stage: PretrainStageConfig,
-                       config: PretrainConfig, parent_run_id: str = "", root: Path | None = None) -> Path | None:
-    """Flow-matching training of ``config.model`` on packed shards with the recipe ``stage``: a pretraining
-    resolution stage, midtraining or a domain SFT (they differ in data, recipe and ``config.eval`` prompts).
+def run_training_stage(inputs: Mapping[str, Path], settings: TrainingSettings, parent_run_id: str = "",
+                       root: Path | None = None) -> Path | None:
+    """Flow-matching training of ``settings.trainer.model`` on the ``packed`` shards with the recipe
+    ``settings.recipe``, from the ``init`` checkpoint artifact or from scratch: a pretraining resolution stage,
+    midtraining or a domain SFT (they differ in data, recipe and ``trainer.eval`` prompts).
     Every rank calls it; returns the checkpoint artifact on rank 0, None on the other ranks."""
+    name, stage, config = settings.name, settings.recipe, settings.trainer
+
     def check(env: DistEnv) -> None:
         dp = env.world_size // config.parallel.tp
         if stage.global_batch % dp:
             raise ValueError(f"{name}: global_batch ({stage.global_batch}) must be divisible by the data-parallel "
                              f"size ({dp})")
 
-    inputs = {"packed": Path(packed), **({"init": Path(init)} if init else {})}
+    inputs = {key: Path(path) for key, path in inputs.items()}
     return run_distributed_stage(
         name, lambda env, scratch, run, staging: _train(env, inputs, name, stage, config, scratch, staging, run),
-        parallel=config.parallel, view=training_view(config, name, stage), inputs=inputs, check=check,
-        parent_run_id=parent_run_id, root=root)
+        parallel=config.parallel, view=settings, inputs=inputs, check=check, parent_run_id=parent_run_id, root=root)
 
 
-def new_model(config: PretrainConfig, init: Path | None, device: torch.device) -> Krea2DiT:
+def pretrain_settings(config: PipelineConfig, stage: str) -> TrainingSettings:
+    if stage not in config.pretrain.stages:
+        raise ValueError(f"stage {stage!r} is not configured; configured stages: {sorted(config.pretrain.stages)}")
+    return TrainingSettings(f"pretrain_{stage}", config.pretrain.stages[stage], config.pretrain.trainer())
+
+
+def pretrain_spec(stage: str) -> StageSpec:
+    """``pretrain_<stage>``: one resolution stage, from the previous stage's checkpoint (the first from scratch)."""
+    index = PRETRAIN_STAGES.index(stage)
+    inputs = {"packed": f"pack_{stage}", **({"init": f"pretrain_{PRETRAIN_STAGES[index - 1]}"} if index else {})}
+    return StageSpec(f"pretrain_{stage}", "checkpoint", inputs, lambda p: pretrain_settings(p, stage),
+                     run_training_stage, distributed=True)
+
+
+def new_model(config: TrainerConfig, init: Path | None, device: torch.device) -> Krea2DiT:
     """The DiT of ``config``: weights from a checkpoint artifact ``init``, else the seeded initialisation."""
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = Krea2DiT(config.model)
@@ -120,7 +130,7 @@ def new_model(config: PretrainConfig, init: Path | None, device: torch.device) -
     return model.to(device)
 
 
-def text_to_image(model: torch.nn.Module, config: PretrainConfig, device: torch.device) -> TextToImage:
+def text_to_image(model: torch.nn.Module, config: TrainerConfig, device: torch.device) -> TextToImage:
     """``model`` with the config's frozen autoencoder and text encoder."""
     return TextToImage(model, load_autoencoder(config.autoencoder, device),
                        load_text_encoder(config.text_encoder, device), config.autoencoder.patch_size,
@@ -140,7 +150,7 @@ def _noise_and_timesteps(tokens: torch.Tensor, sample_index: torch.Tensor, *, se
     return torch.stack(noise).to(tokens.device, tokens.dtype), torch.cat(t).to(tokens.device)
 
 
-def _validation_set(pipe: TextToImage, config: PretrainConfig, resolution: int) -> tuple[torch.Tensor, ...]:
+def _validation_set(pipe: TextToImage, config: TrainerConfig, resolution: int) -> tuple[torch.Tensor, ...]:
     """Held-out world scenes (never in the pool) at the stage resolution, with their captions, fixed noise."""
     rng = np.random.default_rng(config.eval.seed + 1)
     pairs = sample_prompts(rng, config.eval.n_prompts, resolution, resolution, split="held_out",
@@ -164,7 +174,7 @@ class _HeldOut:
     The published artifact's ``eval.json`` keeps the per-prompt outcomes, so the next stage (same prompts) reports
     its change as a paired difference; the untrained model's outcomes travel along the chain of stages."""
 
-    def __init__(self, env: DistEnv, config: PretrainConfig, resolution: int, run: StageRun | None, scratch: Path,
+    def __init__(self, env: DistEnv, config: TrainerConfig, resolution: int, run: StageRun | None, scratch: Path,
                  start: int) -> None:
         self.env, self.config, self.resolution, self.run = env, config, resolution, run
         self.prompts = held_out_prompts(config.eval, resolution)
@@ -201,7 +211,7 @@ def _previous_eval(init: Path | None, digest: str) -> dict[str, Any]:
     return previous if previous.get("prompts") == digest else {}
 
 
-def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: PretrainStageConfig, config: PretrainConfig,
+def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: PretrainStageConfig, config: TrainerConfig,
            scratch: Path, staging: Path | None, run: StageRun | None) -> StageOutput | None:
     init = inputs.get("init")
     model = new_model(config, init, env.device)

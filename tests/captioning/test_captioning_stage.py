@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from krea2_core.artifacts import read_manifest
 from krea2_core.captioning import worker
 from krea2_core.captioning.captioner import TextLlmCaptioner
 from krea2_core.captioning.llm import Generated
@@ -41,18 +42,18 @@ def curated(isolated_outputs: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str
     config = load_config("tiny", {"world": {"n_scenes": 10, "n_exact_duplicates": 1, "n_near_duplicates": 1,
                                             "n_color_variants": 1, "n_per_defect": 1, "real_image_dirs": ["skimage"],
                                             "max_real_images": 3}})
-    world, _ = data.run_world_pool(config.world)
-    raw_pool, _ = data.run_ingest(world, SERIAL)
-    scores, _ = data.run_scoring(raw_pool, config.curation.analysis, SERIAL)
-    selected, _ = data.run_selection(raw_pool, scores, config.curation.stages, config.curation.dedup)
-    scenes, _ = run_scene_captions(world, raw_pool)
+    world = data.run_world_pool({}, config.world)
+    raw_pool = data.run_ingest({"world_pool": world}, None, parallel=SERIAL)
+    scores = data.run_scoring({"raw_pool": raw_pool}, config.curation.analysis, parallel=SERIAL)
+    selected = data.run_selection({"raw_pool": raw_pool, "scores": scores}, data.selection_settings(config))
+    scenes = run_scene_captions({"world_pool": world, "raw_pool": raw_pool})
     return {"world": world, "curated": selected, "scenes": scenes}
 
 
 def _caption(paths: dict[str, Path], **overrides: object) -> tuple[Path, dict[str, int]]:
     config = load_config("tiny", {"captioning": {"shard_size": 4, **overrides}}).captioning
-    path, manifest = run_captioning(paths["curated"], paths["scenes"], config, SERIAL)
-    return path, manifest.counts
+    path = run_captioning({"curated": paths["curated"], "scene_captions": paths["scenes"]}, config, parallel=SERIAL)
+    return path, read_manifest(path, kind="captions").counts
 
 
 def test_world_images_keep_exact_captions_and_ocr_reads_their_text(curated: dict[str, Path]) -> None:

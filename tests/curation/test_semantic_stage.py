@@ -9,11 +9,11 @@ import pytest
 import skimage
 from PIL import Image
 
-from krea2_core.config import EmbedderConfig, SemanticCurationConfig
+from krea2_core.config import EmbedderConfig, PipelineConfig, SemanticCurationConfig
 from krea2_core.curation.embedders import make_embedder
-from krea2_core.curation.selection import Candidates, _coverage, select_for_midtraining
+from krea2_core.curation.selection import Candidates, SemanticSelectionSettings, _coverage, select_for_midtraining
 from krea2_core.curation.semdedup import semantic_dedup
-from krea2_core.curation.stages import _balance
+from krea2_core.curation.stages import _balance, semantic_selection_settings
 from krea2_core.data.dedup import keep_order
 from krea2_core.world import captions, render, sample_scene
 
@@ -22,6 +22,11 @@ SMALL = SemanticCurationConfig.from_dict({
     "sae": {"n_features": 64, "k": 4, "epochs": 15},
     "kmeans": {"levels": [16, 4], "target_fraction": 0.4},
 })
+
+
+def settings(config: SemanticCurationConfig) -> SemanticSelectionSettings:
+    """What selection takes of a semantic curation config: all of it but the embedder."""
+    return semantic_selection_settings(PipelineConfig(semantic=config))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +44,7 @@ def world() -> tuple[Candidates, list[str]]:
 
 def test_balanced_sampling_raises_the_share_of_rare_scene_types(world: tuple[Candidates, list[str]]) -> None:
     candidates, backgrounds = world
-    selection = select_for_midtraining(candidates, SMALL)
+    selection = select_for_midtraining(candidates, settings(SMALL))
     rare = np.isin(backgrounds, RARE)
     kept = selection.verdicts["kept"].to_numpy()
     assert rare[kept].mean() >= 1.5 * rare.mean(), f"rare share {rare.mean():.3f} -> {rare[kept].mean():.3f}"
@@ -54,14 +59,14 @@ def test_balanced_sampling_raises_the_share_of_rare_scene_types(world: tuple[Can
 
 def test_reviewed_drop_list_and_tag_filter_remove_what_they_name(world: tuple[Candidates, list[str]]) -> None:
     candidates, _ = world
-    first = select_for_midtraining(candidates, SMALL)
+    first = select_for_midtraining(candidates, settings(SMALL))
     leaf = int(first.clusters.sort_values("size").iloc[-1]["leaf"])
     tag = first.tags.sort_values("images").iloc[-1]["label"]
     flag = first.clusters.sort_values("size").iloc[-1]["name"].split()[0]
     kmeans = {**SMALL.kmeans.to_dict(), "drop_clusters": [f"leaf:{leaf}"], "flag_words": [flag]}
     config = SemanticCurationConfig.from_dict({**SMALL.to_dict(), "kmeans": kmeans,
                                                "sae": {**SMALL.sae.to_dict(), "drop_tags": [tag]}})
-    second = select_for_midtraining(candidates, config)
+    second = select_for_midtraining(candidates, settings(config))
     verdicts = second.verdicts
     assert (verdicts["reason"] == f"sae_tag:{tag}").sum() > 0
     assert not verdicts.loc[verdicts["kept"], "tags"].str.split(",").map(lambda t: tag in t).any()
@@ -72,7 +77,7 @@ def test_reviewed_drop_list_and_tag_filter_remove_what_they_name(world: tuple[Ca
 
 def test_coverage_report_catches_a_deliberately_dropped_concept(world: tuple[Candidates, list[str]]) -> None:
     candidates, _ = world
-    selection = select_for_midtraining(candidates, SMALL)
+    selection = select_for_midtraining(candidates, settings(SMALL))
     from krea2_core.curation.coverage import ConceptIndex, load_graph, select_concepts
 
     concepts = select_concepts(*load_graph("wordnet"), SMALL.coverage)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from krea2_core.artifacts import ArtifactError
+from krea2_core.artifacts import ArtifactError, read_manifest
 from krea2_core.config import (AutoencoderConfig, DiTConfig, ParallelConfig, PretrainConfig, PretrainStageConfig,
                                SceneDomainConfig, WorldScenesConfig)
 from krea2_core.data.buckets import assign_bucket, bucket_sizes, resize_crop
@@ -233,14 +233,15 @@ def test_run_packing_publishes_a_packed_artifact(sources, isolated_outputs: Path
                             aspect_ratios=[0.5, 1.0, 2.0], autoencoder=AutoencoderConfig(downsample=4, patch_size=2),
                             model=DiTConfig(in_channels=192))
     assert pixel_multiple(config.autoencoder) == 8
-    path, manifest = run_packing(curated, texts, packing_config(config, "256"))
+    path = run_packing({"curated": curated, "captions": texts}, packing_config(config, "256"))
+    manifest = read_manifest(path)
     assert manifest.kind == "packed" and manifest.counts["packed"] == 28 and manifest.counts["dropped.no_caption"] == 1
     assert (path / INDEX_FILE).is_file() and not list(path.glob(".decoded*"))
     # content-addressed on what changes the bytes: same inputs, same place, whatever the training settings
     longer = dataclasses.replace(config, stages={"256": dataclasses.replace(config.stages["256"], steps=50, lr=0.1)})
-    assert run_packing(curated, texts, packing_config(longer, "256"))[0] == path
+    assert run_packing({"curated": curated, "captions": texts}, packing_config(longer, "256")) == path
     with pytest.raises(ArtifactError, match="expected 'curated'"):
-        run_packing(texts, texts, packing_config(config, "256"))
+        run_packing({"curated": texts, "captions": texts}, packing_config(config, "256"))
     with pytest.raises(ValueError, match="not a pretraining stage"):
         packing_config(config, "512")
 

@@ -172,7 +172,7 @@ def test_pairs_schema_rejects_a_photographic_medium_on_a_non_photo() -> None:
 def test_stage_writes_a_reproducible_validated_artifact(isolated_outputs: Path) -> None:
     captions = captions_artifact(mixed(6, 6, 6).assign(source=["scene_graph"] * 18), isolated_outputs)
     config = ExpanderDataConfig(n_pairs=12, batch_size=4, val_fraction=0.25, seed=9)
-    out = data.run_expander_data(captions, config, llm=FakeWriter())
+    out = data.run_expander_data({"captions": captions}, config, llm=FakeWriter())
 
     manifest = read_manifest(out, kind="expander_data")
     pairs = data.read_pairs(out)
@@ -184,7 +184,7 @@ def test_stage_writes_a_reproducible_validated_artifact(isolated_outputs: Path) 
     assert {e["style"] for e in examples} == set(pairs["style"]) and {"user", "thinking", "expansion"} <= set(examples[0])
 
     first = pairs.copy()
-    assert data.run_expander_data(captions, config, llm=FakeWriter()) == out
+    assert data.run_expander_data({"captions": captions}, config, llm=FakeWriter()) == out
     assert read_manifest(out).digest == manifest.digest
     pd.testing.assert_frame_equal(data.read_pairs(out), first)
     with pytest.raises(ArtifactError, match="expected 'expander_data'"):
@@ -194,10 +194,10 @@ def test_stage_writes_a_reproducible_validated_artifact(isolated_outputs: Path) 
 def test_stage_names_the_missing_column_of_a_bad_captions_table(isolated_outputs: Path) -> None:
     captions = captions_artifact(mixed(2, 2, 2).drop(columns="conversational"), isolated_outputs)
     with pytest.raises(SchemaError, match="conversational"):
-        data.run_expander_data(captions, CONFIG, llm=FakeWriter())
+        data.run_expander_data({"captions": captions}, CONFIG, llm=FakeWriter())
     empty = captions_artifact(mixed(1, 1, 0).assign(source="none"), isolated_outputs / "other")
     with pytest.raises(ValueError, match="none of its 2 rows is usable"):
-        data.run_expander_data(empty, CONFIG, llm=FakeWriter())
+        data.run_expander_data({"captions": empty}, CONFIG, llm=FakeWriter())
 
 
 def test_pair_stats_rates_and_words() -> None:

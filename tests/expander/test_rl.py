@@ -28,6 +28,7 @@ from krea2_core.expander.rl import (
     MINED_FILE,
     SAMPLES_FILE,
     ExpanderRewards,
+    ExpanderRLSettings,
     _update,
     gate,
     gate_metrics,
@@ -50,6 +51,10 @@ from post._checkpoints import PRETRAIN, RESOLUTION, publish_checkpoints
 
 
 EXPANSION = ExpansionConfig(max_new_tokens=16)
+
+
+def rl_settings(config: ExpanderRLConfig) -> ExpanderRLSettings:
+    return ExpanderRLSettings(rl=config, expansion=EXPANSION, resolution=RESOLUTION, trainer=PRETRAIN.trainer())
 
 
 def rl_config(**overrides: object) -> ExpanderRLConfig:
@@ -230,7 +235,8 @@ def inputs(tiny_llm: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
 def test_stage_publishes_a_loadable_expander_with_curves_mined_cases_and_evaluation(
         inputs: tuple[Path, Path, Path]) -> None:
     root, sft, image_model = inputs  # the inputs' root: its MLflow store exists already (creating one takes ~7 s)
-    out = run_expander_rl(sft, image_model, None, rl_config(hard_fraction=0.5), EXPANSION, PRETRAIN, RESOLUTION, root=root)
+    out = run_expander_rl({"sft": sft, "image_model": image_model}, rl_settings(rl_config(hard_fraction=0.5)),
+                          root=root)
     manifest = read_manifest(out, kind="expander")
     assert manifest.counts == {"steps": 2, "prompts": 4, "candidates": 2, "hard_cases": manifest.counts["hard_cases"],
                                "samples": 8}
@@ -272,14 +278,15 @@ def test_stage_publishes_a_loadable_expander_with_curves_mined_cases_and_evaluat
 def test_bad_inputs_fail_before_any_work(inputs: tuple[Path, Path, Path], tmp_path: Path) -> None:
     _, sft, image_model = inputs
     with pytest.raises(ArtifactError, match="expected 'expander'"):
-        run_expander_rl(image_model, image_model, None, rl_config(), EXPANSION, PRETRAIN, RESOLUTION, root=tmp_path)
+        run_expander_rl({"sft": image_model, "image_model": image_model}, rl_settings(rl_config()), root=tmp_path)
     with pytest.raises(ArtifactError, match="expected 'checkpoint'"):
-        run_expander_rl(sft, sft, None, rl_config(), EXPANSION, PRETRAIN, RESOLUTION, root=tmp_path)
+        run_expander_rl({"sft": sft, "image_model": sft}, rl_settings(rl_config()), root=tmp_path)
     with pytest.raises(ArtifactError, match="expected 'reward_model'"):
-        run_expander_rl(sft, image_model, image_model, rl_config(), EXPANSION, PRETRAIN, RESOLUTION, root=tmp_path)
+        run_expander_rl({"sft": sft, "image_model": image_model, "reward_model": image_model}, rl_settings(rl_config()),
+                        root=tmp_path)
     aesthetic = rl_config(weights={"image": 1.0, "aesthetic": 0.5})
     with pytest.raises(ValueError, match="aesthetic reward .* needs the reward_model stage's artifact"):
-        run_expander_rl(sft, image_model, None, aesthetic, EXPANSION, PRETRAIN, RESOLUTION, root=tmp_path)
+        run_expander_rl({"sft": sft, "image_model": image_model}, rl_settings(aesthetic), root=tmp_path)
     with pytest.raises(ConfigError, match=r"n_prompts \(1\) must be >= prompts_per_step \(2\)"):
         rl_config(n_prompts=1)
     assert not tmp_path.exists() or not any(tmp_path.iterdir())

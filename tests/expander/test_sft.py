@@ -11,7 +11,8 @@ from krea2_core.data.schemas import ExpanderPairs, write_table
 from krea2_core.expander.data import PAIRS_FILE
 from krea2_core.expander.format import answer
 from krea2_core.expander.model import MICRO_BATCH, expand, load_expander, prompt_texts
-from krea2_core.expander.sft import IGNORE, Example, backward_batch, batch_rows, collate, encode_pairs, run_expander_sft
+from krea2_core.expander.sft import (IGNORE, Example, ExpanderSFTSettings, backward_batch, batch_rows, collate,
+                                     encode_pairs, run_expander_sft)
 
 PAIRS = [("p0", "a red cube", "one red cube", "A big red cube."),
          ("p1", "two blue balls", "two blue spheres", "Two small blue spheres.")]
@@ -105,7 +106,7 @@ def test_sft_memorises_pairs_and_publishes_a_loadable_expander(tiny_llm: Path, t
     table = pairs_table([*PAIRS, ("v0", "a green cone", "one green cone", "A green cone.")], ["train", "train", "val"])
     config = ExpanderSFTConfig(model_id=str(tiny_llm), steps=40, batch_size=2, lr=1e-2, warmup_steps=2,
                                eval_prompts=3, log_every=10, device="cpu")
-    out = run_expander_sft(pairs_artifact(tmp_path, table), config, EVAL, resolution=64)
+    out = run_expander_sft({"pairs": pairs_artifact(tmp_path, table)}, ExpanderSFTSettings(config, EVAL, resolution=64))
 
     manifest = read_manifest(out, kind="expander")
     assert manifest.counts.items() >= {"train_pairs": 2, "val_pairs": 1, "truncated": 0, "steps": 40}.items()
@@ -126,7 +127,7 @@ def test_sft_memorises_pairs_and_publishes_a_loadable_expander(tiny_llm: Path, t
 def test_bad_inputs_are_clear_errors(tiny_llm: Path, tmp_path: Path) -> None:
     config = ExpanderSFTConfig(model_id=str(tiny_llm), steps=2, warmup_steps=0, device="cpu")
     with pytest.raises(ArtifactError, match="manifest.json is missing"):
-        run_expander_sft(tmp_path / "missing", config, EVAL, resolution=64)
+        run_expander_sft({"pairs": tmp_path / "missing"}, ExpanderSFTSettings(config, EVAL, resolution=64))
     only_val = pairs_artifact(tmp_path, pairs_table(PAIRS, ["val", "val"]))
     with pytest.raises(ValueError, match="no 'train' rows"):
-        run_expander_sft(only_val, config, EVAL, resolution=64)
+        run_expander_sft({"pairs": only_val}, ExpanderSFTSettings(config, EVAL, resolution=64))

@@ -13,6 +13,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from krea2_core.config import PreferenceConfig, PretrainConfig
+from krea2_core.post.annotations import SimulatedAnnotations, simulated_like
+from krea2_core.post.pairs import PairSettings
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.training.pretrain import CONFIG_FILE, WEIGHTS_FILE, diffusers_config, new_model
 from krea2_core.world.captions import Prompt
@@ -28,6 +30,7 @@ PRETRAIN = PretrainConfig.from_dict({
     "parallel": {"nproc_per_node": 1, "dtype": "float32"},
     "stages": {"256": {"resolution": 32, "steps": 2, "global_batch": 8, "warmup_steps": 0, "pma_checkpoints": 1}},
 })
+TRAINER = PRETRAIN.trainer()  # what the post-training stages' settings hold
 
 
 def preference_config(simulated: int = 40, **pairs: object) -> PreferenceConfig:
@@ -35,6 +38,18 @@ def preference_config(simulated: int = 40, **pairs: object) -> PreferenceConfig:
             "opponents": [{"checkpoint": "previous", "steps": 2}, {"steps": 2, "cfg_scale": 1.5}, {"steps": 2}]}
     return PreferenceConfig.from_dict({"pairs": {**base, **pairs}, "simulated_annotations": simulated,
                                        "simulated_label_noise": 0.2})
+
+
+def pair_settings(config: PreferenceConfig | None = None, **sampling: int) -> PairSettings:
+    """The pair-generation settings of ``config`` (default ``preference_config()``) at RESOLUTION with TRAINER."""
+    return PairSettings(pairs=(config or preference_config()).pairs, resolution=RESOLUTION, trainer=TRAINER,
+                        **sampling)
+
+
+def simulated_annotations(config: PreferenceConfig | None = None) -> SimulatedAnnotations:
+    """How the simulated annotation table of ``config`` (default ``preference_config()``) is made."""
+    config = config or preference_config()
+    return simulated_like(pair_settings(config), config.simulated_annotations, config.simulated_label_noise)
 
 
 def publish_checkpoints(root: Path) -> tuple[Path, Path]:

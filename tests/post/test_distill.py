@@ -18,13 +18,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from krea2_core.artifacts import ArtifactError, read_manifest
-from krea2_core.config import DistillConfig
+from krea2_core.config import DistillConfig, TrainerConfig
 from krea2_core.diffusion.flow import VelocityFn, add_noise, flow_loss
 from krea2_core.diffusion.sampling import ModelFn, euler_sample, guided, inference_timesteps
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.post.distill import (
     DISTILL_FILE,
     EVAL_FILE,
+    DistillSettings,
     draw_samples,
     rank_slots,
     run_distill_stage,
@@ -46,7 +47,7 @@ from krea2_core.training.launch import launch_local
 from krea2_core.training.parallel import init_distributed
 from krea2_core.training.pretrain import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, diffusers_config, new_model, text_to_image
 
-from ._checkpoints import PRETRAIN, RESOLUTION
+from ._checkpoints import PRETRAIN, RESOLUTION, TRAINER
 
 CPU = torch.device("cpu")
 TOKENS = (64, 192)  # a 32 px image: 8 x 8 tokens of 4x4 pixel space-to-depth x 2x2 patches
@@ -57,6 +58,11 @@ def _config(**overrides: object) -> DistillConfig:
             "warmup_steps": 0, "n_prompts": 8, "seed": 3, "eval_prompts": 4, "teacher_eval_steps": 8,
             "log_every": 2}
     return DistillConfig.from_dict({**base, **overrides})
+
+
+def _settings(config: DistillConfig | None = None, trainer: TrainerConfig = TRAINER,
+              resolution: int = RESOLUTION) -> DistillSettings:
+    return DistillSettings(distill=config or _config(), resolution=resolution, trainer=trainer)
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +362,7 @@ def test_a_crashed_run_resumes_bitwise_from_its_checkpoint(
 def test_stage_publishes_the_student_with_its_sampling_recipe_and_one_run_evaluation(teacher: Path,
                                                                                     tmp_path: Path) -> None:
     config = _config(steps=2, eval_prompts=2)
-    out = run_distill_stage(teacher, config, PRETRAIN, RESOLUTION, root=tmp_path)
+    out = run_distill_stage({"teacher": teacher}, _settings(config), root=tmp_path)
     assert out is not None
     manifest = read_manifest(out, kind="checkpoint")
     assert manifest.counts == {"steps": 2, "student_steps": 2}
@@ -395,9 +401,10 @@ def test_stage_publishes_the_student_with_its_sampling_recipe_and_one_run_evalua
 
 @pytest.mark.slow
 def test_two_ranks_with_fsdp_follow_the_single_process_curve(teacher: Path, tmp_path: Path) -> None:
-    single = run_distill_stage(teacher, _config(), PRETRAIN, RESOLUTION, root=tmp_path / "one")
-    two = dataclasses.replace(PRETRAIN, parallel=dataclasses.replace(PRETRAIN.parallel, nproc_per_node=2))
-    out = launch_local(two.parallel, run_distill_stage, teacher, _config(), two, RESOLUTION, "", tmp_path / "two")
+    single = run_distill_stage({"teacher": teacher}, _settings(), root=tmp_path / "one")
+    two = dataclasses.replace(TRAINER, parallel=dataclasses.replace(TRAINER.parallel, nproc_per_node=2))
+    out = launch_local(two.parallel, run_distill_stage, {"teacher": teacher}, _settings(trainer=two), "",
+                       tmp_path / "two")
 
     def curve(artifact: Path) -> list[dict]:
         return [json.loads(line) for line in (artifact / METRICS_FILE).read_text().splitlines()]
@@ -414,12 +421,12 @@ def test_bad_input_fails_before_anything_is_written(teacher: Path, tmp_path: Pat
 
     not_a_checkpoint = execute_stage("test_pairs", "preference_pairs", body, config={}, root=tmp_path / "in")[0]
     with pytest.raises(ArtifactError, match="expected 'checkpoint'"):
-        run_distill_stage(not_a_checkpoint, _config(), PRETRAIN, RESOLUTION, root=tmp_path)
-    two_ranks = dataclasses.replace(PRETRAIN, parallel=dataclasses.replace(PRETRAIN.parallel, nproc_per_node=2))
+        run_distill_stage({"teacher": not_a_checkpoint}, _settings(), root=tmp_path)
+    two_ranks = dataclasses.replace(TRAINER, parallel=dataclasses.replace(TRAINER.parallel, nproc_per_node=2))
     with pytest.raises(RuntimeError, match="launched with 1 processes but parallel.nnodes x nproc_per_node is 2"):
-        run_distill_stage(teacher, _config(), two_ranks, RESOLUTION, root=tmp_path)
+        run_distill_stage({"teacher": teacher}, _settings(trainer=two_ranks), root=tmp_path)
     with pytest.raises(ValueError, match="must be a multiple of 8"):
-        run_distill_stage(teacher, _config(), PRETRAIN, 36, root=tmp_path)
+        run_distill_stage({"teacher": teacher}, _settings(resolution=36), root=tmp_path)
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "work").exists()
     assert not (tmp_path / "mlflow.db").exists()
     with pytest.raises(ValueError, match=r"distill.batch \(6\) must be divisible by the data-parallel size \(4\)"):

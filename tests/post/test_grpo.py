@@ -17,11 +17,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from krea2_core.artifacts import ArtifactError, read_manifest
-from krea2_core.config import RLConfig
+from krea2_core.config import RLConfig, TrainerConfig
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.post.grpo import (
     EVAL_FILE,
     POOL_FILE,
+    RLSettings,
     check_rl_config,
     grpo_loss,
     reward_metrics,
@@ -37,7 +38,7 @@ from krea2_core.training.parallel import init_distributed
 from krea2_core.training.pretrain import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, new_model, text_to_image
 from krea2_core.world.captions import Prompt
 
-from ._checkpoints import PRETRAIN, RESOLUTION, publish_checkpoints
+from ._checkpoints import PRETRAIN, RESOLUTION, TRAINER, publish_checkpoints
 
 CPU = torch.device("cpu")
 
@@ -50,6 +51,10 @@ def rl_config(steps: int = 3, **grpo: object) -> RLConfig:
                  "lr": 3e-2, "warmup_steps": 0, "kl_beta": 0.01, "log_every": 2, **grpo},
         "eval_prompts": 4, "diversity_prompts": 2, "diversity_samples": 2,
     })
+
+
+def rl_settings(config: RLConfig, trainer: TrainerConfig = TRAINER, resolution: int = RESOLUTION) -> RLSettings:
+    return RLSettings(rl=config, resolution=resolution, trainer=trainer)
 
 
 # --------------------------------------------------------------------------- the objective
@@ -212,7 +217,7 @@ def test_stage_publishes_a_checkpoint_with_reward_curves_pool_and_evaluation(ini
     config = rl_config()
     config = dataclasses.replace(config, rewards=dataclasses.replace(config.rewards,
                                                                       weights={"rubric": 1.0, "artifact": 0.5}))
-    out = run_rl_stage(init, None, config, PRETRAIN, RESOLUTION, root=tmp_path)
+    out = run_rl_stage({"init": init}, rl_settings(config), root=tmp_path)
     assert out is not None
     manifest = read_manifest(out, kind="checkpoint")
     assert manifest.counts == {"steps": 3, "prompts": 6, "samples": 24}
@@ -250,9 +255,9 @@ def test_stage_publishes_a_checkpoint_with_reward_curves_pool_and_evaluation(ini
 
 @pytest.mark.slow
 def test_two_ranks_with_fsdp_follow_the_single_process_curve(init: Path, tmp_path: Path) -> None:
-    single = run_rl_stage(init, None, rl_config(steps=2), PRETRAIN, RESOLUTION, "", tmp_path / "one")
-    two = dataclasses.replace(PRETRAIN, parallel=dataclasses.replace(PRETRAIN.parallel, nproc_per_node=2))
-    out = launch_local(two.parallel, run_rl_stage, init, None, rl_config(steps=2), two, RESOLUTION, "",
+    single = run_rl_stage({"init": init}, rl_settings(rl_config(steps=2)), "", tmp_path / "one")
+    two = dataclasses.replace(TRAINER, parallel=dataclasses.replace(TRAINER.parallel, nproc_per_node=2))
+    out = launch_local(two.parallel, run_rl_stage, {"init": init}, rl_settings(rl_config(steps=2), two), "",
                        tmp_path / "two")
 
     def curve(artifact: Path) -> list[dict]:
@@ -265,17 +270,17 @@ def test_two_ranks_with_fsdp_follow_the_single_process_curve(init: Path, tmp_pat
 
 def test_bad_input_fails_before_anything_is_written(init: Path, tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="expected 'reward_model'"):
-        run_rl_stage(init, init, rl_config(), PRETRAIN, RESOLUTION, root=tmp_path)
+        run_rl_stage({"init": init, "reward_model": init}, rl_settings(rl_config()), root=tmp_path)
     with pytest.raises(ArtifactError):
-        run_rl_stage(tmp_path, None, rl_config(), PRETRAIN, RESOLUTION, root=tmp_path)
-    two_ranks = dataclasses.replace(PRETRAIN, parallel=dataclasses.replace(PRETRAIN.parallel, nproc_per_node=2))
+        run_rl_stage({"init": tmp_path}, rl_settings(rl_config()), root=tmp_path)
+    two_ranks = dataclasses.replace(TRAINER, parallel=dataclasses.replace(TRAINER.parallel, nproc_per_node=2))
     with pytest.raises(RuntimeError, match="launched with 1 processes but parallel.nnodes x nproc_per_node is 2"):
-        run_rl_stage(init, None, rl_config(), two_ranks, RESOLUTION, root=tmp_path)
+        run_rl_stage({"init": init}, rl_settings(rl_config(), two_ranks), root=tmp_path)
     with pytest.raises(ValueError, match="train_timesteps <= sample_steps - 1"):
-        run_rl_stage(init, None, rl_config(train_timesteps=3), PRETRAIN, RESOLUTION, root=tmp_path)
+        run_rl_stage({"init": init}, rl_settings(rl_config(train_timesteps=3)), root=tmp_path)
     aesthetic = dataclasses.replace(rl_config(), rewards=dataclasses.replace(
         rl_config().rewards, weights={"rubric": 1.0, "aesthetic": 0.5}))
     with pytest.raises(ValueError, match="aesthetic reward needs the reward_model stage's artifact"):
-        run_rl_stage(init, None, aesthetic, PRETRAIN, RESOLUTION, root=tmp_path)
+        run_rl_stage({"init": init}, rl_settings(aesthetic), root=tmp_path)
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "work").exists()
     assert not (tmp_path / "mlflow.db").exists()

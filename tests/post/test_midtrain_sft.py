@@ -9,8 +9,9 @@ import json
 import pandas as pd
 import pytest
 
-from krea2_core.config import ConfigError, MidtrainConfig, PipelineConfig, SceneDomainConfig, SFTDomainConfig, preset
-from krea2_core.post.midtrain import select_mix, top_stage
+from krea2_core.config import (ConfigError, MidtrainConfig, PackingConfig, PipelineConfig, SceneDomainConfig,
+                               SFTDomainConfig, preset)
+from krea2_core.post.midtrain import MidtrainPackingSettings, select_mix, top_stage
 from krea2_core.post.sft import render_domain
 from krea2_core.world.captions import captions
 from krea2_core.world.scene import Scene
@@ -29,10 +30,17 @@ def _mix(**domains: dict) -> MidtrainConfig:
                                      "stage": {"resolution": 32, "steps": 2, "global_batch": 8, "warmup_steps": 0}})
 
 
+def _settings(**domains: dict) -> MidtrainPackingSettings:
+    """The midtraining packing settings of ``_mix(**domains)`` (select_mix reads the domains and n_images)."""
+    config = _mix(**domains)
+    packing = PackingConfig(stage="1024", resolution=32, aspect_ratios=[1.0], multiple=8, global_batch=8, seed=0)
+    return MidtrainPackingSettings(domains=config.domains, n_images=config.n_images, packing=packing)
+
+
 def test_domains_fill_in_order_with_word_matches_and_shares() -> None:
     sample, texts = _sample()
-    config = _mix(text={"share": 0.25, "keywords": ["text"]}, photos={"share": 0.25, "sources": ["photos"]},
-                  rest={"share": 0.5})
+    config = _settings(text={"share": 0.25, "keywords": ["text"]}, photos={"share": 0.25, "sources": ["photos"]},
+                       rest={"share": 0.5})
     mix, shortfall = select_mix(sample, texts, config, seed=0)
     assert mix["domain"].value_counts().to_dict() == {"text": 4, "photos": 4, "rest": 8}
     assert mix["id"].is_unique
@@ -44,14 +52,14 @@ def test_domains_fill_in_order_with_word_matches_and_shares() -> None:
 
 def test_keywords_match_whole_words_and_shortfall_is_recorded() -> None:
     sample, texts = _sample()
-    config = _mix(words={"share": 0.5, "keywords": ["word"]}, rest={"share": 0.5})  # "sword" is not "word"
+    config = _settings(words={"share": 0.5, "keywords": ["word"]}, rest={"share": 0.5})  # "sword" is not "word"
     mix, shortfall = select_mix(sample, texts, config, seed=0)
     assert (mix["domain"] == "words").sum() == 0 and shortfall["words"] == 8
 
 
 def test_mix_does_not_depend_on_row_order() -> None:
     sample, texts = _sample()
-    config = _mix(text={"share": 0.5, "keywords": ["text"]}, rest={"share": 0.5})
+    config = _settings(text={"share": 0.5, "keywords": ["text"]}, rest={"share": 0.5})
     first, _ = select_mix(sample, texts, config, seed=3)
     second, _ = select_mix(sample.iloc[::-1], texts.sample(frac=1, random_state=1), config, seed=3)
     pd.testing.assert_frame_equal(first.sort_values("id", ignore_index=True), second.sort_values("id", ignore_index=True))
@@ -60,7 +68,7 @@ def test_mix_does_not_depend_on_row_order() -> None:
 def test_sample_without_source_column_is_a_clear_error() -> None:
     sample, texts = _sample()
     with pytest.raises(ValueError, match="source"):
-        select_mix(sample.drop(columns=["source"]), texts, _mix(all={"share": 1.0}), seed=0)
+        select_mix(sample.drop(columns=["source"]), texts, _settings(all={"share": 1.0}), seed=0)
 
 
 def test_domain_set_obeys_its_slice_of_the_world(tmp_path) -> None:

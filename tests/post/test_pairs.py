@@ -15,12 +15,11 @@ from PIL import Image
 from krea2_core.artifacts import read_manifest
 from krea2_core.data.schemas import Skipped, read_table
 from krea2_core.diffusion.text_to_image import TextToImage
-from krea2_core.post import pairs as pairs_module
 from krea2_core.post.pairs import (PAIRS_FILE, SAMPLES_FILE, SKIPPED_FILE, decode_pair_images, plan_draws,
                                    read_pairs, run_pair_generation)
 
-from ._checkpoints import (PRETRAIN, RESOLUTION, BrightnessOracle, ConstantOracle, HashOracle,
-                           preference_config, publish_checkpoints)
+from ._checkpoints import (RESOLUTION, BrightnessOracle, ConstantOracle, HashOracle, pair_settings, preference_config,
+                           publish_checkpoints)
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +28,19 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(root: Path) -> tuple[Path, Path]:
-    return publish_checkpoints(root)
+def checkpoints(root: Path) -> dict[str, Path]:
+    policy, previous = publish_checkpoints(root)
+    return {"policy": policy, "previous": previous}
 
 
 @pytest.fixture(scope="module")
-def brightness_pairs(checkpoints: tuple[Path, Path], root: Path) -> Path:
-    out, _ = run_pair_generation(*checkpoints, preference_config(), PRETRAIN, RESOLUTION, root=root,
-                                 oracle=BrightnessOracle())
-    return out
+def brightness_pairs(checkpoints: dict[str, Path], root: Path) -> Path:
+    return run_pair_generation(checkpoints, pair_settings(), root=root, oracle=BrightnessOracle())
 
 
 def test_most_prompts_pair_an_on_policy_sample() -> None:
     config = preference_config(n_prompts=23, off_policy_fraction=0.3)
-    side_a, side_b = plan_draws(config, 23)
+    side_a, side_b = plan_draws(config.pairs, 23)
     on_policy = [a.sampler.checkpoint == "policy" or b.sampler.checkpoint == "policy"
                  for a, b in zip(side_a, side_b, strict=True)]
     assert sum(on_policy) == 23 - round(0.3 * 23)
@@ -52,7 +50,7 @@ def test_most_prompts_pair_an_on_policy_sample() -> None:
             assert (a.sampler, b.sampler) == (config.pairs.policy, config.pairs.opponents[i % 3])
         else:  # two samples of the previous checkpoint
             assert a.sampler.checkpoint == b.sampler.checkpoint == "previous"
-    assert plan_draws(config, 23) == (side_a, side_b)  # the off-policy prompts are seeded, not random
+    assert plan_draws(config.pairs, 23) == (side_a, side_b)  # the off-policy prompts are seeded, not random
 
 
 def test_pairs_table_winners_margins_and_skipped_ties(brightness_pairs: Path) -> None:
@@ -78,39 +76,38 @@ def test_pairs_table_winners_margins_and_skipped_ties(brightness_pairs: Path) ->
         assert abs(detail["score_a"] - detail["score_b"]) < config.pairs.min_margin
 
 
-def test_same_config_gives_identical_bytes(checkpoints: tuple[Path, Path], brightness_pairs: Path, root: Path
+def test_same_config_gives_identical_bytes(checkpoints: dict[str, Path], brightness_pairs: Path, root: Path
                                            ) -> None:
     before = {name: (brightness_pairs / name).read_bytes() for name in (PAIRS_FILE, SKIPPED_FILE, SAMPLES_FILE)}
-    again, _ = run_pair_generation(*checkpoints, preference_config(), PRETRAIN, RESOLUTION, root=root,
-                                   oracle=BrightnessOracle())  # computed again and republished in place
+    again = run_pair_generation(checkpoints, pair_settings(), root=root,
+                                oracle=BrightnessOracle())  # computed again and republished in place
     assert again == brightness_pairs
     assert {name: (again / name).read_bytes() for name in before} == before
 
 
-def test_same_checkpoint_and_sampler_opponent_samples_other_noise(checkpoints: tuple[Path, Path], root: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pairs_module, "CHUNK", 4)  # three chunks of prompts: their noise must differ too
+def test_same_checkpoint_and_sampler_opponent_samples_other_noise(checkpoints: dict[str, Path], root: Path) -> None:
     config = preference_config(off_policy_fraction=0.0, min_margin=0.0, opponents=[{"steps": 2}])  # policy sampler
-    out, manifest = run_pair_generation(*checkpoints, config, PRETRAIN, RESOLUTION, root=root, oracle=HashOracle())
+    # three chunks of prompts: their noise must differ too
+    out = run_pair_generation(checkpoints, pair_settings(config, chunk=4), root=root, oracle=HashOracle())
+    manifest = read_manifest(out)
     pairs = read_pairs(out)
     assert manifest.counts["pairs"] == 10 and "skipped.identical" not in manifest.counts
-    assert list(pairs["pair_id"]) == [f"pair-{i:06d}" for i in range(10)] and manifest.config["chunk"] == 4
+    assert list(pairs["pair_id"]) == [f"pair-{i:06d}" for i in range(10)]
+    assert manifest.config["settings"]["chunk"] == 4 and manifest.config["oracle"] == HashOracle.name
     assert (pairs["winner_source"] == pairs["loser_source"]).all()
     assert (pairs["winner"] != pairs["loser"]).all()
     assert len(set(pairs["winner"]) | set(pairs["loser"])) == 20  # no image repeats across prompts either
 
 
-def test_no_surviving_pair_is_a_clear_error(checkpoints: tuple[Path, Path], root: Path,
+def test_no_surviving_pair_is_a_clear_error(checkpoints: dict[str, Path], root: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     published = set((root / "artifacts").glob("preference_pairs/*"))
     with pytest.raises(ValueError, match=r"no usable preference pair.*'tie': 10"):
-        run_pair_generation(*checkpoints, preference_config(), PRETRAIN, RESOLUTION, root=root,
-                            oracle=ConstantOracle())
+        run_pair_generation(checkpoints, pair_settings(), root=root, oracle=ConstantOracle())
     flat = Image.new("RGB", (RESOLUTION, RESOLUTION), "grey")
     monkeypatch.setattr(TextToImage, "generate", lambda self, prompts, **kw: [flat.copy() for _ in prompts])
     with pytest.raises(ValueError, match=r"no usable preference pair.*'identical': 10"):
-        run_pair_generation(*checkpoints, preference_config(), PRETRAIN, RESOLUTION, root=root,
-                            oracle=HashOracle())
+        run_pair_generation(checkpoints, pair_settings(), root=root, oracle=HashOracle())
     assert set((root / "artifacts").glob("preference_pairs/*")) == published  # nothing published
 
 

@@ -16,16 +16,18 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
 from krea2_core.artifacts import ArtifactError, read_manifest
-from krea2_core.config import PreferenceConfig, PreferenceLossConfig, PreferenceStageConfig
+from krea2_core.config import PreferenceConfig, PreferenceLossConfig, PreferenceStageConfig, TrainerConfig, preset
 from krea2_core.data.schemas import PreferencePairs, write_table
 from krea2_core.diffusion.flow import add_noise, flow_loss, sample_timesteps
 from krea2_core.post.pairs import PAIRS_FILE, decode_pair_images, png_bytes
 from krea2_core.post.preference import (
     METRICS_FILE,
     WEIGHTS_FILE,
+    PreferenceSettings,
     load_pairs,
     pair_indices,
     policy_and_reference,
+    preference_settings,
     run_preference_stage,
     train_preference,
 )
@@ -38,7 +40,7 @@ from krea2_core.world.captions import sample_prompts
 from krea2_core.world.render import render
 from krea2_core.world.scene import COLORS
 
-from ._checkpoints import PRETRAIN, RESOLUTION
+from ._checkpoints import PRETRAIN, RESOLUTION, TRAINER
 
 CPU = torch.device("cpu")
 STPO = PreferenceLossConfig(kind="stpo", beta=10.0, winner_weight=1.0, loser_weight=0.5, loser_tolerance=0.05,
@@ -236,10 +238,18 @@ def _config(steps: int = 3) -> PreferenceConfig:
                                        "eval_prompts": 4})
 
 
+def _settings(steps: int = 3, trainer: TrainerConfig = TRAINER) -> PreferenceSettings:
+    """Stage "synthetic" of ``_config(steps)`` at RESOLUTION."""
+    config = _config(steps)
+    return PreferenceSettings(name="synthetic", loss=config.loss, recipe=config.synthetic,
+                              timestep_shift=config.timestep_shift, eval_prompts=config.eval_prompts,
+                              resolution=RESOLUTION, trainer=trainer)
+
+
 def test_stage_publishes_a_loadable_checkpoint_with_the_implicit_curves(inputs: tuple[Path, Path],
                                                                          tmp_path: Path) -> None:
     pairs, init = inputs
-    out = run_preference_stage(pairs, init, "synthetic", _config(), PRETRAIN, RESOLUTION, root=tmp_path)
+    out = run_preference_stage({"pairs": pairs, "init": init}, _settings(), root=tmp_path)
     assert out is not None
     manifest = read_manifest(out, kind="checkpoint")
     assert manifest.counts == {"steps": 3, "pairs": 4}
@@ -268,9 +278,9 @@ def test_stage_publishes_a_loadable_checkpoint_with_the_implicit_curves(inputs: 
 @pytest.mark.slow
 def test_two_ranks_with_fsdp_follow_the_single_process_curve(inputs: tuple[Path, Path], tmp_path: Path) -> None:
     pairs, init = inputs
-    single = run_preference_stage(pairs, init, "synthetic", _config(), PRETRAIN, RESOLUTION, root=tmp_path / "one")
-    two = dataclasses.replace(PRETRAIN, parallel=dataclasses.replace(PRETRAIN.parallel, nproc_per_node=2))
-    out = launch_local(two.parallel, run_preference_stage, pairs, init, "synthetic", _config(), two, RESOLUTION, "",
+    single = run_preference_stage({"pairs": pairs, "init": init}, _settings(), root=tmp_path / "one")
+    two = dataclasses.replace(TRAINER, parallel=dataclasses.replace(TRAINER.parallel, nproc_per_node=2))
+    out = launch_local(two.parallel, run_preference_stage, {"pairs": pairs, "init": init}, _settings(trainer=two), "",
                        tmp_path / "two")
 
     def curve(artifact: Path) -> list[dict]:
@@ -285,17 +295,20 @@ def test_bad_input_fails_before_anything_is_written(inputs: tuple[Path, Path], t
     pairs, init = inputs
     mixed = pd.concat([_pairs_frame(2), _pairs_frame(1, size=48).assign(pair_id="big")], ignore_index=True)
     with pytest.raises(ValueError, match=r"runs at 32x32 .* pair 'big' is 48x48"):
-        run_preference_stage(_publish_pairs(mixed, tmp_path / "in", "mixed"), init, "synthetic", _config(),
-                             PRETRAIN, RESOLUTION, root=tmp_path)
+        run_preference_stage({"pairs": _publish_pairs(mixed, tmp_path / "in", "mixed"), "init": init}, _settings(),
+                             root=tmp_path)
     with pytest.raises(ValueError, match="holds no pairs"):
-        run_preference_stage(_publish_pairs(_pairs_frame(1).iloc[:0], tmp_path / "in", "empty"), init, "synthetic",
-                             _config(), PRETRAIN, RESOLUTION, root=tmp_path)
-    two_ranks = dataclasses.replace(PRETRAIN, parallel=dataclasses.replace(PRETRAIN.parallel, nproc_per_node=2))
+        run_preference_stage({"pairs": _publish_pairs(_pairs_frame(1).iloc[:0], tmp_path / "in", "empty"),
+                              "init": init}, _settings(), root=tmp_path)
+    two_ranks = dataclasses.replace(TRAINER, parallel=dataclasses.replace(TRAINER.parallel, nproc_per_node=2))
     with pytest.raises(RuntimeError, match="launched with 1 processes but parallel.nnodes x nproc_per_node is 2"):
-        run_preference_stage(pairs, init, "synthetic", _config(), two_ranks, RESOLUTION, root=tmp_path)
-    with pytest.raises(ValueError, match="must be one of"):
-        run_preference_stage(pairs, init, "rlhf", _config(), PRETRAIN, RESOLUTION, root=tmp_path)
+        run_preference_stage({"pairs": pairs, "init": init}, _settings(trainer=two_ranks), root=tmp_path)
+    with pytest.raises(ValueError, match="must be one of"):  # an unknown stage has no settings
+        preference_settings(preset("tiny"), "rlhf")
+    with pytest.raises(ValueError, match="must be one of"):  # nor runs under hand-made ones
+        run_preference_stage({"pairs": pairs, "init": init}, dataclasses.replace(_settings(), name="rlhf"),
+                             root=tmp_path)
     with pytest.raises(ArtifactError, match="expected 'checkpoint'"):
-        run_preference_stage(pairs, pairs, "synthetic", _config(), PRETRAIN, RESOLUTION, root=tmp_path)
+        run_preference_stage({"pairs": pairs, "init": pairs}, _settings(), root=tmp_path)
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "work").exists()
     assert not (tmp_path / "mlflow.db").exists()

@@ -60,19 +60,20 @@ def root(isolated_outputs: Path) -> Path:
 
 
 @pytest.fixture
-def pairs(root: Path) -> list[Path]:
-    return [publish_pairs(root, "synthetic", 32, 0, "synthetic"), publish_pairs(root, "human", 12, 1, "human")]
+def pairs(root: Path) -> dict[str, Path]:
+    return {"pairs.0": publish_pairs(root, "synthetic", 32, 0, "synthetic"),
+            "pairs.1": publish_pairs(root, "human", 12, 1, "human")}
 
 
 @pytest.fixture
-def trained(pairs: list[Path], root: Path) -> Path:
-    return run_reward_model(pairs, CONFIG, root=root)[0]
+def trained(pairs: dict[str, Path], root: Path) -> Path:
+    return run_reward_model(pairs, CONFIG, root=root)
 
 
-def test_reward_model_learns_the_preference_of_both_tables(trained: Path, pairs: list[Path], root: Path) -> None:
+def test_reward_model_learns_the_preference_of_both_tables(trained: Path, pairs: dict[str, Path], root: Path) -> None:
     manifest = read_manifest(trained, kind="reward_model")
     assert manifest.counts == {"pairs": 44, "train_pairs": 33, "val_pairs": 11, "images": 88}
-    assert set(manifest.inputs) == {"pairs_0", "pairs_1"}
+    assert set(manifest.inputs) == {"pairs.0", "pairs.1"}
     assert (trained / HEAD_FILE).is_file()
     info = json.loads((trained / INFO_FILE).read_text())
     assert (info["embedder"]["kind"], info["dim"], info["hidden"]) == ("efficientnet_lite0", 1280, CONFIG.hidden)
@@ -97,17 +98,18 @@ def test_loaded_reward_model_scores_unseen_brighter_images_higher(trained: Path)
     assert model.score([]).shape == (0,)
 
 
-def test_bad_input_is_a_clear_error_and_publishes_nothing(pairs: list[Path], root: Path, tmp_path: Path) -> None:
+def test_bad_input_is_a_clear_error_and_publishes_nothing(pairs: dict[str, Path], root: Path, tmp_path: Path
+                                                          ) -> None:
     published = set((root / "artifacts").glob("reward_model/*"))
     with pytest.raises(ValueError, match="at least one preference_pairs artifact"):
-        run_reward_model([], CONFIG, root=root)
+        run_reward_model({}, CONFIG, root=root)
     checkpoint = execute_stage("test_checkpoint", "checkpoint", lambda i, s, r: StageOutput(counts={}),
                                config={}, root=root)[0]
     with pytest.raises(ArtifactError, match="holds a 'checkpoint' artifact, expected 'preference_pairs'"):
-        run_reward_model([pairs[0], checkpoint], CONFIG, root=root)
+        run_reward_model({"pairs.0": pairs["pairs.0"], "pairs.1": checkpoint}, CONFIG, root=root)
     with pytest.raises(ArtifactError, match="expected 'reward_model'"):
-        load_reward_model(pairs[0])
+        load_reward_model(pairs["pairs.0"])
     empty = publish_pairs(root, "empty", 0, 2, "synthetic")
     with pytest.raises(ValueError, match="no preference pairs in"):
-        run_reward_model([empty], CONFIG, root=root)
+        run_reward_model({"pairs.0": empty}, CONFIG, root=root)
     assert set((root / "artifacts").glob("reward_model/*")) == published

@@ -13,16 +13,17 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from krea2_core.artifacts import read_manifest
-from krea2_core.config import PostTrainConfig, preset
-from krea2_core.post.merge import EVAL_FILE, METHODS, run_merge
-from krea2_core.post.sft import SCENES_FILE, run_sft, run_sft_data
-from krea2_core.training.pretrain import WEIGHTS_FILE, new_model
+from krea2_core.config import PipelineConfig, PostTrainConfig, preset
+from krea2_core.post.merge import EVAL_FILE, METHODS, merge_settings, run_merge
+from krea2_core.post.sft import SCENES_FILE, run_sft_data, sft_data_settings, sft_settings
+from krea2_core.training.pretrain import WEIGHTS_FILE, new_model, run_training_stage
 from tests.post._checkpoints import PRETRAIN, publish_checkpoints
 
 TINY = preset("tiny").post
 POST = PostTrainConfig.from_dict({
     "resolution": 32,
-    "midtrain": {"n_images": 8, "stage": {"resolution": 128, "steps": 1, "global_batch": 8, "warmup_steps": 0}},
+    # midtraining (unused here) at the pretraining config's top resolution, as a PipelineConfig requires
+    "midtrain": {"n_images": 8, "stage": {"resolution": 32, "steps": 1, "global_batch": 8, "warmup_steps": 0}},
     "sft": {"domains": {name: {"scenes": d.scenes.to_dict(), "n_images": 8, "seed": d.seed}
                         for name, d in TINY.sft.domains.items()},
             "stage": {"resolution": 32, "steps": 2, "global_batch": 8, "warmup_steps": 0, "pma_checkpoints": 1,
@@ -32,6 +33,7 @@ POST = PostTrainConfig.from_dict({
 })
 EVAL = {"eval": {"n_prompts": 2, "steps": 2, "grid_size": 2}}
 CONFIG = type(PRETRAIN).from_dict({**PRETRAIN.to_dict(), **EVAL})
+PIPELINE = PipelineConfig(pretrain=CONFIG, post=POST)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +42,10 @@ def sft_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     base, _ = publish_checkpoints(root)
     out = {}
     for name in POST.sft.domains:
-        data, manifest = run_sft_data(name, POST.sft.domains[name], POST.sft, 8, root=root)
-        assert manifest.counts["packed"] == 8 and (data / SCENES_FILE).is_file()
-        out[name] = run_sft(data, base, name, CONFIG, POST.sft, root=root)
+        data = run_sft_data({}, sft_data_settings(POST.sft, name, 8), root=root)
+        assert read_manifest(data).counts["packed"] == 8 and (data / SCENES_FILE).is_file()
+        out[name] = run_training_stage({"packed": data, "init": base}, sft_settings(CONFIG.trainer(), POST.sft, name),
+                                       root=root)
     return root, base, out
 
 
@@ -51,14 +54,17 @@ def test_each_domain_finetunes_from_the_base(sft_checkpoints) -> None:
     base_weights = load_file(base / WEIGHTS_FILE)
     for name, path in domains.items():
         manifest = read_manifest(path, kind="checkpoint")
-        assert manifest.config["eval"]["scenes"] == POST.sft.domains[name].scenes.to_dict()  # its own prompts
+        # evaluated on its own domain's prompts
+        assert manifest.config["trainer"]["eval"]["scenes"] == POST.sft.domains[name].scenes.to_dict()
         tuned = load_file(path / WEIGHTS_FILE)
         assert any(not torch.equal(tuned[k], base_weights[k]) for k in base_weights)
 
 
 def test_merge_publishes_the_configured_method_and_scores_every_candidate(sft_checkpoints) -> None:
     root, base, domains = sft_checkpoints
-    out, manifest = run_merge(base, domains, POST, CONFIG, root=root)
+    out = run_merge({"base": base, **{f"sft.{d}": path for d, path in domains.items()}}, merge_settings(PIPELINE),
+                    root=root)
+    manifest = read_manifest(out, kind="checkpoint")
     model = new_model(CONFIG, out, torch.device("cpu"))  # loadable like any checkpoint
     assert sum(p.numel() for p in model.parameters()) > 0
     scores = json.loads((out / EVAL_FILE).read_text())["scores"]
@@ -81,6 +87,7 @@ def test_merge_publishes_the_configured_method_and_scores_every_candidate(sft_ch
 def test_merge_needs_one_checkpoint_per_domain(sft_checkpoints) -> None:
     root, base, domains = sft_checkpoints
     with pytest.raises(ValueError, match="one SFT checkpoint per configured domain"):
-        run_merge(base, {"warm": domains["warm"]}, POST, CONFIG, root=root)
+        run_merge({"base": base, "sft.warm": domains["warm"]}, merge_settings(PIPELINE), root=root)
     with pytest.raises(ValueError, match="unknown"):
-        run_sft(base, base, "sepia", CONFIG, POST.sft, root=root)
+        run_training_stage({"packed": base, "init": base}, sft_settings(CONFIG.trainer(), POST.sft, "sepia"),
+                           root=root)

@@ -3,6 +3,7 @@ loss curve, samples), MLflow metrics, progressive init, exact resume after kill 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,12 +20,13 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from krea2_core.artifacts import read_manifest
-from krea2_core.config import PretrainConfig
+from krea2_core.config import PipelineConfig, PostTrainConfig, PretrainConfig
 from krea2_core.data.packing import pack_stage
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.training.launch import launch_local
 from krea2_core.evaluation.prompt_following import PromptFollowing
-from krea2_core.training.pretrain import EVAL_FILE, METRICS_FILE, WEIGHTS_FILE, run_pretrain_stage
+from krea2_core.training.pretrain import (EVAL_FILE, METRICS_FILE, WEIGHTS_FILE, TrainingSettings, pretrain_settings,
+                                         run_training_stage)
 from krea2_core.world.captions import captions, sample_prompts
 from krea2_core.world.render import render
 
@@ -50,6 +52,20 @@ def pretrain_config(**stage_256: object) -> PretrainConfig:
     data = json.loads(json.dumps(CONFIG))
     data["stages"]["256"].update(stage_256)
     return PretrainConfig.from_dict(data)
+
+
+def stage_settings(config: PretrainConfig, stage: str) -> TrainingSettings:
+    """Pretraining stage ``stage``'s settings as the pipeline makes them, from a pipeline config around ``config``
+    (midtraining at its top resolution)."""
+    midtrain = PostTrainConfig().midtrain
+    top = dataclasses.replace(midtrain.stage, resolution=max(s.resolution for s in config.stages.values()))
+    post = PostTrainConfig(midtrain=dataclasses.replace(midtrain, stage=top))
+    return pretrain_settings(PipelineConfig(pretrain=config, post=post), stage)
+
+
+def run_pretrain(packed: Path, init: Path | None, stage: str, config: PretrainConfig, root: Path) -> Path | None:
+    return run_training_stage({"packed": packed, **({"init": init} if init else {})}, stage_settings(config, stage),
+                              root=root)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +94,7 @@ def test_stage_publishes_diffusers_loadable_weights_and_logs_metrics(packed: Pat
     from diffusers import Krea2Transformer2DModel
 
     config = pretrain_config()
-    out = run_pretrain_stage(packed, None, "256", config, root=tmp_path)
+    out = run_pretrain(packed, None, "256", config, root=tmp_path)
     assert out is not None
     manifest = read_manifest(out, kind="checkpoint")
     assert manifest.counts["steps"] == 6 and manifest.counts["merged_checkpoints"] == 2
@@ -112,8 +128,8 @@ def test_stage_publishes_diffusers_loadable_weights_and_logs_metrics(packed: Pat
 
 def test_next_stage_starts_from_the_previous_checkpoint(packed: Path, tmp_path: Path) -> None:
     config = pretrain_config()
-    first = run_pretrain_stage(packed, None, "256", config, root=tmp_path)
-    second = run_pretrain_stage(packed, first, "512", config, root=tmp_path)
+    first = run_pretrain(packed, None, "256", config, root=tmp_path)
+    second = run_pretrain(packed, first, "512", config, root=tmp_path)
     manifest = read_manifest(second, kind="checkpoint")
     assert manifest.inputs["init"] == read_manifest(first).digest
     # the held-out change against the stage before (same prompts, paired) and against the untrained model
@@ -124,7 +140,7 @@ def test_next_stage_starts_from_the_previous_checkpoint(packed: Path, tmp_path: 
     assert report["previous"] == {"stage": "pretrain_256", "resolution": 32}
     assert report["untrained"] == json.loads((first / EVAL_FILE).read_text())["untrained"]
     # the trained init predicts the data far better than a fresh model does on the same first batch
-    scratch = run_pretrain_stage(packed, None, "512", config, root=tmp_path / "scratch")
+    scratch = run_pretrain(packed, None, "512", config, root=tmp_path / "scratch")
     assert losses(second)[0] < losses(scratch)[0]
 
 
@@ -132,10 +148,9 @@ _WORKER = """
 import sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from test_pretrain import pretrain_config
-from krea2_core.training.pretrain import run_pretrain_stage
-run_pretrain_stage(Path({packed!r}), None, "256", pretrain_config(steps=12, checkpoint_every_s=0.01, repa=False),
-                   root=Path(sys.argv[1]))
+from test_pretrain import pretrain_config, run_pretrain
+run_pretrain(Path({packed!r}), None, "256", pretrain_config(steps=12, checkpoint_every_s=0.01, repa=False),
+             root=Path(sys.argv[1]))
 """
 
 
@@ -166,18 +181,19 @@ def test_resume_after_kill_9_retraces_the_same_loss_curve(packed: Path, tmp_path
 def test_two_ranks_with_fsdp_follow_the_single_process_curve(packed: Path, tmp_path: Path) -> None:
     one = pretrain_config(repa=False)
     one.parallel.dtype = "float32"  # bf16 rounding would hide a real difference
-    single = run_pretrain_stage(packed, None, "256", one, root=tmp_path / "one")
+    single = run_pretrain(packed, None, "256", one, root=tmp_path / "one")
     two = pretrain_config(repa=False)
     two.parallel.dtype, two.parallel.nproc_per_node = "float32", 2
-    out = launch_local(two.parallel, run_pretrain_stage, packed, None, "256", two, "", tmp_path / "two")
+    out = launch_local(two.parallel, run_training_stage, {"packed": packed}, stage_settings(two, "256"), "",
+                       tmp_path / "two")
     assert np.allclose(losses(out), losses(single), rtol=1e-4, atol=1e-6)
 
 
 def test_bad_stage_or_launch_shape_fails_before_training(packed: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="stage '2048' is not configured"):
-        run_pretrain_stage(packed, None, "2048", pretrain_config(), root=tmp_path)
+        run_pretrain(packed, None, "2048", pretrain_config(), root=tmp_path)
     two_ranks = pretrain_config()
     two_ranks.parallel.nproc_per_node = 2
     with pytest.raises(RuntimeError, match="launched with 1 processes but parallel.nnodes x nproc_per_node is 2"):
-        run_pretrain_stage(packed, None, "256", two_ranks, root=tmp_path)
+        run_pretrain(packed, None, "256", two_ranks, root=tmp_path)
     assert not (tmp_path / "artifacts").exists()  # nothing published, nothing half-written
