@@ -7,18 +7,21 @@ from pathlib import Path
 from flytekit import Cache, FlyteContextManager
 from flytekit.types.directory import FlyteDirectory
 
-# Bump when a task's code changes its outputs for the same inputs. The MLflow parent run id is not
-# part of the cache key: a cached stage is reused across pipeline executions.
-CACHE = Cache(version="1", ignored_inputs=("parent_run_id",))
+# Bump when a task's code changes its outputs for the same inputs. A stage task's cache key is its settings and its
+# input artifacts, as its artifact key is (krea2_core/stage_spec.py). Not in it: the MLflow parent run id and Ray's
+# CPU parallelism, which change no output, and where a user's annotation set lies (its digest is in the settings).
+CACHE = Cache(version="2", ignored_inputs=("parent_run_id", "parallel", "annotations"))
 
 
-def to_flyte_dir(path: Path) -> FlyteDirectory:
-    """Artifact directory -> task output.
+def to_flyte_dir(path: Path | None) -> FlyteDirectory | None:
+    """Artifact directory -> task output (None: a torchrun rank other than 0, whose output Elastic ignores).
 
     Locally the artifact already lies in the persistent output root, so Flyte keeps that path (no copy
     into a temp sandbox that the local cache would later point at after it is gone); on a cluster it is
     uploaded to the raw-output prefix as usual.
     """
+    if path is None:
+        return None
     file_access = FlyteContextManager.current_context().file_access
     if file_access.is_remote(file_access.raw_output_prefix):
         return FlyteDirectory(str(path))
@@ -27,3 +30,8 @@ def to_flyte_dir(path: Path) -> FlyteDirectory:
 
 def from_flyte_dir(directory: FlyteDirectory) -> Path:
     return Path(directory.download())
+
+
+def local(**directories: FlyteDirectory | None) -> dict[str, Path]:
+    """The given input artifacts, downloaded, by name (None: an optional input not given)."""
+    return {name: from_flyte_dir(d) for name, d in directories.items() if d is not None}

@@ -1,4 +1,4 @@
-"""Flyte tasks of the curation stage family; the work is in krea2_core.data.stages."""
+"""Flyte tasks of the data stages (world pool, ingest, scoring, selection); the work is in krea2_core.data.stages."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from flytekit.types.file import FlyteFile
 from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
 from containers.images import DATA_IMAGE
-from krea2_core.config import AnalysisConfig, DedupConfig, ParallelConfig, StageFilters, WorldPoolConfig
-from krea2_core.data import stages
-from tasks.common import CACHE, from_flyte_dir, to_flyte_dir
+from krea2_core.config import AnalysisConfig, ParallelConfig, WorldPoolConfig
+from krea2_core.data.stages import INGEST, SCORING, SELECTION, WORLD_POOL, SelectionSettings
+from tasks.common import CACHE, local, to_flyte_dir
 
 # Per-image work runs on Ray: a local Ray when run locally, a KubeRay cluster of these groups remotely.
 RAY_CPU = RayJobConfig(
@@ -24,33 +24,35 @@ RAY_CPU = RayJobConfig(
 
 
 @task(cache=CACHE, container_image=DATA_IMAGE, requests=Resources(cpu="2", mem="4Gi"))
-def build_world_pool(config: WorldPoolConfig, parent_run_id: str = "") -> FlyteDirectory:
-    path, _ = stages.run_world_pool(config, parent_run_id=parent_run_id)
-    return to_flyte_dir(path)
+def build_world_pool(settings: WorldPoolConfig, parent_run_id: str = "") -> FlyteDirectory:
+    return to_flyte_dir(WORLD_POOL.run({}, settings, parent_run_id))
 
 
 @task(cache=CACHE, container_image=DATA_IMAGE, task_config=RAY_CPU, requests=Resources(cpu="2", mem="4Gi"))
-def ingest(source: FlyteDirectory, parallel: ParallelConfig, parent_run_id: str = "") -> FlyteDirectory:
-    path, _ = stages.run_ingest(from_flyte_dir(source), parallel, parent_run_id=parent_run_id)
-    return to_flyte_dir(path)
+def ingest(world_pool: FlyteDirectory, parallel: ParallelConfig, parent_run_id: str = "") -> FlyteDirectory:
+    """The images of a world pool artifact."""
+    return to_flyte_dir(INGEST.run(local(world_pool=world_pool), None, parent_run_id, parallel=parallel))
 
 
 @task(cache=CACHE, container_image=DATA_IMAGE, task_config=RAY_CPU, requests=Resources(cpu="2", mem="4Gi"))
-def score_images(raw_pool: FlyteDirectory, analysis: AnalysisConfig, parallel: ParallelConfig,
-                 parent_run_id: str = "") -> FlyteDirectory:
-    path, _ = stages.run_scoring(from_flyte_dir(raw_pool), analysis, parallel, parent_run_id=parent_run_id)
-    return to_flyte_dir(path)
-
-
-@task(cache=CACHE, container_image=DATA_IMAGE, requests=Resources(cpu="2", mem="8Gi"))
-def select_images(raw_pool: FlyteDirectory, scores: FlyteDirectory, stages_filters: dict[str, StageFilters],
-                  dedup: DedupConfig, parent_run_id: str = "") -> FlyteDirectory:
-    path, _ = stages.run_selection(from_flyte_dir(raw_pool), from_flyte_dir(scores), stages_filters, dedup,
-                                   parent_run_id=parent_run_id)
-    return to_flyte_dir(path)
+def ingest_folder(source: FlyteDirectory, parallel: ParallelConfig, parent_run_id: str = "") -> FlyteDirectory:
+    """The images of a folder (an entry point's ``--source``)."""
+    return to_flyte_dir(INGEST.run(local(source=source), None, parent_run_id, parallel=parallel))
 
 
 @task(cache=CACHE, container_image=DATA_IMAGE, task_config=RAY_CPU, requests=Resources(cpu="2", mem="4Gi"))
 def ingest_uri_table(table: FlyteFile, parallel: ParallelConfig, parent_run_id: str = "") -> FlyteDirectory:
-    path, _ = stages.run_ingest(Path(table.download()), parallel, parent_run_id=parent_run_id)
-    return to_flyte_dir(path)
+    """The images a Parquet table of URIs names."""
+    return to_flyte_dir(INGEST.run({"source": Path(table.download())}, None, parent_run_id, parallel=parallel))
+
+
+@task(cache=CACHE, container_image=DATA_IMAGE, task_config=RAY_CPU, requests=Resources(cpu="2", mem="4Gi"))
+def score_images(raw_pool: FlyteDirectory, settings: AnalysisConfig, parallel: ParallelConfig,
+                 parent_run_id: str = "") -> FlyteDirectory:
+    return to_flyte_dir(SCORING.run(local(raw_pool=raw_pool), settings, parent_run_id, parallel=parallel))
+
+
+@task(cache=CACHE, container_image=DATA_IMAGE, requests=Resources(cpu="2", mem="8Gi"))
+def select_images(raw_pool: FlyteDirectory, scores: FlyteDirectory, settings: SelectionSettings,
+                  parent_run_id: str = "") -> FlyteDirectory:
+    return to_flyte_dir(SELECTION.run(local(raw_pool=raw_pool, scores=scores), settings, parent_run_id))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 from flytekit import task
 from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
 
 from containers.images import DATA_IMAGE
 from krea2_core.artifacts import read_manifest
@@ -17,10 +19,11 @@ from tasks.common import from_flyte_dir
 
 
 @task(container_image=DATA_IMAGE)
-def resolve_config(preset: str, overrides: str) -> PipelineConfig:
-    """Preset + YAML overrides (a file path or inline YAML). Not cached: it is cheap, and the values
-    it returns, not the file name, are what the stage caches key on."""
-    return load_config(preset, overrides)
+def resolve_config(preset: str, config: Optional[FlyteFile], overrides: str) -> PipelineConfig:
+    """The preset, with a YAML file's overrides (a FlyteFile: `pyflyte run` uploads a local file, so a pod reads it
+    from the object store) and then inline YAML ones. Not cached: it is cheap, and the settings each stage takes
+    from the config it returns, not the file, are what the stage caches key on."""
+    return load_config(preset, config.download() if config is not None else None, overrides)
 
 
 @task(container_image=DATA_IMAGE)

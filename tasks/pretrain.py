@@ -1,6 +1,7 @@
-"""Flyte tasks of progressive-resolution pretraining; the work is in krea2_core.
+"""Flyte tasks of packing and of flow-matching training (the pretraining resolution stages, midtraining, SFT); the
+work is in krea2_core.data.packing and krea2_core.training.pretrain.
 
-The training task is a Flyte Elastic (torchrun) task: locally it starts ``nproc_per_node`` processes on this
+Every training task is a Flyte Elastic (torchrun) task: locally it starts ``nproc_per_node`` processes on this
 machine, on a cluster ``nnodes`` pods of ``nproc_per_node`` GPU workers each. A task's launch shape is fixed
 when it is registered, so it is read from $KREA2_TRAIN_NNODES / $KREA2_TRAIN_NPROC_PER_NODE (defaults: the tiny
 preset's 1 x 2 CPU processes); the trainer checks it against the config's ``pretrain.parallel`` and says so
@@ -9,7 +10,6 @@ when they differ.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Optional
 
@@ -18,10 +18,10 @@ from flytekit.types.directory import FlyteDirectory
 from flytekitplugins.kfpytorch import Elastic
 
 from containers.images import DATA_IMAGE, TRAIN_IMAGE
-from krea2_core.config import PackingConfig, ParallelConfig, PretrainConfig
-from krea2_core.data.packing import packing_config, run_packing
-from krea2_core.training.pretrain import run_pretrain_stage
-from tasks.common import CACHE, from_flyte_dir, to_flyte_dir
+from krea2_core.config import PackingConfig, ParallelConfig
+from krea2_core.data.packing import packing_spec
+from krea2_core.training.pretrain import TrainingSettings, run_training_stage
+from tasks.common import CACHE, local, to_flyte_dir
 
 _LAUNCH_ENV = {name: os.environ.get(name, default) for name, default in (
     ("KREA2_TRAIN_NNODES", "1"), ("KREA2_TRAIN_NPROC_PER_NODE", "2"), ("KREA2_TRAIN_GPUS_PER_NODE", "0"))}
@@ -30,27 +30,12 @@ TRAIN_LAUNCH = Elastic(nnodes=int(_LAUNCH_ENV["KREA2_TRAIN_NNODES"]),
 _GPUS = _LAUNCH_ENV["KREA2_TRAIN_GPUS_PER_NODE"]
 
 
-@task(container_image=DATA_IMAGE)
-def stage_config(config: PretrainConfig, stage: str) -> PretrainConfig:
-    """The config with only ``stage`` in it: what that stage's training is cached on, so changing the 1024 stage
-    re-runs neither the 256 nor the 512 stage."""
-    if stage not in config.stages:
-        raise ValueError(f"pretraining stage {stage!r} is not configured; configured: {sorted(config.stages)}")
-    return dataclasses.replace(config, stages={stage: config.stages[stage]})
-
-
-@task(container_image=DATA_IMAGE)
-def stage_packing(config: PretrainConfig, stage: str) -> PackingConfig:
-    """What ``stage``'s packed shards depend on: packing is cached on this, so training settings never re-pack."""
-    return packing_config(config, stage)
-
-
 @task(cache=CACHE, container_image=DATA_IMAGE, requests=Resources(cpu="4", mem="16Gi"))
-def pack_images(curated: FlyteDirectory, captions: FlyteDirectory, packing: PackingConfig, parallel: ParallelConfig,
+def pack_images(curated: FlyteDirectory, captions: FlyteDirectory, settings: PackingConfig, parallel: ParallelConfig,
                 parent_run_id: str = "") -> FlyteDirectory:
-    path, _ = run_packing(from_flyte_dir(curated), from_flyte_dir(captions), packing, parallel=parallel,
-                          parent_run_id=parent_run_id)
-    return to_flyte_dir(path)
+    """One resolution stage's images in aspect-ratio-bucketed shards."""
+    return to_flyte_dir(packing_spec(settings.stage).run(local(curated=curated, captions=captions), settings,
+                                                         parent_run_id, parallel=parallel))
 
 
 # What every training task (pretraining, midtraining, SFT, preference optimisation) is declared with. The launch
@@ -63,9 +48,8 @@ SAMPLE_RESOURCES = Resources(cpu="2", mem="8Gi", gpu="1") if _GPUS != "0" else R
 
 
 @task(**TRAIN_TASK)
-def pretrain_stage(packed: FlyteDirectory, init: Optional[FlyteDirectory], stage: str, config: PretrainConfig,
-                   parent_run_id: str = "") -> FlyteDirectory:
-    """One resolution stage on every torchrun worker; rank 0's artifact is the output."""
-    path = run_pretrain_stage(from_flyte_dir(packed), from_flyte_dir(init) if init is not None else None, stage,
-                              config, parent_run_id=parent_run_id)
-    return to_flyte_dir(path) if path is not None else None  # other ranks' outputs are ignored by Elastic
+def train_stage(packed: FlyteDirectory, settings: TrainingSettings, init: Optional[FlyteDirectory] = None,
+                parent_run_id: str = "") -> FlyteDirectory:
+    """A pretraining resolution stage, midtraining or a domain's SFT (``settings.name``) on every torchrun worker, from
+    ``init`` (None: from scratch); rank 0's artifact is the output (Elastic ignores the other ranks')."""
+    return to_flyte_dir(run_training_stage(local(packed=packed, init=init), settings, parent_run_id))

@@ -36,44 +36,41 @@ REPO = Path(__file__).resolve().parents[1]
 # Not the default (localhost:30000): the packaged image must follow $KREA2_IMAGE_REGISTRY.
 REGISTRY = "registry.ci.example/krea2"
 
-RAY_TASKS = {"tasks.curation.ingest", "tasks.curation.score_images", "tasks.curation.ingest_uri_table"}
-PRETRAIN_STAGE = "tasks.pretrain.pretrain_stage"
+RAY_TASKS = {"tasks.curation.ingest", "tasks.curation.ingest_folder", "tasks.curation.ingest_uri_table",
+             "tasks.curation.score_images"}
+TRAIN_STAGE = "tasks.pretrain.train_stage"  # pretraining's resolution stages, midtraining, SFT
 # the Elastic (torchrun) training tasks, each declared with tasks.pretrain.TRAIN_TASK
-TRAIN_TASKS = {PRETRAIN_STAGE, "tasks.post.finetune_stage", "tasks.post.preference_stage", "tasks.post.rl_stage",
-               "tasks.post.distill_stage"}
+TRAIN_TASKS = {TRAIN_STAGE, "tasks.post.preference_stage", "tasks.post.rl_stage", "tasks.post.distill_stage"}
 # the tasks that only sample and score checkpoints, with tasks.pretrain.SAMPLE_RESOURCES
 SAMPLE_TASKS = {"tasks.post.merge_sft", "tasks.post.preference_pairs", "tasks.post.annotation_pairs",
                 "tasks.post.reward_model"}
 # the prompt expander's tasks: one process each, with SAMPLE_RESOURCES (one GPU when training has GPUs)
 EXPANDER_TASKS = {"tasks.expander.expander_data", "tasks.expander.expander_sft", "tasks.expander.expander_rl"}
 TRAIN_IMAGE_TASKS = TRAIN_TASKS | SAMPLE_TASKS | EXPANDER_TASKS  # the only tasks on the train image
-POST_TRAINING = "workflows.post_training.post_training_stages"  # a @dynamic: its graph depends on the config's SFT domains
 CACHED_TASKS = {
-    "tasks.curation.build_world_pool", *RAY_TASKS, "tasks.curation.select_images", "tasks.semantic.caption_images",
-    "tasks.semantic.scene_captions", "tasks.semantic.embed_images", "tasks.semantic.semantic_select",
+    "tasks.curation.build_world_pool", *RAY_TASKS, "tasks.curation.select_images", "tasks.captioning.caption_images",
+    "tasks.captioning.scene_captions", "tasks.semantic.embed_images", "tasks.semantic.semantic_select",
     "tasks.pretrain.pack_images", "tasks.post.pack_midtrain", "tasks.post.sft_data", *TRAIN_IMAGE_TASKS,
 }
-UNCACHED_TASKS = {
-    "tasks.pipeline.resolve_config", "tasks.pipeline.start_pipeline", "tasks.pipeline.finish_pipeline",
-    # the dynamics: their caption_images / embed_images nodes are the cached ones
-    "tasks.semantic.embed_on_device", "tasks.semantic.caption_on_device", POST_TRAINING,
-    # a file's sha256, on which the cached annotation_pairs is keyed: it must run every time to see an edit
-    "tasks.post.file_digest",
-    # a stage's slice of the config, which the cached packing and training tasks take as input
-    "tasks.pretrain.stage_config", "tasks.pretrain.stage_packing",
-}
-PIPELINE_TASKS = CACHED_TASKS | UNCACHED_TASKS
-# entry points (a preset and YAML overrides, resolved by tasks.pipeline.resolve_config) -> the building block each
-# runs on the resolved config (None: the entry point runs tasks itself)
+# entry points (a preset, a YAML file and inline YAML overrides, resolved by tasks.pipeline.resolve_config) -> the
+# dynamic workflow that builds their stages' graph from the stage specs at run time (workflows/graph.py)
 ENTRY_POINTS = {
-    "workflows.end_to_end.krea2_pipeline": None, "workflows.curation.curation": "workflows.curation.curate_raw_pool",
+    "workflows.end_to_end.krea2_pipeline": "workflows.end_to_end.pipeline_stages",
+    "workflows.curation.curation": "workflows.curation.curate_raw_pool",
     "workflows.curation.curation_from_uris": "workflows.curation.curate_raw_pool",
     "workflows.semantic_curation.semantic_curation": "workflows.semantic_curation.semantic_curation_stages",
     "workflows.pretraining.pretraining": "workflows.pretraining.pretraining_stages",
-    "workflows.post_training.post_training": None,  # its building block is the @dynamic POST_TRAINING task
+    "workflows.post_training.post_training": "workflows.post_training.post_training_stages",
     "workflows.expander.prompt_expander": "workflows.expander.prompt_expander_stages",
 }
-WORKFLOWS = {*ENTRY_POINTS, *filter(None, ENTRY_POINTS.values())}
+DYNAMIC_TASKS = set(ENTRY_POINTS.values())
+# the dynamics that compile training tasks: the launch shape the training tasks were registered with is in their env
+TRAINING_DYNAMICS = {"workflows.end_to_end.pipeline_stages", "workflows.pretraining.pretraining_stages",
+                     "workflows.post_training.post_training_stages"}
+UNCACHED_TASKS = {"tasks.pipeline.resolve_config", "tasks.pipeline.start_pipeline", "tasks.pipeline.finish_pipeline",
+                  *DYNAMIC_TASKS}
+PIPELINE_TASKS = CACHED_TASKS | UNCACHED_TASKS
+WORKFLOWS = set(ENTRY_POINTS)
 # the training tasks' launch shape, read from the environment when tasks/pretrain.py is imported
 LAUNCH_ENV = ("KREA2_TRAIN_NNODES", "KREA2_TRAIN_NPROC_PER_NODE", "KREA2_TRAIN_GPUS_PER_NODE")
 MULTI_NODE = {"KREA2_TRAIN_NNODES": "2", "KREA2_TRAIN_NPROC_PER_NODE": "8", "KREA2_TRAIN_GPUS_PER_NODE": "8"}
@@ -223,23 +220,31 @@ def test_every_pipeline_task_is_packaged_on_its_image(package: Package) -> None:
         # fast registration: the container runs the code from the archive below, on that image
         assert container.args[:1] == ["pyflyte-fast-execute"], name
     assert {"containers/images.py", "tasks/common.py", "tasks/curation.py", "tasks/pipeline.py", "tasks/semantic.py",
-            "tasks/pretrain.py", "tasks/post.py", "workflows/end_to_end.py", "workflows/curation.py",
+            "tasks/captioning.py", "tasks/pretrain.py", "tasks/post.py", "workflows/graph.py",
+            "workflows/end_to_end.py", "workflows/curation.py",
             "workflows/semantic_curation.py", "workflows/pretraining.py", "workflows/post_training.py",
             "tasks/expander.py", "workflows/expander.py", "krea2_core/config.py"} <= package.fast_files
 
 
 def test_requests_match_the_code(package: Package) -> None:
+    import tasks.captioning
     import tasks.curation
     import tasks.expander
     import tasks.pipeline
     import tasks.post
     import tasks.pretrain
     import tasks.semantic
+    import workflows.curation
+    import workflows.end_to_end
+    import workflows.expander
     import workflows.post_training
+    import workflows.pretraining
+    import workflows.semantic_curation
 
     checked = set()
-    for module in (tasks.curation, tasks.pipeline, tasks.semantic, tasks.pretrain, tasks.post, tasks.expander,
-                   workflows.post_training):
+    for module in (tasks.captioning, tasks.curation, tasks.pipeline, tasks.semantic, tasks.pretrain, tasks.post,
+                   tasks.expander, workflows.curation, workflows.end_to_end, workflows.expander,
+                   workflows.post_training, workflows.pretraining, workflows.semantic_curation):
         for task in vars(module).values():
             name = getattr(task, "name", None)
             if not (isinstance(name, str) and name in package.tasks):
@@ -285,34 +290,27 @@ def test_cache_settings(package: Package) -> None:
         metadata = package.tasks[name].metadata
         assert metadata.discoverable, name
         assert metadata.discovery_version == CACHE.version, name
-        # flytekit 1.16 records Cache(ignored_inputs=...) in TaskMetadata.cache_ignore_input_vars
-        assert list(metadata.cache_ignore_input_vars) == ["parent_run_id"], name
+        # flytekit 1.16 records Cache(ignored_inputs=...) in TaskMetadata.cache_ignore_input_vars: what changes no
+        # output (tests/test_stage_specs.py checks each task's inputs against its stage spec)
+        assert list(metadata.cache_ignore_input_vars) == ["parent_run_id", "parallel", "annotations"], name
         assert "parent_run_id" in package.tasks[name].interface.inputs.variables, name
     for name in UNCACHED_TASKS:
         metadata = package.tasks[name].metadata
         assert not metadata.discoverable and not metadata.discovery_version, name
 
 
-# the dynamics that add a GPU to their model task's node at run time
-DEVICE_DYNAMICS = {"tasks.semantic.embed_on_device": "tasks.semantic.embed_images",
-                   "tasks.semantic.caption_on_device": "tasks.semantic.caption_images"}
-DYNAMIC_TASKS = {*DEVICE_DYNAMICS, POST_TRAINING}
-
-
 def test_gpu_request_is_a_run_time_override(package: Package) -> None:
     """Nothing in the default package ($KREA2_TRAIN_GPUS_PER_NODE unset) asks for a GPU: the training and
     sampling tasks ask for GPUs only when registered with them (test_multi_node_launch_shape_is_a_pytorchjob), and
-    `embed_on_device` and `caption_on_device` are @dynamic tasks that, at run time, compile a one-node workflow
-    around their model task and add `requests=Resources(gpu="1", ...)` to that node when the config's device is
-    "cuda". What the package can show is that each dynamic is packaged as one, on the data image, with the
-    settings it needs to compile that node, and that the model tasks themselves are CPU-only. `post_training` is
-    a dynamic too (its SFT domains come from the config) and compiles train-image tasks, so its settings must
-    resolve both images."""
+    the stages' graph is compiled at run time by a dynamic workflow, which gives the captioning and embedding nodes a
+    GPU when the config's device is "cuda" (tests/test_stage_specs.py compiles it). What the package can show is that
+    each dynamic is packaged as one, on the data image, with the settings it needs to compile those nodes on both
+    images, and that the model tasks themselves are CPU-only."""
     for name, template in package.tasks.items():
         assert GPU not in _requests(template), name
     from flytekit.configuration import SerializationSettings
 
-    for model_task in DEVICE_DYNAMICS.values():
+    for model_task in ("tasks.semantic.embed_images", "tasks.captioning.caption_images"):
         model = package.tasks[model_task]
         assert _requests(model) == {CPU: "4", MEMORY: "16Gi"}, model_task
         assert not model.container.resources.limits and not model.HasField("extended_resources"), model_task
@@ -332,10 +330,6 @@ def test_gpu_request_is_a_run_time_override(package: Package) -> None:
         if name not in DYNAMIC_TASKS:
             assert SERIALIZED_CONTEXT_ENV_VAR not in _container(template).env, name
 
-    (node,) = [n for n in package.workflows["workflows.semantic_curation.semantic_curation_stages"].template.nodes
-               if n.task_node.reference_id.name == "tasks.semantic.embed_on_device"]
-    assert not node.task_node.overrides.HasField("resources")
-
 
 def test_workflows_and_launch_plans(package: Package) -> None:
     assert WORKFLOWS <= package.workflows.keys(), sorted(WORKFLOWS - package.workflows.keys())
@@ -343,65 +337,39 @@ def test_workflows_and_launch_plans(package: Package) -> None:
     for name in WORKFLOWS:
         assert package.launch_plans[name].spec.workflow_id.name == name
 
-    pipeline = package.workflows["workflows.end_to_end.krea2_pipeline"]
-    assert _task_refs(pipeline.template) == {
-        "tasks.pipeline.resolve_config", "tasks.pipeline.start_pipeline", "tasks.curation.build_world_pool",
-        "tasks.curation.ingest", "tasks.semantic.scene_captions", "tasks.semantic.caption_on_device", POST_TRAINING,
-        "tasks.pipeline.finish_pipeline",
-    }
-    sub_refs = {node.workflow_node.sub_workflow_ref.name for node in pipeline.template.nodes
-                if node.HasField("workflow_node")}
-    assert sub_refs == {"workflows.curation.curate_raw_pool", "workflows.semantic_curation.semantic_curation_stages",
-                        "workflows.pretraining.pretraining_stages", "workflows.expander.prompt_expander_stages"}
-    subs = {sub.id.name: sub for sub in pipeline.sub_workflows}
-    assert sub_refs <= subs.keys()
-    # post-training starts from the pretrained checkpoint and the midtraining selection; its output is the final one
-    nodes = {node.task_node.reference_id.name or node.workflow_node.sub_workflow_ref.name: node
-             for node in pipeline.template.nodes}
-    sources = {b.var: b.binding.promise.node_id for b in nodes[POST_TRAINING].inputs}
-    assert sources["pretrained"] == nodes["workflows.pretraining.pretraining_stages"].id
-    assert sources["selection"] == nodes["workflows.semantic_curation.semantic_curation_stages"].id
+    # the pipeline: resolve the config, open the parent run, build and run the stages' graph, close the parent run
+    pipeline = package.workflows["workflows.end_to_end.krea2_pipeline"].template
+    stages = ENTRY_POINTS["workflows.end_to_end.krea2_pipeline"]
+    assert _task_refs(pipeline) == {"tasks.pipeline.resolve_config", "tasks.pipeline.start_pipeline", stages,
+                                    "tasks.pipeline.finish_pipeline"}
+    nodes = {node.task_node.reference_id.name: node for node in pipeline.nodes}
+    sources = {b.var: b.binding.promise.node_id for b in nodes[stages].inputs}
+    assert sources == {"config": nodes["tasks.pipeline.resolve_config"].id,
+                       "parent_run_id": nodes["tasks.pipeline.start_pipeline"].id}
     finish = {b.var: b.binding.promise for b in nodes["tasks.pipeline.finish_pipeline"].inputs}
-    assert (finish["final"].node_id, finish["final"].var) == (nodes[POST_TRAINING].id, "final")
-    assert (finish["distilled"].node_id, finish["distilled"].var) == (nodes[POST_TRAINING].id, "distilled")
-    # the expander learns from the captions and the distilled model's images; its RL artifact is the pipeline's
-    expander = nodes["workflows.expander.prompt_expander_stages"]
-    assert (finish["expander"].node_id, finish["expander"].var) == (expander.id, "o0")
-    expander_sources = {b.var: b.binding.promise for b in expander.inputs}
-    assert (expander_sources["image_model"].node_id, expander_sources["image_model"].var) == (
-        nodes[POST_TRAINING].id, "distilled")
-    assert expander_sources["captions"].node_id == nodes["tasks.semantic.caption_on_device"].id
-    assert _task_refs(subs["workflows.expander.prompt_expander_stages"]) == EXPANDER_TASKS
-    assert _task_refs(subs["workflows.curation.curate_raw_pool"]) == {
-        "tasks.curation.score_images", "tasks.curation.select_images"}
-    assert _task_refs(subs["workflows.semantic_curation.semantic_curation_stages"]) == {
-        "tasks.semantic.embed_on_device", "tasks.semantic.semantic_select"}
-    pretraining = subs["workflows.pretraining.pretraining_stages"]
-    assert _task_refs(pretraining) == {"tasks.pretrain.stage_config", "tasks.pretrain.stage_packing",
-                                       "tasks.pretrain.pack_images", PRETRAIN_STAGE}
-    # three resolution stages, each packed and trained; 512 and 1024 start from the previous stage's output
-    training = [n for n in pretraining.nodes if n.task_node.reference_id.name == PRETRAIN_STAGE]
-    assert len(training) == 3 and sum(n.task_node.reference_id.name == "tasks.pretrain.pack_images"
-                                      for n in pretraining.nodes) == 3
-    inits = [b.binding.promise.node_id for n in training for b in n.inputs if b.var == "init" and b.binding.promise.node_id]
-    assert len(inits) == len(set(inits)) == 2 and set(inits) < {n.id for n in training}
-    # every task any packaged workflow (or sub-workflow) runs is itself in the package
+    for output in ("curated", "midtrain", "pretrained", "final", "distilled", "expander"):
+        assert (finish[output].node_id, finish[output].var) == (nodes[stages].id, output), output
+    # every task any packaged workflow runs is itself in the package
     for name, spec in package.workflows.items():
         for template in (spec.template, *spec.sub_workflows):
             assert _task_refs(template) <= package.tasks.keys(), name
 
-    # every entry point reads its preset and overrides through the CLI's loader, then runs its building block on the
-    # resolved config; both strings default to the tiny preset without overrides
+    # every entry point reads its preset, YAML file and inline overrides through the CLI's loader, then runs its
+    # dynamic on the resolved config; the file is a FlyteFile (a blob: `pyflyte run` uploads it, so a remote pod
+    # reads it from the object store), by default none, on the tiny preset without overrides
     for name, block in ENTRY_POINTS.items():
         template = package.workflows[name].template
-        assert "tasks.pipeline.resolve_config" in _task_refs(template), name
-        blocks = {n.workflow_node.sub_workflow_ref.name for n in template.nodes if n.HasField("workflow_node")}
-        if block is not None:
-            assert block in blocks, name
+        assert {"tasks.pipeline.resolve_config", block} <= _task_refs(template), name
+        interface = template.interface.inputs.variables
+        assert interface["config"].type.union_type.variants[0].blob.dimensionality == 0, name  # a single file
         defaults = MessageToDict(package.launch_plans[name].spec.default_inputs)["parameters"]
-        assert {key: defaults[key]["default"]["scalar"]["primitive"]["stringValue"] for key in ("preset", "config")
-                } == {"preset": "tiny", "config": ""}, name
-    assert POST_TRAINING in _task_refs(package.workflows["workflows.post_training.post_training"].template)
+        assert {key: defaults[key]["default"]["scalar"]["primitive"]["stringValue"] for key in ("preset", "overrides")
+                } == {"preset": "tiny", "overrides": ""}, name
+        assert "noneType" in defaults["config"]["default"]["scalar"], name
+    curation = _task_refs(package.workflows["workflows.curation.curation"].template)
+    assert "tasks.curation.ingest_folder" in curation
+    assert "tasks.curation.ingest_uri_table" in _task_refs(package.workflows["workflows.curation.curation_from_uris"]
+                                                           .template)
 
 
 def test_training_tasks_are_elastic_torchrun_tasks_on_the_train_image(package: Package) -> None:
@@ -415,9 +383,8 @@ def test_training_tasks_are_elastic_torchrun_tasks_on_the_train_image(package: P
 
     if set(LAUNCH_ENV) & os.environ.keys():
         pytest.skip(f"this process has {sorted(set(LAUNCH_ENV) & os.environ.keys())} set")
-    declared = {task.name: task for task in (tasks.pretrain.pretrain_stage, tasks.post.finetune_stage,
-                                             tasks.post.preference_stage, tasks.post.rl_stage,
-                                             tasks.post.distill_stage)}
+    declared = {task.name: task for task in (tasks.pretrain.train_stage, tasks.post.preference_stage,
+                                             tasks.post.rl_stage, tasks.post.distill_stage)}
     assert declared.keys() == TRAIN_TASKS
     for name, task in declared.items():
         assert isinstance(task.task_config, Elastic), name
@@ -428,7 +395,7 @@ def test_training_tasks_are_elastic_torchrun_tasks_on_the_train_image(package: P
         assert _requests(template) == {CPU: "2", MEMORY: "8Gi"}, name
         pod = MessageToDict(template.k8s_pod.pod_spec)
         assert {"name": "shm", "emptyDir": {"medium": "Memory"}} in pod["volumes"], name
-        assert list(template.metadata.cache_ignore_input_vars) == ["parent_run_id"], name
+        assert list(template.metadata.cache_ignore_input_vars) == ["parent_run_id", "parallel", "annotations"], name
     for name in SAMPLE_TASKS:  # sampling needs no torchrun: a plain container task
         template = package.tasks[name]
         assert template.type == "python-task" and template.HasField("container"), name
@@ -450,8 +417,8 @@ def _strip(template: tasks_pb2.TaskTemplate, request: int | None = None, env: bo
 def test_multi_node_launch_shape_is_a_pytorchjob(packages: dict[str, Package]) -> None:
     """KREA2_TRAIN_NNODES=2 KREA2_TRAIN_NPROC_PER_NODE=8 KREA2_TRAIN_GPUS_PER_NODE=8 at registration: every training
     task is a PyTorchJob of 2 worker pods with an ElasticConfig of 8 processes each, 8 GPUs requested per pod; the
-    sampling and expander tasks request 1 GPU; post_training's pod gets the launch shape (test_launch_shape_reaches_the_pod);
-    nothing else changes."""
+    sampling and expander tasks request 1 GPU; the dynamics that compile training tasks get the launch shape
+    (test_launch_shape_reaches_the_pod); nothing else changes."""
     default, multi = packages["default"], packages["multi_node"]
     for name in TRAIN_TASKS:
         template = multi.tasks[name]
@@ -466,20 +433,21 @@ def test_multi_node_launch_shape_is_a_pytorchjob(packages: dict[str, Package]) -
         template = multi.tasks[name]
         assert _requests(template) == {CPU: "2", MEMORY: "8Gi", GPU: "1"}, name
         assert _strip(template, request=GPU) == default.tasks[name], name
-    assert _container(multi.tasks[POST_TRAINING]).env == {**_container(default.tasks[POST_TRAINING]).env, **MULTI_NODE}
-    assert _strip(multi.tasks[POST_TRAINING], env=True) == _strip(default.tasks[POST_TRAINING], env=True)
+    for name in TRAINING_DYNAMICS:
+        assert _container(multi.tasks[name]).env == {**_container(default.tasks[name]).env, **MULTI_NODE}, name
+        assert _strip(multi.tasks[name], env=True) == _strip(default.tasks[name], env=True), name
     assert multi.tasks.keys() == default.tasks.keys()
-    for name in default.tasks.keys() - TRAIN_IMAGE_TASKS - {POST_TRAINING}:
+    for name in default.tasks.keys() - TRAIN_IMAGE_TASKS - TRAINING_DYNAMICS:
         assert multi.tasks[name] == default.tasks[name], name
 
 
 def test_launch_shape_reaches_the_pod(packages: dict[str, Package]) -> None:
     """A training pod runs ``pyflyte-execute``, which imports the task's module, and so tasks.pretrain, again to
     find the task; its Elastic launch (nnodes, nproc_per_node) comes from that import, so the registered shape must
-    be in the container's env. `post_training` serializes its training tasks in its own pod at run time, from the
-    same import, so its env carries the shape too."""
+    be in the container's env. The dynamics that compile training nodes serialize those tasks in their own pod at run
+    time, from the same import, so their env carries the shape too."""
     for name, launch in (("default", {"KREA2_TRAIN_NNODES": "1", "KREA2_TRAIN_NPROC_PER_NODE": "2"}),
                          ("multi_node", MULTI_NODE)):
-        for task_name in (*TRAIN_TASKS, POST_TRAINING):
+        for task_name in (*TRAIN_TASKS, *TRAINING_DYNAMICS):
             env = _container(packages[name].tasks[task_name]).env
             assert {key: env.get(key) for key in launch} == launch, (name, task_name)

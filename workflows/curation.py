@@ -1,44 +1,45 @@
 """Curation workflows: an image folder or a Parquet table of URIs -> per-stage kept + verdict tables.
 
-    pyflyte run workflows/curation.py curation --source ./images [--preset tiny] [--config overrides.yaml]
+    pyflyte run workflows/curation.py curation --source ./images [--preset tiny] [--config overrides.yaml] \
+        [--overrides 'curation: {parallel: {backend: serial}}']
     pyflyte run workflows/curation.py curation_from_uris --table uris.parquet
 
-``--config`` takes YAML overrides of the whole pipeline config (a file or inline), read by the loader the krea2 CLI
-uses: unknown keys, wrong types and bad values are errors that name the key.
+``--config`` (a YAML file) and ``--overrides`` (inline YAML) override the whole pipeline config, read by the loader the
+krea2 CLI uses: unknown keys, wrong types and bad values are errors that name the key.
 """
 
 from __future__ import annotations
 
-from flytekit import workflow
+from typing import Optional
+
+from flytekit import dynamic, workflow
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from krea2_core.config import CurationConfig, preset
-from tasks.curation import ingest, ingest_uri_table, score_images, select_images
+from containers.images import DATA_IMAGE
+from krea2_core.config import PipelineConfig
+from tasks.curation import ingest_folder, ingest_uri_table
 from tasks.pipeline import resolve_config
-
-_TINY = preset("tiny").curation
+from workflows.graph import add_stages
 
 
 @workflow
-def curate_raw_pool(raw_pool: FlyteDirectory, config: CurationConfig = _TINY, parent_run_id: str = "") -> FlyteDirectory:
+def curation(source: FlyteDirectory, preset: str = "tiny", config: Optional[FlyteFile] = None, overrides: str = "",
+             parent_run_id: str = "") -> FlyteDirectory:
+    cfg = resolve_config(preset=preset, config=config, overrides=overrides)
+    raw_pool = ingest_folder(source=source, parallel=cfg.curation.parallel, parent_run_id=parent_run_id)
+    return curate_raw_pool(config=cfg, raw_pool=raw_pool, parent_run_id=parent_run_id)
+
+
+@workflow
+def curation_from_uris(table: FlyteFile, preset: str = "tiny", config: Optional[FlyteFile] = None,
+                       overrides: str = "", parent_run_id: str = "") -> FlyteDirectory:
+    cfg = resolve_config(preset=preset, config=config, overrides=overrides)
+    raw_pool = ingest_uri_table(table=table, parallel=cfg.curation.parallel, parent_run_id=parent_run_id)
+    return curate_raw_pool(config=cfg, raw_pool=raw_pool, parent_run_id=parent_run_id)
+
+
+@dynamic(container_image=DATA_IMAGE)
+def curate_raw_pool(config: PipelineConfig, raw_pool: FlyteDirectory, parent_run_id: str = "") -> FlyteDirectory:
     """Score every image once, then select per resolution stage (thresholds + dedup)."""
-    scores = score_images(raw_pool=raw_pool, analysis=config.analysis, parallel=config.parallel,
-                          parent_run_id=parent_run_id)
-    return select_images(raw_pool=raw_pool, scores=scores, stages_filters=config.stages, dedup=config.dedup,
-                         parent_run_id=parent_run_id)
-
-
-@workflow
-def curation(source: FlyteDirectory, preset: str = "tiny", config: str = "", parent_run_id: str = "") -> FlyteDirectory:
-    curation = resolve_config(preset=preset, overrides=config).curation
-    raw_pool = ingest(source=source, parallel=curation.parallel, parent_run_id=parent_run_id)
-    return curate_raw_pool(raw_pool=raw_pool, config=curation, parent_run_id=parent_run_id)
-
-
-@workflow
-def curation_from_uris(table: FlyteFile, preset: str = "tiny", config: str = "", parent_run_id: str = ""
-                       ) -> FlyteDirectory:
-    curation = resolve_config(preset=preset, overrides=config).curation
-    raw_pool = ingest_uri_table(table=table, parallel=curation.parallel, parent_run_id=parent_run_id)
-    return curate_raw_pool(raw_pool=raw_pool, config=curation, parent_run_id=parent_run_id)
+    return add_stages(config, {"ingest": raw_pool}, ["selection"], parent_run_id)["selection"]

@@ -3,41 +3,38 @@ pack the curated images of that stage into aspect-ratio-bucketed shards, then tr
 checkpoint.
 
     pyflyte run workflows/pretraining.py pretraining --curated <curated dir> --captions <captions dir> \
-        [--preset tiny] [--config overrides.yaml]
+        [--preset tiny] [--config overrides.yaml] [--overrides '<inline YAML>']
 """
 
 from __future__ import annotations
 
-from flytekit import workflow
+from typing import Optional
+
+from flytekit import dynamic, workflow
 from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
 
-from krea2_core.config import ParallelConfig, PretrainConfig, preset
+from containers.images import DATA_IMAGE
+from krea2_core.config import PipelineConfig
+from krea2_core.training.pretrain import PRETRAIN_STAGES
 from tasks.pipeline import resolve_config
-from tasks.pretrain import pack_images, pretrain_stage, stage_config, stage_packing
+from tasks.pretrain import TRAIN_TASK
+from workflows.graph import add_stages
 
-STAGES = ("256", "512", "1024")
-_TINY = preset("tiny")
-
-
-@workflow
-def pretraining(curated: FlyteDirectory, captions: FlyteDirectory, preset: str = "tiny", config: str = "",
-                parent_run_id: str = "") -> FlyteDirectory:
-    """The last stage's checkpoint, under a preset with YAML overrides (a file or inline)."""
-    cfg = resolve_config(preset=preset, overrides=config)
-    return pretraining_stages(curated=curated, captions=captions, config=cfg.pretrain, parallel=cfg.curation.parallel,
-                              parent_run_id=parent_run_id)
+LAST = f"pretrain_{PRETRAIN_STAGES[-1]}"
 
 
 @workflow
-def pretraining_stages(curated: FlyteDirectory, captions: FlyteDirectory, config: PretrainConfig = _TINY.pretrain,
-                       parallel: ParallelConfig = _TINY.curation.parallel, parent_run_id: str = "") -> FlyteDirectory:
-    """``parallel`` is the CPU parallelism of packing (Ray, as in curation)."""
-    checkpoint = None
-    for stage in STAGES:
-        cfg = stage_config(config=config, stage=stage)
-        packing = stage_packing(config=config, stage=stage)
-        packed = pack_images(curated=curated, captions=captions, packing=packing, parallel=parallel,
-                             parent_run_id=parent_run_id)
-        checkpoint = pretrain_stage(packed=packed, init=checkpoint, stage=stage, config=cfg,
-                                    parent_run_id=parent_run_id)
-    return checkpoint
+def pretraining(curated: FlyteDirectory, captions: FlyteDirectory, preset: str = "tiny",
+                config: Optional[FlyteFile] = None, overrides: str = "", parent_run_id: str = "") -> FlyteDirectory:
+    """The last stage's checkpoint, under a preset with YAML overrides."""
+    cfg = resolve_config(preset=preset, config=config, overrides=overrides)
+    return pretraining_stages(config=cfg, curated=curated, captions=captions, parent_run_id=parent_run_id)
+
+
+# compiles training tasks at run time: the launch shape they were registered with must be in this pod's environment
+@dynamic(container_image=DATA_IMAGE, environment=TRAIN_TASK["environment"])
+def pretraining_stages(config: PipelineConfig, curated: FlyteDirectory, captions: FlyteDirectory,
+                       parent_run_id: str = "") -> FlyteDirectory:
+    have = {"selection": curated, "captioning": captions}
+    return add_stages(config, have, [LAST], parent_run_id)[LAST]

@@ -1,33 +1,34 @@
 """Semantic curation (midtraining data selection) of one curated resolution stage:
 
-    pyflyte run workflows/semantic_curation.py semantic_curation --curated <curated dir> --captions <captions dir> \
-        [--preset tiny] [--config overrides.yaml]
+    pyflyte run workflows/semantic_curation.py semantic_curation --curated <dir> --captions <dir> \
+        [--preset tiny] [--config overrides.yaml] [--overrides '<inline YAML>']
 """
 
 from __future__ import annotations
 
-from flytekit import workflow
+from typing import Optional
+
+from flytekit import dynamic, workflow
 from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
 
-from krea2_core.config import SemanticCurationConfig, preset
+from containers.images import DATA_IMAGE
+from krea2_core.config import PipelineConfig
 from tasks.pipeline import resolve_config
-from tasks.semantic import embed_on_device, semantic_select
-
-_TINY = preset("tiny").semantic
+from workflows.graph import add_stages
 
 
 @workflow
-def semantic_curation(curated: FlyteDirectory, captions: FlyteDirectory, preset: str = "tiny", config: str = "",
-                      parent_run_id: str = "") -> FlyteDirectory:
-    """The midtraining selection, under a preset with YAML overrides (a file or inline)."""
-    semantic = resolve_config(preset=preset, overrides=config).semantic
-    return semantic_curation_stages(curated=curated, captions=captions, config=semantic, parent_run_id=parent_run_id)
+def semantic_curation(curated: FlyteDirectory, captions: FlyteDirectory, preset: str = "tiny",
+                      config: Optional[FlyteFile] = None, overrides: str = "", parent_run_id: str = ""
+                      ) -> FlyteDirectory:
+    """The midtraining selection, under a preset with YAML overrides."""
+    cfg = resolve_config(preset=preset, config=config, overrides=overrides)
+    return semantic_curation_stages(config=cfg, curated=curated, captions=captions, parent_run_id=parent_run_id)
 
 
-@workflow
-def semantic_curation_stages(curated: FlyteDirectory, captions: FlyteDirectory,
-                             config: SemanticCurationConfig = _TINY, parent_run_id: str = "") -> FlyteDirectory:
-    embeddings = embed_on_device(curated=curated, stage=config.stage, config=config.embedder,
-                                 parent_run_id=parent_run_id)
-    return semantic_select(curated=curated, embeddings=embeddings, captions=captions, config=config,
-                           parent_run_id=parent_run_id)
+@dynamic(container_image=DATA_IMAGE)
+def semantic_curation_stages(config: PipelineConfig, curated: FlyteDirectory, captions: FlyteDirectory,
+                             parent_run_id: str = "") -> FlyteDirectory:
+    have = {"selection": curated, "captioning": captions}
+    return add_stages(config, have, ["semantic_selection"], parent_run_id)["semantic_selection"]
