@@ -203,8 +203,8 @@ def _summary(stats: Mapping[str, float], n_models: int) -> dict[str, float]:
     return summary
 
 
-def merge_state_dicts(base: dict[str, Tensor] | None, models: dict[str, dict[str, Tensor]],
-                      config: MergeConfig) -> dict[str, Tensor]:
+def merge_domain_state_dicts(base: dict[str, Tensor] | None, models: dict[str, dict[str, Tensor]],
+                             config: MergeConfig) -> dict[str, Tensor]:
     """Merge in-memory state dicts (domain name -> state dict) with ``config.method``; see the module docstring."""
     weights, combine = _plan(list(models), config, base is not None)
     needs_base = config.method in ("task_arithmetic", "ties")
