@@ -310,7 +310,8 @@ def evaluate_distillation(student: TextToImage, teacher: TextToImage, config: Di
 def _student_weights(checkpoint: Path, out: Path) -> None:
     """The student's weights of a (student + fake) training checkpoint, as a plain model weights file."""
     prefix = "student."
-    weights = {k[len(prefix):]: v for k, v in load_file(checkpoint / ckpt.WEIGHTS_FILE).items() if k.startswith(prefix)}
+    saved = load_file(checkpoint / ckpt.STEP_WEIGHTS_FILE)
+    weights = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
     save_file(weights, out, metadata={"format": "pt"})
 
 

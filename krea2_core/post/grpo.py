@@ -325,7 +325,7 @@ def _publish(pipe: TextToImage, pool: PromptPool, run: StageRun, staging: Path, 
              pretrain: PretrainConfig, init: Path, resolution: int) -> StageOutput:
     steps = config.grpo.steps
     final = run.work_dir / "checkpoints" / ckpt.step_dir_name(steps)
-    shutil.copy(final / ckpt.WEIGHTS_FILE, staging / WEIGHTS_FILE)
+    shutil.copy(final / ckpt.STEP_WEIGHTS_FILE, staging / WEIGHTS_FILE)
     (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(pretrain.model), indent=2))
     shutil.copy(run.work_dir / METRICS_FILE, staging / METRICS_FILE)
     pool.table().to_parquet(staging / POOL_FILE, index=False)

@@ -218,7 +218,7 @@ def compare_with_reference(policy: TextToImage, reference: TextToImage, eval_cfg
 def _publish(pipe: TextToImage, run: StageRun, staging: Path, name: str, config: PreferenceConfig,
              pretrain: PretrainConfig, init: Path, resolution: int, n_pairs: int, steps: int) -> StageOutput:
     final = run.work_dir / "checkpoints" / ckpt.step_dir_name(steps)
-    shutil.copy(final / ckpt.WEIGHTS_FILE, staging / WEIGHTS_FILE)
+    shutil.copy(final / ckpt.STEP_WEIGHTS_FILE, staging / WEIGHTS_FILE)
     (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(pretrain.model), indent=2))
     shutil.copy(run.work_dir / METRICS_FILE, staging / METRICS_FILE)
     # unsharded copies on rank 0 (the other ranks are done), with the frozen autoencoder and text encoder

@@ -283,7 +283,7 @@ def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: Pretrain
     merged_dir = scratch / "merged"
     if env.rank == 0:
         merged_dir.mkdir(exist_ok=True)
-        merge_safetensors([checkpoints / ckpt.step_dir_name(s) / ckpt.WEIGHTS_FILE for s in pma_steps],
+        merge_safetensors([checkpoints / ckpt.step_dir_name(s) / ckpt.STEP_WEIGHTS_FILE for s in pma_steps],
                           merged_dir / WEIGHTS_FILE, drop_prefix=f"{_PROJECTOR}.")
     if dist.is_initialized():
         dist.barrier()
