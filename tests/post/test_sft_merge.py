@@ -16,7 +16,8 @@ from krea2_core.artifacts import read_manifest
 from krea2_core.config import PostTrainConfig, preset
 from krea2_core.post.merge import EVAL_FILE, METHODS, run_merge
 from krea2_core.post.sft import SCENES_FILE, run_sft, run_sft_data
-from krea2_core.training.pretrain import WEIGHTS_FILE, new_model
+from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
+from krea2_core.training.pretrain import new_model
 from tests.post._checkpoints import PRETRAIN, publish_checkpoints
 
 TINY = preset("tiny").post
@@ -48,11 +49,11 @@ def sft_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 
 def test_each_domain_finetunes_from_the_base(sft_checkpoints) -> None:
     _, base, domains = sft_checkpoints
-    base_weights = load_file(base / WEIGHTS_FILE)
+    base_weights = load_file(base / DIFFUSERS_WEIGHTS_FILE)
     for name, path in domains.items():
         manifest = read_manifest(path, kind="checkpoint")
         assert manifest.config["eval"]["scenes"] == POST.sft.domains[name].scenes.to_dict()  # its own prompts
-        tuned = load_file(path / WEIGHTS_FILE)
+        tuned = load_file(path / DIFFUSERS_WEIGHTS_FILE)
         assert any(not torch.equal(tuned[k], base_weights[k]) for k in base_weights)
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from krea2_core.config import MergeConfig
+from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.merging import (
     Source,
     merge_checkpoints,
@@ -21,7 +22,6 @@ from krea2_core.training.merging import (
     merge_sources,
     weighted_sum,
 )
-from krea2_core.training.pretrain import WEIGHTS_FILE
 
 METHODS = ["uniform", "weighted", "task_arithmetic", "ties"]
 BASE = torch.tensor([1.0, 1.0, 1.0, 1.0])
@@ -151,7 +151,7 @@ def _write_checkpoints(root: Path, base: dict[str, Tensor], models: dict[str, di
     for name, state in {"base": base, **models}.items():
         dirs[name] = root / name
         dirs[name].mkdir()
-        save_file(state, str(dirs[name] / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(state, str(dirs[name] / DIFFUSERS_WEIGHTS_FILE), metadata={"format": "pt"})
     return dirs
 
 
@@ -164,7 +164,7 @@ def test_streamed_files_equal_the_in_memory_merge_and_keep_bf16(method: str, tmp
                      else t.clone() for key, t in base.items()} for name in ["text", "people", "style"]}
     dirs = _write_checkpoints(tmp_path, base, models)
     config = MergeConfig(method=method, weights={"people": 2.0}, density=0.5, scale=0.8)
-    out = tmp_path / "merged" / WEIGHTS_FILE
+    out = tmp_path / "merged" / DIFFUSERS_WEIGHTS_FILE
     stats = merge_checkpoints(dirs.pop("base"), dirs, config, out)
     expected = merge_domain_state_dicts(base, models, config)
     with safe_open(str(out), framework="pt") as f:
@@ -176,7 +176,7 @@ def test_streamed_files_equal_the_in_memory_merge_and_keep_bf16(method: str, tmp
     assert json.loads(metadata["merge_weights"])["people"] == (1.0 if method == "uniform" else 2.0)
     assert stats["models"] == 3 and stats["tensors"] == 3 and stats["parameters"] == 8 * 5 + 5 + 2
     assert ("ties_kept_fraction" in stats) == (method == "ties")
-    assert sorted(p.name for p in out.parent.iterdir()) == [WEIGHTS_FILE]
+    assert sorted(p.name for p in out.parent.iterdir()) == [DIFFUSERS_WEIGHTS_FILE]
 
 
 def test_ties_statistics_count_kept_entries_and_sign_conflicts(tmp_path: Path) -> None:
@@ -195,7 +195,7 @@ def test_file_errors_name_the_key_and_the_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=rf"'w' differs across checkpoints: a \({a}\) has \(4,\) torch.float32, "
                                          rf"b \({b}\) has \(3,\)"):
         merge_checkpoints(base, dirs, MergeConfig(method="ties"), tmp_path / "out")
-    save_file({"v": torch.zeros(4), "steps": STEPS}, str(dirs["c"] / WEIGHTS_FILE))
+    save_file({"v": torch.zeros(4), "steps": STEPS}, str(dirs["c"] / DIFFUSERS_WEIGHTS_FILE))
     with pytest.raises(ValueError, match=r"c \(.*\) has different keys from a \(.*\): missing \['w'\], extra \['v'\]"):
         merge_checkpoints(base, {"a": dirs["a"], "c": dirs["c"]}, MergeConfig(method="uniform"), tmp_path / "out")
     with pytest.raises(FileNotFoundError, match=r"d \(.*\): no weights file"):
