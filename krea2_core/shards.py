@@ -61,7 +61,7 @@ def run_sharded(items: Sequence[T], make_worker: Callable[[], Worker], work_dir:
             import ray
             from ray.util import ActorPool
 
-            from krea2_core.parallel import ensure_ray
+            from krea2_core.ray_map import ensure_ray
 
             ensure_ray(parallel)
             n_actors = min(len(pending), parallel.num_cpus)

@@ -26,7 +26,8 @@ from krea2_core.rerun import RerunError, plan, rerun
 from krea2_core.stage_spec import run_stage
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun, configure_tracking, end_pipeline_run, start_pipeline_run
-from krea2_core.training.pretrain import PRETRAIN_STAGES, WEIGHTS_FILE, pretrain_settings
+from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
+from krea2_core.training.pretrain import PRETRAIN_STAGES, pretrain_settings
 
 SMALL = {
     "world": {"n_scenes": 12, "n_exact_duplicates": 2, "n_near_duplicates": 2, "n_color_variants": 1,
@@ -80,7 +81,7 @@ def _fixed_captions(inputs: dict[str, Path], staging: Path, run: StageRun) -> St
 def _untrained(config: PipelineConfig) -> Any:
     """A checkpoint artifact body that writes the initial weights instead of training (the rerun trains for real)."""
     def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        save_file(Krea2DiT(config.pretrain.model).state_dict(), staging / WEIGHTS_FILE)
+        save_file(Krea2DiT(config.pretrain.model).state_dict(), staging / DIFFUSERS_WEIGHTS_FILE)
         return StageOutput({"steps": 0})
     return body
 
@@ -221,7 +222,7 @@ def test_rerun_trains_a_stage_on_its_recorded_inputs(pretrained: tuple[str, Pipe
     changed = _config(pretrain={"stages": {"512": {"steps": 2}}})
     assert changed.pretrain.parallel.nproc_per_node == 2
     path = rerun("pretrain_512", parent, changed)
-    assert path != paths["pretrain_512"] and (path / WEIGHTS_FILE).is_file()
+    assert path != paths["pretrain_512"] and (path / DIFFUSERS_WEIGHTS_FILE).is_file()
     manifest = read_manifest(path, kind="checkpoint")
     assert manifest.counts["steps"] == 2
     # each of the 2 ranks wrote its shard of the final training state
@@ -264,12 +265,13 @@ def test_a_missing_upstream_file_fails_a_training_rerun_in_one_line_in_a_copied_
     copy = tmp_path / "copied-root"
     shutil.copytree(root, copy)
     monkeypatch.setenv("KREA2_OUTPUT_ROOT", str(copy))
-    weights = copy / paths["pretrain_256"].relative_to(root) / WEIGHTS_FILE
+    weights = copy / paths["pretrain_256"].relative_to(root) / DIFFUSERS_WEIGHTS_FILE
     weights.unlink()
     overrides = tmp_path / "longer.yaml"
     overrides.write_text(yaml.safe_dump(deep_merge(SMALL, {"pretrain": {"stages": {"512": {"steps": 2}}}})))
     assert main(["rerun", "pretrain_512", "--from-run", parent, "--config", str(overrides)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
-    assert f"artifact {weights.parent} (checkpoint) is damaged: {WEIGHTS_FILE} is missing" in err
-    assert (root / paths["pretrain_256"].relative_to(root) / WEIGHTS_FILE).is_file()  # the original is untouched
+    assert f"artifact {weights.parent} (checkpoint) is damaged: {DIFFUSERS_WEIGHTS_FILE} is missing" in err
+    # the original is untouched
+    assert (root / paths["pretrain_256"].relative_to(root) / DIFFUSERS_WEIGHTS_FILE).is_file()

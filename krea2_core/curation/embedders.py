@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from krea2_core.common.device import resolve_device
 from krea2_core.config import EmbedderConfig
 from krea2_core.curation.efficientnet import FEATURE_DIM, INPUT_MEAN, INPUT_SIZE, INPUT_STD, load_efficientnet_lite0
 from krea2_core.data.images import to_rgb
@@ -42,17 +43,6 @@ class Embedder(Protocol):
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(len(images), dim) float32 rows of unit L2 norm."""
         ...
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when available; asking for ``cuda`` without it is an error, not a silent CPU run."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("embedder device 'cuda' requested but CUDA is not available (use 'auto' or 'cpu')")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"embedder device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    return torch.device(device)
 
 
 def _in_batches(images: Sequence[Image.Image], batch_size: int, dim: int,

@@ -26,7 +26,7 @@ from krea2_core.data.dedup import find_duplicates, keep_order
 from krea2_core.data.images import READ_ERRORS, BadImage, NotAFile, Unreachable, analysis_copy, read_bytes
 from krea2_core.data.schemas import Scores
 from krea2_core.data.scores import image_scores
-from krea2_core.parallel import map_shards
+from krea2_core.ray_map import map_shards
 
 FILTER_RULES = ("min_resolution", "aspect_ratio", "white_pixels", "black_pixels", "low_entropy",
                 "extreme_texture", "flat_border")

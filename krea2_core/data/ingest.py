@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from krea2_core.config import ParallelConfig
 from krea2_core.data.images import READ_ERRORS, BadImage, NotAFile, Unreachable, open_uri, probe
 from krea2_core.data.schemas import SchemaError
-from krea2_core.parallel import map_shards
+from krea2_core.ray_map import map_shards
 
 RAW_POOL_FILE = "raw_pool.parquet"
 

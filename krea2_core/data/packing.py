@@ -33,7 +33,7 @@ from krea2_core.data.buckets import assign_bucket, bucket_sizes, resize_crop
 from krea2_core.data.images import BadImage, load_image
 from krea2_core.data.schemas import Captions, Packed, Verdicts, read_table, validate
 from krea2_core.models.autoencoders import pixel_multiple
-from krea2_core.parallel import map_shards
+from krea2_core.ray_map import map_shards
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun

@@ -47,8 +47,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from krea2_core.artifacts import read_manifest
+from krea2_core.common.device import resolve_device
 from krea2_core.config import ExpanderRLConfig, ExpansionConfig, TrainerConfig
-from krea2_core.curation.embedders import Embedder, make_embedder, resolve_device
+from krea2_core.curation.embedders import Embedder, make_embedder
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.expander.evaluate import (
     Expander,

@@ -47,10 +47,11 @@ from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
+from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE, diffusers_config
 from krea2_core.training.distributed_stage import run_distributed_stage
 from krea2_core.training.optim import build_optimizers
 from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, global_means, parallelize
-from krea2_core.training.pretrain import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, diffusers_config, new_model
+from krea2_core.training.pretrain import METRICS_FILE, new_model
 from krea2_core.training.schedules import wsd_scheduler
 from krea2_core.evaluation.prompt_following import Generate, comparison_metrics, held_out_prompts, image_grid, \
     score_images
@@ -321,14 +322,15 @@ def evaluate_distillation(student: TextToImage, teacher: TextToImage, config: Di
 def _student_weights(checkpoint: Path, out: Path) -> None:
     """The student's weights of a (student + fake) training checkpoint, as a plain model weights file."""
     prefix = "student."
-    weights = {k[len(prefix):]: v for k, v in load_file(checkpoint / ckpt.WEIGHTS_FILE).items() if k.startswith(prefix)}
+    saved = load_file(checkpoint / ckpt.STEP_WEIGHTS_FILE)
+    weights = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
     save_file(weights, out, metadata={"format": "pt"})
 
 
 def _publish(pipe: TextToImage, run: StageRun, staging: Path, config: DistillConfig, pretrain: TrainerConfig,
              teacher: Path, resolution: int) -> StageOutput:
-    _student_weights(run.work_dir / "checkpoints" / ckpt.step_dir_name(config.steps), staging / WEIGHTS_FILE)
-    (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(pretrain.model), indent=2))
+    _student_weights(run.work_dir / "checkpoints" / ckpt.step_dir_name(config.steps), staging / DIFFUSERS_WEIGHTS_FILE)
+    (staging / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(diffusers_config(pretrain.model), indent=2))
     (staging / DISTILL_FILE).write_text(json.dumps({"student_steps": config.student_steps,
                                                     "shift": pretrain.eval.shift, "cfg_scale": 1.0}, indent=2))
     shutil.copy(run.work_dir / METRICS_FILE, staging / METRICS_FILE)

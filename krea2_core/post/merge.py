@@ -28,8 +28,9 @@ from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
+from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE, diffusers_config
 from krea2_core.training.merging import merge_checkpoints
-from krea2_core.training.pretrain import CONFIG_FILE, WEIGHTS_FILE, diffusers_config, new_model, text_to_image
+from krea2_core.training.pretrain import new_model, text_to_image
 from krea2_core.evaluation.prompt_following import PromptFollowing, comparison_metrics, eval_sampler, evaluate, \
     held_out_prompts, image_grid
 
@@ -95,13 +96,14 @@ def run_merge(inputs: Mapping[str, Path], settings: MergeSettings, parent_run_id
             out = staging if method == settings.merge.method else run.work_dir / method
             out.mkdir(parents=True, exist_ok=True)
             merged = merge_checkpoints(paths["base"], domains, dataclasses.replace(settings.merge, method=method),
-                                       out / WEIGHTS_FILE)
+                                       out / DIFFUSERS_WEIGHTS_FILE)
             stats.update({f"merge.{method}.{k}": v for k, v in merged.items()})
             candidates[f"merged_{method}"] = out
-        (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(trainer.model), indent=2))
+        (staging / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(diffusers_config(trainer.model), indent=2))
         for method in methods:  # new_model reads the weights file of a checkpoint directory
             if method != settings.merge.method:
-                (run.work_dir / method / CONFIG_FILE).write_text((staging / CONFIG_FILE).read_text())
+                (run.work_dir / method / DIFFUSERS_CONFIG_FILE).write_text(
+                    (staging / DIFFUSERS_CONFIG_FILE).read_text())
         pipe = text_to_image(new_model(trainer, None, device), trainer, device)
         results, images = _score_matrix(pipe, candidates, settings, device, run)
         scores = {c: {d: result.score for d, result in row.items()} for c, row in results.items()}

@@ -44,18 +44,11 @@ from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
+from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE, diffusers_config
 from krea2_core.training.distributed_stage import run_distributed_stage
 from krea2_core.training.optim import build_optimizers
 from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, global_means, parallelize
-from krea2_core.training.pretrain import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    WEIGHTS_FILE,
-    _noise_and_timesteps,
-    diffusers_config,
-    new_model,
-    text_to_image,
-)
+from krea2_core.training.pretrain import METRICS_FILE, _noise_and_timesteps, new_model, text_to_image
 from krea2_core.training.schedules import wsd_scheduler
 from krea2_core.evaluation.prompt_following import comparison_metrics, eval_sampler, held_out_prompts, image_grid, \
     score_images
@@ -244,8 +237,8 @@ def _publish(pipe: TextToImage, run: StageRun, staging: Path, settings: Preferen
              n_pairs: int) -> StageOutput:
     pretrain, steps = settings.trainer, settings.recipe.steps
     final = run.work_dir / "checkpoints" / ckpt.step_dir_name(steps)
-    shutil.copy(final / ckpt.WEIGHTS_FILE, staging / WEIGHTS_FILE)
-    (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(pretrain.model), indent=2))
+    shutil.copy(final / ckpt.STEP_WEIGHTS_FILE, staging / DIFFUSERS_WEIGHTS_FILE)
+    (staging / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(diffusers_config(pretrain.model), indent=2))
     shutil.copy(run.work_dir / METRICS_FILE, staging / METRICS_FILE)
     # unsharded copies on rank 0 (the other ranks are done), with the frozen autoencoder and text encoder
     device = pipe.device

@@ -50,7 +50,7 @@ from krea2_core.artifacts import file_sha256
 from krea2_core.config import PretrainStageConfig
 
 STATE_DIR = "state"
-WEIGHTS_FILE = "model.safetensors"
+STEP_WEIGHTS_FILE = "model.safetensors"  # a step directory's full weights (an artifact's are diffusers-named)
 CONFIG_FILE = "config.json"
 EXTRA_FILE = "extra.json"
 SCHEDULERS_FILE = "schedulers.json"
@@ -146,7 +146,7 @@ def save_checkpoint(directory: str | Path, *, step: int, model: nn.Module, optim
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / STATE_DIR)
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if _is_rank0():
-        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / STEP_WEIGHTS_FILE, metadata={"format": "pt"})
         for name, text in texts.items():
             (tmp / name).write_text(text)
     _barrier()
@@ -203,7 +203,7 @@ def _check_state(path: Path) -> None:
 
 def _weights_file(path: str | Path) -> Path:
     path = Path(path)
-    file = path / WEIGHTS_FILE if path.is_dir() else path
+    file = path / STEP_WEIGHTS_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"weights file not found: {file}")
     return file

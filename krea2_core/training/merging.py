@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from krea2_core.config import MergeConfig
+from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
 
 # One tensor name across the models (and the base, or None), in the compute dtype -> the merged tensor.
 # Statistics are added to the counter.
@@ -203,8 +204,8 @@ def _summary(stats: Mapping[str, float], n_models: int) -> dict[str, float]:
     return summary
 
 
-def merge_state_dicts(base: dict[str, Tensor] | None, models: dict[str, dict[str, Tensor]],
-                      config: MergeConfig) -> dict[str, Tensor]:
+def merge_domain_state_dicts(base: dict[str, Tensor] | None, models: dict[str, dict[str, Tensor]],
+                             config: MergeConfig) -> dict[str, Tensor]:
     """Merge in-memory state dicts (domain name -> state dict) with ``config.method``; see the module docstring."""
     weights, combine = _plan(list(models), config, base is not None)
     needs_base = config.method in ("task_arithmetic", "ties")
@@ -218,14 +219,11 @@ def merge_checkpoints(base: Path | None, checkpoints: dict[str, Path], config: M
     """Merge checkpoint directories (domain name -> dir holding the diffusers weights file) into the safetensors
     file ``out``, streaming one tensor name at a time. Returns counts and, for ties, the fraction of task-vector
     entries kept and of positions with a sign conflict."""
-    # imported here: pretrain imports pma, which imports this module
-    from krea2_core.training.pretrain import WEIGHTS_FILE
-
     weights, combine = _plan(list(checkpoints), config, base is not None)
     needs_base = config.method in ("task_arithmetic", "ties")
     metadata = {"merge_method": config.method, "merge_weights": json.dumps(weights),
                 "merge_density": str(config.density), "merge_scale": str(config.scale)}
-    stats = merge_files([(f"{name} ({checkpoints[name]})", Path(checkpoints[name]) / WEIGHTS_FILE) for name in weights],
-                        out, combine, metadata=metadata,
-                        base=(f"base ({base})", Path(base) / WEIGHTS_FILE) if needs_base and base is not None else None)
+    models = [(f"{name} ({checkpoints[name]})", Path(checkpoints[name]) / DIFFUSERS_WEIGHTS_FILE) for name in weights]
+    base_file = (f"base ({base})", Path(base) / DIFFUSERS_WEIGHTS_FILE) if needs_base and base is not None else None
+    stats = merge_files(models, out, combine, metadata=metadata, base=base_file)
     return _summary(stats, len(weights))

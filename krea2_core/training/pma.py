@@ -35,8 +35,8 @@ def pma_weights(k: int, method: Literal["sma", "ema", "wma"] = "sma", alpha: flo
     return normalise(raw, k)
 
 
-def merge_state_dicts(state_dicts: Sequence[dict[str, Tensor]],
-                      weights: Sequence[float] | None = None) -> dict[str, Tensor]:
+def average_state_dicts(state_dicts: Sequence[dict[str, Tensor]],
+                        weights: Sequence[float] | None = None) -> dict[str, Tensor]:
     """Weighted average (equal by default; weights are normalised) of state dicts with identical keys, shapes
     and dtypes; each tensor keeps its dtype."""
     norm = normalise(weights, len(state_dicts))

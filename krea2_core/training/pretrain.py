@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import inspect
 import json
 import shutil
 import time
@@ -34,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from krea2_core.artifacts import to_plain
-from krea2_core.config import DiTConfig, PipelineConfig, PretrainStageConfig, TrainerConfig
+from krea2_core.config import PipelineConfig, PretrainStageConfig, TrainerConfig
 from krea2_core.data.loader import PackedLoader
 from krea2_core.diffusion.flow import add_noise, flow_loss, sample_timesteps, validation_loss
 from krea2_core.diffusion.text_to_image import TextToImage
@@ -45,6 +44,7 @@ from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
+from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE, diffusers_config
 from krea2_core.training.distributed_stage import run_distributed_stage
 from krea2_core.training.optim import build_optimizers
 from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, global_means, parallelize
@@ -57,21 +57,9 @@ from krea2_core.evaluation.prompt_following import (PromptFollowing, comparison_
 from krea2_core.world.captions import sample_prompts
 from krea2_core.world.render import render
 
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 _PROJECTOR = "repa_projector"
-
-
-def diffusers_config(model: DiTConfig) -> dict[str, Any]:
-    """``config.json`` for diffusers: its Krea2Transformer2DModel arguments, our ablation switches under "krea2"."""
-    from diffusers import Krea2Transformer2DModel
-
-    names = inspect.signature(Krea2Transformer2DModel.__init__).parameters
-    plain = to_plain(model)
-    return {"_class_name": "Krea2Transformer2DModel", **{k: v for k, v in plain.items() if k in names},
-            "krea2": {k: v for k, v in plain.items() if k not in names}}
 
 
 PRETRAIN_STAGES = ("256", "512", "1024")  # progressive resolution: each stage starts from the previous one
@@ -126,7 +114,7 @@ def new_model(config: TrainerConfig, init: Path | None, device: torch.device) ->
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = Krea2DiT(config.model)
     if init is not None:
-        ckpt.load_weights(init / WEIGHTS_FILE, model)
+        ckpt.load_weights(init / DIFFUSERS_WEIGHTS_FILE, model)
     return model.to(device)
 
 
@@ -293,8 +281,8 @@ def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: Pretrain
     merged_dir = scratch / "merged"
     if env.rank == 0:
         merged_dir.mkdir(exist_ok=True)
-        merge_safetensors([checkpoints / ckpt.step_dir_name(s) / ckpt.WEIGHTS_FILE for s in pma_steps],
-                          merged_dir / WEIGHTS_FILE, drop_prefix=f"{_PROJECTOR}.")
+        merge_safetensors([checkpoints / ckpt.step_dir_name(s) / ckpt.STEP_WEIGHTS_FILE for s in pma_steps],
+                          merged_dir / DIFFUSERS_WEIGHTS_FILE, drop_prefix=f"{_PROJECTOR}.")
     if dist.is_initialized():
         dist.barrier()
     merged = dataclasses.replace(pipe, model=new_model(config, merged_dir, env.device))
@@ -302,8 +290,8 @@ def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: Pretrain
     if staging is None or run is None or final is None:
         return None
     result, grid = final
-    shutil.copy(merged_dir / WEIGHTS_FILE, staging / WEIGHTS_FILE)
-    (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(config.model), indent=2))
+    shutil.copy(merged_dir / DIFFUSERS_WEIGHTS_FILE, staging / DIFFUSERS_WEIGHTS_FILE)
+    (staging / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(diffusers_config(config.model), indent=2))
     shutil.copytree(checkpoints / ckpt.step_dir_name(stage_cfg.steps) / ckpt.STATE_DIR, staging / "train_state")
     shutil.copy(scratch / METRICS_FILE, staging / METRICS_FILE)
     grid.save(staging / "samples.png")

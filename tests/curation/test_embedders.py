@@ -20,7 +20,6 @@ from krea2_core.curation.embedders import (
     HFVisionEmbedder,
     make_embedder,
     read_embeddings,
-    resolve_device,
     write_embeddings,
 )
 from krea2_core.data.images import to_rgb
@@ -96,14 +95,6 @@ def test_non_rgb_images_are_converted_and_empty_input_is_empty(effnet: Efficient
     assert vectors[0] @ rgb > 0.999  # opaque RGBA embeds as its RGB
     assert vectors[1] @ rgb > 0.8  # greyscale stays close
     assert effnet.embed([]).shape == (0, 1280)
-
-
-def test_resolve_device() -> None:
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
-            resolve_device("cuda")
 
 
 # --------------------------------------------------------------------------- transformers models

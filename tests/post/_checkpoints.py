@@ -16,7 +16,8 @@ from krea2_core.config import PreferenceConfig, PretrainConfig
 from krea2_core.post.annotations import SimulatedAnnotations, simulated_like
 from krea2_core.post.pairs import PairSettings
 from krea2_core.stages import StageOutput, execute_stage
-from krea2_core.training.pretrain import CONFIG_FILE, WEIGHTS_FILE, diffusers_config, new_model
+from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE, diffusers_config
+from krea2_core.training.pretrain import new_model
 from krea2_core.world.captions import Prompt
 
 RESOLUTION = 32
@@ -61,8 +62,8 @@ def publish_checkpoints(root: Path) -> tuple[Path, Path]:
             if bright:
                 state["final_layer.linear.weight"].zero_()
                 state["final_layer.linear.bias"].fill_(-2.0)
-            save_file({k: v.contiguous() for k, v in state.items()}, staging / WEIGHTS_FILE)
-            (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(PRETRAIN.model)))
+            save_file({k: v.contiguous() for k, v in state.items()}, staging / DIFFUSERS_WEIGHTS_FILE)
+            (staging / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(diffusers_config(PRETRAIN.model)))
             return StageOutput(counts={})
 
         return execute_stage(f"test_{name}", "checkpoint", body, config={"name": name}, root=root)[0]

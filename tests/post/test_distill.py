@@ -43,9 +43,10 @@ from krea2_core.post.tdm import (
     tdm_loss,
 )
 from krea2_core.stages import StageOutput, execute_stage
+from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE, diffusers_config
 from krea2_core.training.launch import launch_local
 from krea2_core.training.parallel import init_distributed
-from krea2_core.training.pretrain import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, diffusers_config, new_model, text_to_image
+from krea2_core.training.pretrain import METRICS_FILE, new_model, text_to_image
 
 from ._checkpoints import PRETRAIN, RESOLUTION, TRAINER
 
@@ -73,8 +74,8 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
         generator = torch.Generator().manual_seed(0)
         state = {k: v + 0.1 * torch.randn(v.shape, generator=generator)
                  for k, v in new_model(PRETRAIN, None, CPU).state_dict().items()}
-        save_file(state, staging / WEIGHTS_FILE)
-        (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(PRETRAIN.model)))
+        save_file(state, staging / DIFFUSERS_WEIGHTS_FILE)
+        (staging / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(diffusers_config(PRETRAIN.model)))
         return StageOutput(counts={})
 
     return execute_stage("test_teacher", "checkpoint", body, config={},
@@ -366,10 +367,10 @@ def test_stage_publishes_the_student_with_its_sampling_recipe_and_one_run_evalua
     assert out is not None
     manifest = read_manifest(out, kind="checkpoint")
     assert manifest.counts == {"steps": 2, "student_steps": 2}
-    assert {WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE, DISTILL_FILE, EVAL_FILE, "samples.png"} <= \
+    assert {DIFFUSERS_WEIGHTS_FILE, DIFFUSERS_CONFIG_FILE, METRICS_FILE, DISTILL_FILE, EVAL_FILE, "samples.png"} <= \
         {p.name for p in out.iterdir()}
     new_model(PRETRAIN, out, CPU)  # loadable like any checkpoint: the student alone
-    trained, start = load_file(out / WEIGHTS_FILE), load_file(teacher / WEIGHTS_FILE)
+    trained, start = load_file(out / DIFFUSERS_WEIGHTS_FILE), load_file(teacher / DIFFUSERS_WEIGHTS_FILE)
     assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in start)
     assert json.loads((out / DISTILL_FILE).read_text()) == {"student_steps": 2, "shift": PRETRAIN.eval.shift,
                                                             "cfg_scale": 1.0}

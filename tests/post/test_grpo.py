@@ -33,9 +33,10 @@ from krea2_core.post.grpo import (
 from krea2_core.post.preference import policy_and_reference
 from krea2_core.post.prompt_pool import PromptPool, rl_prompts
 from krea2_core.training import checkpoint as ckpt
+from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.launch import launch_local
 from krea2_core.training.parallel import init_distributed
-from krea2_core.training.pretrain import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, new_model, text_to_image
+from krea2_core.training.pretrain import METRICS_FILE, new_model, text_to_image
 from krea2_core.world.captions import Prompt
 
 from ._checkpoints import PRETRAIN, RESOLUTION, TRAINER, publish_checkpoints
@@ -221,10 +222,10 @@ def test_stage_publishes_a_checkpoint_with_reward_curves_pool_and_evaluation(ini
     assert out is not None
     manifest = read_manifest(out, kind="checkpoint")
     assert manifest.counts == {"steps": 3, "prompts": 6, "samples": 24}
-    assert {WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE, POOL_FILE, EVAL_FILE, "samples.png"} <= {
+    assert {DIFFUSERS_WEIGHTS_FILE, DIFFUSERS_CONFIG_FILE, METRICS_FILE, POOL_FILE, EVAL_FILE, "samples.png"} <= {
         p.name for p in out.iterdir()}
     new_model(PRETRAIN, out, CPU)  # loadable like any checkpoint
-    trained, start = load_file(out / WEIGHTS_FILE), load_file(init / WEIGHTS_FILE)
+    trained, start = load_file(out / DIFFUSERS_WEIGHTS_FILE), load_file(init / DIFFUSERS_WEIGHTS_FILE)
     assert any(not torch.equal(trained[k], start[k]) for k in start)
 
     curve = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]

@@ -22,7 +22,6 @@ from krea2_core.diffusion.flow import add_noise, flow_loss, sample_timesteps
 from krea2_core.post.pairs import PAIRS_FILE, decode_pair_images, png_bytes
 from krea2_core.post.preference import (
     METRICS_FILE,
-    WEIGHTS_FILE,
     PreferenceSettings,
     load_pairs,
     pair_indices,
@@ -33,9 +32,10 @@ from krea2_core.post.preference import (
 )
 from krea2_core.post.preference_loss import preference_loss
 from krea2_core.stages import StageOutput, execute_stage
+from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE, diffusers_config
 from krea2_core.training.launch import launch_local
 from krea2_core.training.parallel import init_distributed
-from krea2_core.training.pretrain import CONFIG_FILE, diffusers_config, new_model, text_to_image
+from krea2_core.training.pretrain import new_model, text_to_image
 from krea2_core.world.captions import sample_prompts
 from krea2_core.world.render import render
 from krea2_core.world.scene import COLORS
@@ -165,8 +165,8 @@ def _publish_init(frame: pd.DataFrame, root: Path) -> Path:
             flow_loss(pipe.velocity(add_noise(tokens, noise, t), t, grid, text, mask), tokens, noise).backward()
             optimizer.step()
             optimizer.zero_grad()
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / WEIGHTS_FILE)
-        (staging / CONFIG_FILE).write_text(json.dumps(diffusers_config(PRETRAIN.model)))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / DIFFUSERS_WEIGHTS_FILE)
+        (staging / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(diffusers_config(PRETRAIN.model)))
         return StageOutput(counts={})
 
     return execute_stage("test_init", "checkpoint", body, config={"steps": 40}, root=root)[0]
@@ -253,9 +253,10 @@ def test_stage_publishes_a_loadable_checkpoint_with_the_implicit_curves(inputs: 
     assert out is not None
     manifest = read_manifest(out, kind="checkpoint")
     assert manifest.counts == {"steps": 3, "pairs": 4}
-    assert {WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE, "samples.png"} <= {p.name for p in out.iterdir()}
+    assert {DIFFUSERS_WEIGHTS_FILE, DIFFUSERS_CONFIG_FILE, METRICS_FILE, "samples.png"} <= \
+        {p.name for p in out.iterdir()}
     new_model(PRETRAIN, out, CPU)  # loadable like any checkpoint
-    trained, start = load_file(out / WEIGHTS_FILE), load_file(init / WEIGHTS_FILE)
+    trained, start = load_file(out / DIFFUSERS_WEIGHTS_FILE), load_file(init / DIFFUSERS_WEIGHTS_FILE)
     assert any(not torch.equal(trained[k], start[k]) for k in start)
 
     curve = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]

@@ -16,7 +16,8 @@ from krea2_core.artifacts import read_manifest
 from krea2_core.config import PipelineConfig, PostTrainConfig, preset
 from krea2_core.post.merge import EVAL_FILE, METHODS, merge_settings, run_merge
 from krea2_core.post.sft import SCENES_FILE, run_sft_data, sft_data_settings, sft_settings
-from krea2_core.training.pretrain import WEIGHTS_FILE, new_model, run_training_stage
+from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
+from krea2_core.training.pretrain import new_model, run_training_stage
 from tests.post._checkpoints import PRETRAIN, publish_checkpoints
 
 TINY = preset("tiny").post
@@ -51,12 +52,12 @@ def sft_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 
 def test_each_domain_finetunes_from_the_base(sft_checkpoints) -> None:
     _, base, domains = sft_checkpoints
-    base_weights = load_file(base / WEIGHTS_FILE)
+    base_weights = load_file(base / DIFFUSERS_WEIGHTS_FILE)
     for name, path in domains.items():
         manifest = read_manifest(path, kind="checkpoint")
         # evaluated on its own domain's prompts
         assert manifest.config["trainer"]["eval"]["scenes"] == POST.sft.domains[name].scenes.to_dict()
-        tuned = load_file(path / WEIGHTS_FILE)
+        tuned = load_file(path / DIFFUSERS_WEIGHTS_FILE)
         assert any(not torch.equal(tuned[k], base_weights[k]) for k in base_weights)
 
 

@@ -26,7 +26,7 @@ def _driver(code: str) -> subprocess.Popen[str]:
 
 
 def test_a_killed_driver_takes_its_local_ray_along() -> None:
-    driver = _driver("from krea2_core.config import ParallelConfig; from krea2_core.parallel import ensure_ray; "
+    driver = _driver("from krea2_core.config import ParallelConfig; from krea2_core.ray_map import ensure_ray; "
                      "ensure_ray(ParallelConfig(num_cpus=1)); print('up', flush=True); import time; time.sleep(600)")
     try:
         assert driver.stdout.readline().strip() == "up"

@@ -18,7 +18,7 @@ from krea2_core.training.checkpoint import (
     CONFIG_FILE,
     STATE_DIR,
     STATE_RECORD,
-    WEIGHTS_FILE,
+    STEP_WEIGHTS_FILE,
     CheckpointTimer,
     latest_checkpoint,
     list_checkpoints,
@@ -74,7 +74,7 @@ def test_resume_restores_everything_and_continues_bit_identically(tmp_path: Path
     assert muon == any(".momentum_buffer" in key for key in state)
     assert [s.state_dict() for s in resumed[2]] == [s.state_dict() for s in schedulers]
     assert load_model_config(path) == MODEL_CONFIG
-    _assert_same_tensors(load_file(path / WEIGHTS_FILE), model.state_dict())
+    _assert_same_tensors(load_file(path / STEP_WEIGHTS_FILE), model.state_dict())
 
     train(*resumed, range(5, 10))
     _assert_same_tensors(resumed[0].state_dict(), reference[0].state_dict())
@@ -86,7 +86,7 @@ def test_crash_leftovers_are_ignored_then_removed(tmp_path: Path) -> None:
     first = _save(tmp_path, 1, model, optimizers, schedulers)
     crashed = tmp_path / (step_dir_name(9) + ".tmp")  # a save killed half-way: newer, but unfinished
     (crashed / STATE_DIR).mkdir(parents=True)
-    (crashed / WEIGHTS_FILE).write_bytes(b"truncated")
+    (crashed / STEP_WEIGHTS_FILE).write_bytes(b"truncated")
     assert latest_checkpoint(tmp_path) == first
     assert [step for step, _ in list_checkpoints(tmp_path)] == [1]
     assert _save(tmp_path, 2, model, optimizers, schedulers) == tmp_path / step_dir_name(2)
@@ -120,17 +120,17 @@ def test_pruning_keeps_the_newest_and_the_weights_of_protected_steps(tmp_path: P
     with pytest.raises(FileNotFoundError, match="pruned to its weights"):
         load_checkpoint(weights_only, model=model, optimizers=optimizers, schedulers=schedulers)
     # an already saved step is kept as it is, not rewritten
-    before = (tmp_path / step_dir_name(6) / WEIGHTS_FILE).stat().st_mtime_ns
+    before = (tmp_path / step_dir_name(6) / STEP_WEIGHTS_FILE).stat().st_mtime_ns
     train(model, optimizers, schedulers, range(6, 7))
     _save(tmp_path, 6, model, optimizers, schedulers, keep=2)
-    assert (tmp_path / step_dir_name(6) / WEIGHTS_FILE).stat().st_mtime_ns == before
+    assert (tmp_path / step_dir_name(6) / STEP_WEIGHTS_FILE).stat().st_mtime_ns == before
 
 
 def test_load_weights_is_strict_and_names_the_keys(tmp_path: Path) -> None:
     model, optimizers, schedulers = _build()
     path = _save(tmp_path, 1, model, optimizers, schedulers)
     plain = _build(seed=4)[0]
-    load_weights(path / WEIGHTS_FILE, plain)  # the file itself or its step directory
+    load_weights(path / STEP_WEIGHTS_FILE, plain)  # the file itself or its step directory
     _assert_same_tensors(plain.state_dict(), model.state_dict())
     bigger = nn.Sequential(*build_model(), nn.Linear(3, 3))
     with pytest.raises(ValueError, match=r"missing keys \['5.bias', '5.weight'\], unexpected keys \[\]"):
@@ -206,5 +206,5 @@ def test_fsdp_checkpoints_reshard_between_world_sizes_1_and_2(tmp_path: Path) ->
     _assert_same_tensors(state, _part(result, "saved."))
     assert json.loads(json.dumps(other)) == sides[0]["saved"]
     assert json.loads(json.dumps(resumed_schedulers[0].state_dict())) == sides[0]["saved_scheduler"]
-    _assert_same_tensors(load_file(path / WEIGHTS_FILE), _part(_part(result, "saved."), "model."))
+    _assert_same_tensors(load_file(path / STEP_WEIGHTS_FILE), _part(_part(result, "saved."), "model."))
     assert json.loads((path / CONFIG_FILE).read_text()) == MODEL_CONFIG

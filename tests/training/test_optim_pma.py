@@ -17,7 +17,7 @@ from torch import nn
 from krea2_core.config import DiTConfig, OptimizerConfig
 from krea2_core.models.dit import Krea2DiT
 from krea2_core.training.optim import build_optimizers, param_groups_report
-from krea2_core.training.pma import merge_safetensors, merge_state_dicts, pma_weights
+from krea2_core.training.pma import average_state_dicts, merge_safetensors, pma_weights
 from krea2_core.training.schedules import wsd_factor, wsd_scheduler
 
 # --------------------------------------------------------------------------- WSD schedule
@@ -264,13 +264,13 @@ def _checkpoints() -> list[dict[str, torch.Tensor]]:
 
 
 def test_merge_averages_in_float32_and_keeps_each_dtype() -> None:
-    merged = merge_state_dicts(_checkpoints())
+    merged = average_state_dicts(_checkpoints())
     torch.testing.assert_close(merged["w"], torch.full((2, 3), 1.5))
     assert merged["b"].dtype == torch.bfloat16 and merged["count"].dtype == torch.int64
     # 256 + 1 + 1 + 1 summed in bf16 loses every 1 (spacing 2 at 256); float32 keeps them
     assert merged["b"].item() == torch.tensor(259 / 4).bfloat16().item() != 64.0
     assert torch.equal(merged["count"], torch.tensor([7]))
-    weighted = merge_state_dicts(_checkpoints(), weights=[0, 0, 1, 3])
+    weighted = average_state_dicts(_checkpoints(), weights=[0, 0, 1, 3])
     torch.testing.assert_close(weighted["w"], torch.full((2, 3), 2.75))
 
 
@@ -284,11 +284,11 @@ def test_merge_rejects_mismatches_naming_the_key() -> None:
     for checkpoints, message in [(bad_shape, "'w' differs"), (bad_keys, r"state dict 1 .*missing \['w'\]"),
                                  (bad_ints, "'count' is a torch.int64 tensor whose values differ")]:
         with pytest.raises(ValueError, match=message):
-            merge_state_dicts(checkpoints)
+            average_state_dicts(checkpoints)
     with pytest.raises(ValueError, match="weights must be 4 non-negative"):
-        merge_state_dicts(_checkpoints(), weights=[1, 1])
+        average_state_dicts(_checkpoints(), weights=[1, 1])
     with pytest.raises(ValueError, match="no checkpoints"):
-        merge_state_dicts([])
+        average_state_dicts([])
 
 
 def test_merge_safetensors_streams_files_to_the_same_result(tmp_path: Path) -> None:
@@ -299,7 +299,7 @@ def test_merge_safetensors_streams_files_to_the_same_result(tmp_path: Path) -> N
         save_file(state, str(paths[-1]), metadata={"step": str(i)})
     out = merge_safetensors(paths, tmp_path / "merged" / "model.safetensors", weights=[1, 2, 3, 4],
                             drop_prefix="head.")
-    expected = merge_state_dicts(_checkpoints(), weights=[1, 2, 3, 4])
+    expected = average_state_dicts(_checkpoints(), weights=[1, 2, 3, 4])
     with safe_open(str(out), framework="pt") as f:
         assert set(f.keys()) == set(expected)
         for key in expected:

@@ -25,8 +25,8 @@ from krea2_core.data.packing import pack_stage
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.training.launch import launch_local
 from krea2_core.evaluation.prompt_following import PromptFollowing
-from krea2_core.training.pretrain import (EVAL_FILE, METRICS_FILE, WEIGHTS_FILE, TrainingSettings, pretrain_settings,
-                                         run_training_stage)
+from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
+from krea2_core.training.pretrain import EVAL_FILE, METRICS_FILE, TrainingSettings, pretrain_settings, run_training_stage
 from krea2_core.world.captions import captions, sample_prompts
 from krea2_core.world.render import render
 
@@ -98,12 +98,12 @@ def test_stage_publishes_diffusers_loadable_weights_and_logs_metrics(packed: Pat
     assert out is not None
     manifest = read_manifest(out, kind="checkpoint")
     assert manifest.counts["steps"] == 6 and manifest.counts["merged_checkpoints"] == 2
-    assert {WEIGHTS_FILE, "config.json", "train_state", "metrics.jsonl", "samples.png"} <= {
+    assert {DIFFUSERS_WEIGHTS_FILE, "config.json", "train_state", "metrics.jsonl", "samples.png"} <= {
         p.name for p in out.iterdir()}
     curve = losses(out)
     assert len(curve) == 6 and all(np.isfinite(curve))
 
-    weights = load_file(out / WEIGHTS_FILE)
+    weights = load_file(out / DIFFUSERS_WEIGHTS_FILE)
     assert not any(k.startswith("repa_projector") for k in weights)  # the iREPA head stays out of the model
     reference = Krea2Transformer2DModel.from_pretrained(out)  # the artifact is a diffusers model directory
     assert reference.config.num_layers == 2
@@ -173,7 +173,7 @@ def test_resume_after_kill_9_retraces_the_same_loss_curve(packed: Path, tmp_path
     straight = next((tmp_path / "straight").glob("artifacts/checkpoint/*/manifest.json")).parent
     resumed = next(killed.glob("artifacts/checkpoint/*/manifest.json")).parent
     assert losses(resumed) == losses(straight)  # bit for bit, no repeated or missing steps
-    a, b = load_file(straight / WEIGHTS_FILE), load_file(resumed / WEIGHTS_FILE)
+    a, b = load_file(straight / DIFFUSERS_WEIGHTS_FILE), load_file(resumed / DIFFUSERS_WEIGHTS_FILE)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
