@@ -11,9 +11,10 @@ import yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from krea2_core.config import deep_merge, load_config
-from krea2_core.rerun import plan
+from krea2_core.config import PipelineConfig, deep_merge, load_config
+from krea2_core.rerun import plan, stage_specs
 from krea2_core.tracking import configure_tracking, output_location
+from workflows.graph import takes
 from expander._llm import save_tiny_qwen3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +77,22 @@ POST_TRAINING = ("pack_midtrain", "midtrain", "sft_data_warm", "sft_data_cool", 
                  "preference_pairs", "preference_synthetic", "preference_annotations", "preference_calibration",
                  "reward_model", "rl", "distill")
 EXPANDER = ("expander_data", "expander_sft", "expander_rl")
+# one setting of each post-training stage, none at SMALL's value -> the stages whose settings it is in (the SFT
+# recipe is every domain's)
+ONE_SETTING = {
+    ("pack_midtrain",): {"midtrain": {"n_images": 6}},
+    ("midtrain",): {"midtrain": {"stage": {"lr": 2e-4}}},
+    ("sft_data_warm",): {"sft": {"domains": {"warm": {"n_images": 6}}}},
+    ("sft_warm", "sft_cool"): {"sft": {"stage": {"lr": 1e-4}}},
+    ("merge",): {"merge": {"method": "ties"}},
+    ("preference_pairs",): {"preference": {"pairs": {"n_prompts": 10}}},
+    ("preference_synthetic",): {"preference": {"synthetic": {"lr": 2e-4}}},
+    ("preference_annotations",): {"preference": {"simulated_label_noise": 0.3}},
+    ("preference_calibration",): {"preference": {"calibration": {"lr": 1e-4}}},
+    ("reward_model",): {"rl": {"reward_model": {"steps": 6}}},
+    ("rl",): {"rl": {"grpo": {"lr": 3e-5}}},
+    ("distill",): {"distill": {"lr": 2e-5}},
+}
 
 
 def _with(base: str, **changes: dict) -> str:
@@ -88,6 +105,19 @@ def _pyflyte(home: Path, root: Path, *args: str) -> subprocess.CompletedProcess[
     env.pop("MLFLOW_TRACKING_URI", None)
     pyflyte = Path(sys.executable).with_name("pyflyte")
     return subprocess.run([str(pyflyte), "run", *args], cwd=REPO, env=env, text=True, capture_output=True, timeout=600)
+
+
+def _downstream(stages: tuple[str, ...], config: PipelineConfig) -> set[str]:
+    """``stages`` and every stage that takes an input from one of them, transitively (in the specs' graph)."""
+    found = set(stages)
+    for name, spec in stage_specs(tuple(config.post.sft.domains)).items():
+        if any(producer in found and takes(spec, input_name, config) for input_name, producer in spec.inputs.items()):
+            found.add(name)
+    return found
+
+
+def _reruns(run_id: str, config: PipelineConfig) -> set[str]:
+    return {stage for stage, reruns, _ in plan(run_id, config) if reruns}
 
 
 def _stage_runs(root: Path) -> dict[str, list[str]]:
@@ -142,16 +172,27 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     assert {stage: len(ids) for stage, ids in after.items() if stage not in moved_only} == {
         s: 1 + (s in downstream) for s in stages if s not in moved_only}
 
-    # a training setting of the last resolution stage re-runs that stage and post-training only (each stage is
-    # cached on its own part of the config; packing on what changes the packed bytes)
-    after_1024 = set(POST_TRAINING) - {"pack_midtrain", "sft_data_warm", "sft_data_cool"}
-    longer = tmp_path / "longer.yaml"
-    longer.write_text(_with(changed.read_text(), pretrain={"stages": {"1024": {"steps": 3}}}))
-    fourth = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(longer))
+    # Every stage's settings are its Flyte task's only config input and its artifact key, so one setting re-runs its
+    # stage and what is downstream of it, and the dry run says so: for one setting of each post-training stage, and
+    # for a training setting of the last resolution stage (which re-packs nothing) ...
+    latest = MlflowClient().search_runs([configure_tracking(root)], filter_string="tags.`krea2.kind` = 'pipeline'",
+                                        order_by=["start_time DESC"])[0].info.run_id
+    base = yaml.safe_load(changed.read_text())
+    for changed_stages, change in ONE_SETTING.items():
+        config = load_config("tiny", deep_merge(base, {"post": change}))
+        assert _reruns(latest, config) == _downstream(changed_stages, config), changed_stages
+    longer_1024 = load_config("tiny", deep_merge(base, {"pretrain": {"stages": {"1024": {"steps": 3}}}}))
+    assert _reruns(latest, longer_1024) == _downstream(("pretrain_1024",), longer_1024)
+    # ... and Flyte does what the dry run says: the issue's case, distillation's lr, re-runs distillation and the
+    # expander's RL (trained through the distilled model) and nothing else
+    lr = tmp_path / "lr.yaml"
+    lr.write_text(_with(changed.read_text(), post=ONE_SETTING[("distill",)]))
+    planned = _reruns(latest, load_config("tiny", lr.read_text()))
+    assert planned == {"distill", "expander_rl"}
+    fourth = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(lr))
     assert fourth.returncode == 0, fourth.stderr[-3000:]
     final = _stage_runs(root)
-    assert {stage: len(ids) for stage, ids in final.items() if stage not in moved_only} == {
-        s: 1 + (s in downstream) + (s == "pretrain_1024" or s in after_1024) for s in stages if s not in moved_only}
+    assert {stage for stage in stages if len(final[stage]) > len(after[stage])} == planned
 
     # the newest parent run links the stage runs it used, including the cached ones
     client = MlflowClient()
@@ -221,7 +262,7 @@ def test_curation_workflow_runs_alone_on_an_image_folder(tmp_path: Path, isolate
     (folder / "readme.txt").write_text("not an image")
     # a partial override: the rest of the curation config stays the preset's
     result = _pyflyte(tmp_path / "home", isolated_outputs, "workflows/curation.py", "curation", "--source", str(folder),
-                      "--config", "curation: {parallel: {backend: serial}}")
+                      "--overrides", "curation: {parallel: {backend: serial}}")
     assert result.returncode == 0, result.stderr[-3000:]
     import pandas as pd
 

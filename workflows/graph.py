@@ -17,6 +17,7 @@ from flytekit.core.base_task import PythonTask
 from flytekit.types.directory import FlyteDirectory
 
 from krea2_core.config import PipelineConfig
+from krea2_core.post.annotations import ANNOTATIONS
 from krea2_core.rerun import stage_specs
 from krea2_core.stage_spec import StageSpec
 from tasks import captioning, curation, expander, post, pretrain, semantic
@@ -74,8 +75,10 @@ def add_stages(config: PipelineConfig, have: dict[str, Any], want: Iterable[str]
     """Add a node for every stage ``want`` needs beyond ``have`` (stage -> its output: a node's promise or an
     artifact directory); returns ``have`` with them. Call it inside a dynamic workflow, with the resolved config."""
     specs = stage_specs(tuple(config.post.sft.domains))
-    config = localized(config)
-    for stage in stages_to_run(specs, config, have, want):
+    stages = stages_to_run(specs, config, have, want)
+    if ANNOTATIONS.name in stages:
+        config = localized(config)
+    for stage in stages:
         spec = specs[stage]
         settings = spec.settings(config)
         kwargs: dict[str, Any] = _inputs(spec, have, config)
