@@ -82,7 +82,7 @@ EXPANDER = ("expander_data", "expander_sft", "expander_rl")
 ONE_SETTING = {
     ("pack_midtrain",): {"midtrain": {"n_images": 6}},
     ("midtrain",): {"midtrain": {"stage": {"lr": 2e-4}}},
-    ("sft_data_warm",): {"sft": {"domains": {"warm": {"n_images": 6}}}},
+    ("sft_data_warm",): {"sft": {"domains": {"warm": {"n_images": 16}}}},
     ("sft_warm", "sft_cool"): {"sft": {"stage": {"lr": 1e-4}}},
     ("merge",): {"merge": {"method": "ties"}},
     ("preference_pairs",): {"preference": {"pairs": {"n_prompts": 10}}},

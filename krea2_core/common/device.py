@@ -10,7 +10,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("embedder device 'cuda' requested but CUDA is not available (use 'auto' or 'cpu')")
+        raise RuntimeError("device 'cuda' requested but CUDA is not available (use 'auto' or 'cpu')")
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"embedder device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     return torch.device(device)

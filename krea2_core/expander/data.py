@@ -257,16 +257,15 @@ def run_expander_data(inputs: Mapping[str, Path], settings: ExpanderDataConfig, 
     """Write the expander's SFT pairs from a ``captions`` artifact; the writer is ``settings.writer_model`` unless
     ``llm`` is given (tests). Returns the ``expander_data`` artifact directory."""
     read_manifest(inputs["captions"], kind="captions")
-    config = settings
 
     def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
         path = paths["captions"] / CAPTIONS_FILE
         table = read_table(path, Captions)
-        usable = usable_captions(table, config, str(path))
-        rows = sample_captions(usable, config)
-        writer = llm or LocalChatLLM.load(config.writer_model, config.device)
+        usable = usable_captions(table, settings, str(path))
+        rows = sample_captions(usable, settings)
+        writer = llm or LocalChatLLM.load(settings.writer_model, settings.device)
         start = time.perf_counter()
-        pairs = write_table(write_pairs(rows, config, writer), staging / PAIRS_FILE, ExpanderPairs)
+        pairs = write_table(write_pairs(rows, settings, writer), staging / PAIRS_FILE, ExpanderPairs)
         seconds = time.perf_counter() - start
         (staging / EXAMPLES_FILE).write_text(json.dumps(examples(pairs), indent=2))
         counts, metrics = pair_stats(pairs)
