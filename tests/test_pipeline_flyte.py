@@ -204,14 +204,18 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
         """The content digest of the output of ``stage`` that pipeline execution ``parent`` used."""
         return client.get_run(parent.data.tags[f"krea2.stage_run.{stage}"]).data.tags["krea2.output_digest"]
 
-    # content addressing: no output was computed twice (one run per artifact location), and a stage with the same
-    # config ran once per distinct content of its inputs: RL per (calibrated checkpoint, reward model), distillation
-    # per RL checkpoint, the expander's stages per captions, pairs, and (SFT model, distilled model)
+    def settings(parent: Run, stage: str) -> frozenset[tuple[str, str]]:
+        """The settings (MLflow params) of the run of ``stage`` that pipeline execution ``parent`` used."""
+        return frozenset(client.get_run(parent.data.tags[f"krea2.stage_run.{stage}"]).data.params.items())
+
+    # content addressing: no output was computed twice (one run per artifact location), and a stage ran once per
+    # distinct content of its inputs and settings: RL per (calibrated checkpoint, reward model), distillation per
+    # (RL checkpoint, its settings), the expander's stages per captions, pairs, and (SFT model, distilled model)
     for stage in stages:
         locations = [output_location(client.get_run(run_id).data.tags, root) for run_id in final[stage]]
         assert len(set(locations)) == len(locations), stage
     assert len(final["rl"]) == len({(used(p, "preference_calibration"), used(p, "reward_model")) for p in parents})
-    assert len(final["distill"]) == len({used(p, "rl") for p in parents})
+    assert len(final["distill"]) == len({(used(p, "rl"), settings(p, "distill")) for p in parents})
     assert len(final["expander_data"]) == len({used(p, "captioning") for p in parents})
     assert len(final["expander_sft"]) == len({used(p, "expander_data") for p in parents})
     assert len(final["expander_rl"]) == len({(used(p, "expander_sft"), used(p, "distill")) for p in parents})

@@ -381,8 +381,8 @@ def test_stage_publishes_the_student_with_its_sampling_recipe_and_one_run_evalua
     for sampler in ("student", "teacher", "teacher_few_step"):
         assert 0.0 <= evaluation[f"eval.{sampler}.score"] <= 1.0
         assert f"eval.{sampler}.count" in evaluation  # per requirement kind
-    # 2 student steps without CFG against 8 teacher steps with CFG (16 model evaluations)
-    assert evaluation["latency.ratio"] > 1.0
+    # both samplers timed, in one run (their speed is measured in benchmarks/, not asserted in a timed test)
+    assert evaluation["latency.teacher_s_per_image"] > 0 and evaluation["latency.student_s_per_image"] > 0
     assert evaluation["latency.ratio"] == pytest.approx(
         evaluation["latency.teacher_s_per_image"] / evaluation["latency.student_s_per_image"])
     with Image.open(out / "samples.png") as grid:
