@@ -22,6 +22,7 @@ from krea2_core.expander import format as fmt
 from krea2_core.expander.format import Expansion
 
 ARTIFACT_KIND = "expander"
+INFO_FILE = "expander.json"  # an expander artifact's format and base model (and, after RL, the image model)
 # Sequences per forward/backward pass of SFT and RL updates (gradients accumulated, weighted by answer tokens): a pass
 # holds every layer's activations and float32 logits over the whole vocabulary (49k for SmolLM2) per token.
 MICRO_BATCH = 4

@@ -46,6 +46,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from krea2_core.common.layout import EVAL_FILE, METRICS_FILE, SAMPLES_FILE
 from krea2_core.artifacts import read_manifest
 from krea2_core.common.device import resolve_device
 from krea2_core.config import ExpanderRLConfig, ExpansionConfig, TrainerConfig
@@ -61,7 +62,8 @@ from krea2_core.expander.evaluate import (
 )
 from krea2_core.expander.faithfulness import faithfulness, gate_failures
 from krea2_core.expander.format import Expansion
-from krea2_core.expander.model import MICRO_BATCH, Completions, load_expander, save_expander, token_logprobs
+from krea2_core.expander.model import (ARTIFACT_KIND, INFO_FILE, MICRO_BATCH, Completions, load_expander,
+                                       save_expander, token_logprobs)
 from krea2_core.expander.user_prompts import prompt_set
 from krea2_core.post.diversity import embedding_spread
 from krea2_core.post.grpo import grpo_loss, reward_metrics
@@ -74,13 +76,8 @@ from krea2_core.training.pretrain import new_model, text_to_image
 from krea2_core.training.schedules import wsd_scheduler
 from krea2_core.world.captions import Prompt
 
-KIND = "expander"
 FORMAT = "think-then-expand"
-INFO_FILE = "expander.json"
-METRICS_FILE = "metrics.jsonl"
 MINED_FILE = "mined.parquet"
-EVAL_FILE = "eval.json"
-SAMPLES_FILE = "samples.png"
 
 Log = Callable[[int, dict[str, float]], None]
 
@@ -144,7 +141,7 @@ def run_expander_rl(inputs: Mapping[str, Path], settings: ExpanderRLSettings, pa
 
 # the whole pipeline trains the expander through the distilled model (the sampler users get); the aesthetic reward
 # model, when the expander weighs that reward, is the one post-training trains
-EXPANDER_RL = StageSpec("expander_rl", KIND, {"sft": "expander_sft", "image_model": "distill",
+EXPANDER_RL = StageSpec("expander_rl", ARTIFACT_KIND, {"sft": "expander_sft", "image_model": "distill",
                                               "reward_model": "reward_model"},
                         lambda p: ExpanderRLSettings(rl=p.expander.rl, expansion=p.expander.expansion,
                                                      resolution=p.post.resolution, trainer=p.pretrain.trainer()),
@@ -154,7 +151,7 @@ EXPANDER_RL = StageSpec("expander_rl", KIND, {"sft": "expander_sft", "image_mode
 
 def _check_inputs(sft: Path, image_model: Path, reward_model: Path | None, config: ExpanderRLConfig) -> str:
     """Fail before any work on inputs the stage cannot use; returns the SFT expander's base model id."""
-    read_manifest(sft, kind=KIND)
+    read_manifest(sft, kind=ARTIFACT_KIND)
     read_manifest(image_model, kind="checkpoint")
     if reward_model is not None:
         read_manifest(reward_model, kind="reward_model")

@@ -30,12 +30,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from krea2_core.common.layout import EVAL_FILE, METRICS_FILE
 from krea2_core.config import ExpanderSFTConfig, ExpansionConfig
 from krea2_core.expander import format as fmt
 from krea2_core.expander.data import read_pairs
 from krea2_core.expander.faithfulness import judge
-from krea2_core.expander.model import (ARTIFACT_KIND, MICRO_BATCH, expand_loaded, load_expander, prompt_texts,
-                                       save_expander)
+from krea2_core.expander.model import (ARTIFACT_KIND, INFO_FILE, MICRO_BATCH, expand_loaded, load_expander,
+                                       prompt_texts, save_expander)
 from krea2_core.expander.user_prompts import prompt_set
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
@@ -43,9 +44,6 @@ from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training.schedules import wsd_scheduler
 from krea2_core.world.captions import Prompt
 
-INFO_FILE = "expander.json"
-METRICS_FILE = "metrics.jsonl"
-EVAL_FILE = "eval.json"
 FORMAT = "think-then-expand"
 IGNORE = -100  # label of a token the loss skips
 DECAY_FRACTION = 0.2  # WSD: the last fifth of the steps anneals the LR to 0

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from krea2_core.common.layout import EVAL_FILE
 from krea2_core.artifacts import read_manifest, to_plain
 from krea2_core.config import DistillConfig, TrainerConfig
 from krea2_core.diffusion.sampling import ModelFn, guided, inference_timesteps
@@ -58,7 +59,6 @@ from krea2_core.evaluation.prompt_following import Generate, comparison_metrics,
 from krea2_core.world.captions import sample_prompts
 
 DISTILL_FILE = "distill.json"
-EVAL_FILE = "eval.json"
 LATENCY_REPEATS = 2
 LATENCY_PROMPTS = 8  # latency is timed on this many of the held-out prompts (the teacher's 50 CFG steps are slow)
 

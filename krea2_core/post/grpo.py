@@ -42,6 +42,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from krea2_core.common.layout import EVAL_FILE
 from krea2_core.artifacts import read_manifest, to_plain
 from krea2_core.config import EvalConfig, TrainerConfig, RLConfig
 from krea2_core.curation.embedders import make_embedder
@@ -68,7 +69,6 @@ from krea2_core.evaluation.prompt_following import comparison_metrics, eval_samp
 from krea2_core.world.captions import Prompt
 
 POOL_FILE = "pool.parquet"
-EVAL_FILE = "eval.json"
 
 Log = Callable[[int, dict[str, float]], None]
 

@@ -22,6 +22,7 @@ from typing import Mapping, get_args, get_type_hints
 
 import torch
 
+from krea2_core.common.layout import EVAL_FILE
 from krea2_core.artifacts import read_manifest
 from krea2_core.config import MergeConfig, PipelineConfig, SceneDomainConfig, TrainerConfig
 from krea2_core.diffusion.text_to_image import TextToImage
@@ -34,7 +35,6 @@ from krea2_core.training.pretrain import new_model, text_to_image
 from krea2_core.evaluation.prompt_following import PromptFollowing, comparison_metrics, eval_sampler, evaluate, \
     held_out_prompts, image_grid
 
-EVAL_FILE = "eval.json"
 METHODS: tuple[str, ...] = get_args(get_type_hints(MergeConfig)["method"])
 
 

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from krea2_core.common.layout import SAMPLES_FILE
 from krea2_core.config import PairsConfig, PipelineConfig, SamplerConfig, TrainerConfig
 from krea2_core.data.schemas import PreferencePairs, Skipped, read_table, write_table
 from krea2_core.diffusion.text_to_image import TextToImage
@@ -44,7 +45,6 @@ from krea2_core.world.captions import Prompt, sample_prompts
 
 PAIRS_FILE = "pairs.parquet"
 SKIPPED_FILE = "skipped.parquet"
-SAMPLES_FILE = "samples.png"
 BATCH = 16  # prompts per generate call (the default of PairSettings.batch)
 CHUNK = 256  # prompts sampled, judged and encoded at a time (the default of PairSettings.chunk)
 GRID_PAIRS = 8  # winner | loser rows in samples.png

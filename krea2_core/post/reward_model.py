@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from krea2_core.common.layout import METRICS_FILE
 from krea2_core.artifacts import read_manifest, to_plain
 from krea2_core.config import EmbedderConfig, PipelineConfig, RewardModelConfig
 from krea2_core.curation.embedders import Embedder, make_embedder
@@ -37,8 +38,7 @@ from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import MetricsLog, StageRun
 
 HEAD_FILE = "head.safetensors"
-INFO_FILE = "reward_model.json"
-METRICS_FILE = "metrics.jsonl"
+REWARD_INFO_FILE = "reward_model.json"
 LOG_EVERY = 25  # steps between MLflow points of the curves (metrics.jsonl has every step)
 
 Log = Callable[[int, dict[str, float]], None]
@@ -67,7 +67,7 @@ def load_reward_model(artifact: Path) -> RewardModel:
     """The scorer of a ``reward_model`` artifact (ArtifactError for another kind)."""
     artifact = Path(artifact)
     read_manifest(artifact, kind="reward_model")
-    info = json.loads((artifact / INFO_FILE).read_text())
+    info = json.loads((artifact / REWARD_INFO_FILE).read_text())
     embedder = make_embedder(EmbedderConfig.from_dict(info["embedder"]))
     if embedder.dim != info["dim"]:
         raise ValueError(f"{artifact}: the head expects {info['dim']}-d embeddings, {embedder.name} gives "
@@ -180,7 +180,7 @@ def run_reward_model(inputs: Mapping[str, Path], settings: RewardModelConfig, pa
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, staging / HEAD_FILE)
         info = {"embedder": to_plain(settings.embedder), "dim": embedder.dim, "hidden": settings.hidden,
                 "metrics": metrics}
-        (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
+        (staging / REWARD_INFO_FILE).write_text(json.dumps(info, indent=2))
         return StageOutput(counts={"pairs": len(table), "train_pairs": len(table) - n_val, "val_pairs": n_val,
                                    "images": n_images}, metrics=metrics)
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from krea2_core.common.layout import EVAL_FILE, METRICS_FILE
 from krea2_core.artifacts import to_plain
 from krea2_core.config import PipelineConfig, PretrainStageConfig, TrainerConfig
 from krea2_core.data.loader import PackedLoader
@@ -57,8 +58,6 @@ from krea2_core.evaluation.prompt_following import (PromptFollowing, comparison_
 from krea2_core.world.captions import sample_prompts
 from krea2_core.world.render import render
 
-METRICS_FILE = "metrics.jsonl"
-EVAL_FILE = "eval.json"
 _PROJECTOR = "repa_projector"
 
 

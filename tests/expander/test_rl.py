@@ -41,7 +41,7 @@ from krea2_core.expander.rl import (
 )
 from krea2_core.post.diversity import embedding_spread
 from krea2_core.post.reward_model import HEAD_FILE as RM_HEAD
-from krea2_core.post.reward_model import INFO_FILE as RM_INFO
+from krea2_core.post.reward_model import REWARD_INFO_FILE as RM_INFO
 from krea2_core.post.reward_model import load_reward_model, preference_head
 from krea2_core.post.rewards import gdpo_advantages
 from krea2_core.world.captions import Prompt, Requirement

@@ -15,7 +15,7 @@ from krea2_core.artifacts import ArtifactError, read_manifest
 from krea2_core.config import RewardModelConfig, RewardsConfig
 from krea2_core.data.schemas import PreferencePairs, write_table
 from krea2_core.post.pairs import PAIR_COLUMNS, PAIRS_FILE, png_bytes, rubric_json
-from krea2_core.post.reward_model import HEAD_FILE, INFO_FILE, METRICS_FILE, load_reward_model, run_reward_model
+from krea2_core.post.reward_model import HEAD_FILE, METRICS_FILE, REWARD_INFO_FILE, load_reward_model, run_reward_model
 from krea2_core.post.rewards import build_reward
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import run_metrics
@@ -75,7 +75,7 @@ def test_reward_model_learns_the_preference_of_both_tables(trained: Path, pairs:
     assert manifest.counts == {"pairs": 44, "train_pairs": 33, "val_pairs": 11, "images": 88}
     assert set(manifest.inputs) == {"pairs.0", "pairs.1"}
     assert (trained / HEAD_FILE).is_file()
-    info = json.loads((trained / INFO_FILE).read_text())
+    info = json.loads((trained / REWARD_INFO_FILE).read_text())
     assert (info["embedder"]["kind"], info["dim"], info["hidden"]) == ("efficientnet_lite0", 1280, CONFIG.hidden)
     metrics = info["metrics"]
     assert metrics["train.accuracy"] == 1.0 and metrics["val.accuracy"] > 0.8
