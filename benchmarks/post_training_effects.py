@@ -31,8 +31,7 @@ from _common import RESULTS_DIR, markdown_table, write_json
 from krea2_core.artifacts import ArtifactError, read_manifest
 from krea2_core.config import PipelineConfig, PostTrainConfig, load_config
 from krea2_core.report import post_training_summary
-from krea2_core.rerun import stage_specs
-from krea2_core.stage_spec import run_stage
+from krea2_core.stage_spec import run_stage, stage_specs
 from krea2_core.tracking import run_metrics
 from krea2_core.training.pretrain import EVAL_FILE
 
@@ -62,8 +61,7 @@ def run_chain(init: Path, config: PipelineConfig) -> tuple[dict[str, Path], dict
     produced = {"midtrain": init}
     for stage in (*(s for d in domains for s in (f"sft_data_{d}", f"sft_{d}")), *AFTER_SFT):
         spec = specs[stage]
-        inputs = {name: produced[producer] for name, producer in spec.inputs.items()
-                  if name not in spec.optional or spec.optional[name](config)}
+        inputs = {name: produced[producer] for name, producer in spec.inputs.items() if spec.takes(name, config)}
         began = time.perf_counter()
         produced[stage] = artifacts[stage] = Path(run_stage(spec, config, inputs))
         seconds[stage] = time.perf_counter() - began

@@ -9,7 +9,6 @@ Flyte cache applies, plus the integrity check every artifact read makes).
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -18,37 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from krea2_core.artifacts import DamagedArtifact, read_manifest, to_plain
 from krea2_core.config import PipelineConfig
-from krea2_core.stage_spec import StageSpec, run_stage
-
-
-@functools.cache
-def stage_specs(domains: tuple[str, ...] = ()) -> dict[str, StageSpec]:
-    """Every stage's spec in pipeline order; ``domains`` are the configured SFT domains (a data and an SFT stage
-    each). The specs live beside their ``run_*`` functions; this is only their order."""
-    from krea2_core.captioning.stages import CAPTIONING, SCENE_CAPTIONS
-    from krea2_core.curation.stages import EMBEDDING, SEMANTIC_SELECTION
-    from krea2_core.data.packing import packing_spec
-    from krea2_core.data.stages import INGEST, SCORING, SELECTION, WORLD_POOL
-    from krea2_core.expander.data import EXPANDER_DATA
-    from krea2_core.expander.rl import EXPANDER_RL
-    from krea2_core.expander.sft import EXPANDER_SFT
-    from krea2_core.post.annotations import ANNOTATIONS
-    from krea2_core.post.distill import DISTILL
-    from krea2_core.post.grpo import RL
-    from krea2_core.post.merge import merge_spec
-    from krea2_core.post.midtrain import MIDTRAIN, PACK_MIDTRAIN
-    from krea2_core.post.pairs import PAIRS
-    from krea2_core.post.preference import preference_spec
-    from krea2_core.post.reward_model import REWARD_MODEL
-    from krea2_core.post.sft import sft_data_spec, sft_spec
-    from krea2_core.training.pretrain import PRETRAIN_STAGES, pretrain_spec
-
-    specs = [WORLD_POOL, INGEST, SCORING, SELECTION, SCENE_CAPTIONS, CAPTIONING, EMBEDDING, SEMANTIC_SELECTION,
-             *(spec for stage in PRETRAIN_STAGES for spec in (packing_spec(stage), pretrain_spec(stage))),
-             PACK_MIDTRAIN, MIDTRAIN, *map(sft_data_spec, domains), *map(sft_spec, domains), merge_spec(domains),
-             PAIRS, preference_spec("synthetic"), ANNOTATIONS, preference_spec("calibration"), REWARD_MODEL, RL,
-             DISTILL, EXPANDER_DATA, EXPANDER_SFT, EXPANDER_RL]
-    return {spec.name: spec for spec in specs}
+from krea2_core.stage_spec import run_stage, stage_specs
 
 
 class RerunError(ValueError):

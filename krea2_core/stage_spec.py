@@ -17,6 +17,7 @@ is called by every rank of a torchrun launch of ``settings.trainer.parallel`` an
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -41,6 +42,10 @@ class StageSpec:
     parallel: bool = False  # run takes parallel= (the curation ParallelConfig)
     distributed: bool = False  # every torchrun rank calls run; settings.trainer.parallel is the launch shape
 
+    def takes(self, name: str, config: PipelineConfig) -> bool:
+        """Whether the stage takes its input ``name`` under ``config``."""
+        return name not in self.optional or self.optional[name](config)
+
 
 def run_stage(spec: StageSpec, config: PipelineConfig, inputs: Mapping[str, Path], parent_run_id: str = ""
               ) -> Path:
@@ -58,3 +63,34 @@ def run_stage(spec: StageSpec, config: PipelineConfig, inputs: Mapping[str, Path
     if path is None:
         raise RuntimeError(f"{spec.name}: rank 0 returned no artifact")
     return path
+
+
+@functools.cache
+def stage_specs(domains: tuple[str, ...] = ()) -> dict[str, StageSpec]:
+    """Every stage's spec in pipeline order, which the Flyte graph, ``krea2 rerun`` and its dry run read; ``domains``
+    are the configured SFT domains (a data and an SFT stage each). The specs live beside their ``run_*`` functions
+    (imported here, not at the top: each of those modules imports this one); this is only their order."""
+    from krea2_core.captioning.stages import CAPTIONING, SCENE_CAPTIONS
+    from krea2_core.curation.stages import EMBEDDING, SEMANTIC_SELECTION
+    from krea2_core.data.packing import packing_spec
+    from krea2_core.data.stages import INGEST, SCORING, SELECTION, WORLD_POOL
+    from krea2_core.expander.data import EXPANDER_DATA
+    from krea2_core.expander.rl import EXPANDER_RL
+    from krea2_core.expander.sft import EXPANDER_SFT
+    from krea2_core.post.annotations import ANNOTATIONS
+    from krea2_core.post.distill import DISTILL
+    from krea2_core.post.grpo import RL
+    from krea2_core.post.merge import merge_spec
+    from krea2_core.post.midtrain import MIDTRAIN, PACK_MIDTRAIN
+    from krea2_core.post.pairs import PAIRS
+    from krea2_core.post.preference import preference_spec
+    from krea2_core.post.reward_model import REWARD_MODEL
+    from krea2_core.post.sft import sft_data_spec, sft_spec
+    from krea2_core.training.pretrain import PRETRAIN_STAGES, pretrain_spec
+
+    specs = [WORLD_POOL, INGEST, SCORING, SELECTION, SCENE_CAPTIONS, CAPTIONING, EMBEDDING, SEMANTIC_SELECTION,
+             *(spec for stage in PRETRAIN_STAGES for spec in (packing_spec(stage), pretrain_spec(stage))),
+             PACK_MIDTRAIN, MIDTRAIN, *map(sft_data_spec, domains), *map(sft_spec, domains), merge_spec(domains),
+             PAIRS, preference_spec("synthetic"), ANNOTATIONS, preference_spec("calibration"), REWARD_MODEL, RL,
+             DISTILL, EXPANDER_DATA, EXPANDER_SFT, EXPANDER_RL]
+    return {spec.name: spec for spec in specs}

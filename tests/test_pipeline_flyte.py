@@ -12,9 +12,9 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from krea2_core.config import PipelineConfig, deep_merge, load_config
-from krea2_core.rerun import plan, stage_specs
+from krea2_core.rerun import plan
+from krea2_core.stage_spec import stage_specs
 from krea2_core.tracking import configure_tracking, output_location
-from workflows.graph import takes
 from expander._llm import save_tiny_qwen3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def _downstream(stages: tuple[str, ...], config: PipelineConfig) -> set[str]:
     """``stages`` and every stage that takes an input from one of them, transitively (in the specs' graph)."""
     found = set(stages)
     for name, spec in stage_specs(tuple(config.post.sft.domains)).items():
-        if any(producer in found and takes(spec, input_name, config) for input_name, producer in spec.inputs.items()):
+        if any(producer in found and spec.takes(input_name, config) for input_name, producer in spec.inputs.items()):
             found.add(name)
     return found
 

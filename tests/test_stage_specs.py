@@ -24,7 +24,7 @@ import tasks.pretrain
 import tasks.semantic
 from krea2_core.artifacts import to_plain
 from krea2_core.config import PipelineConfig, load_config, preset
-from krea2_core.rerun import stage_specs
+from krea2_core.stage_spec import stage_specs
 from tasks.common import CACHE
 from workflows.graph import add_stages, stages_to_run, task_of
 
@@ -170,3 +170,20 @@ def test_a_post_training_setting_changes_exactly_its_stages_settings(stage: str)
         assert changed == {"sft_data_warm", "sft_warm", "merge"}
     else:
         assert changed == {stage}
+
+
+def test_a_run_function_rejects_inputs_its_spec_does_not_name(tmp_path) -> None:  # noqa: ANN001
+    """Bad input fails before anything is read or written: ingest takes a world pool artifact or a source, not
+    both; merge takes a base and one SFT checkpoint per configured domain."""
+    from krea2_core.data.stages import run_ingest
+    from krea2_core.post.merge import merge_settings, run_merge
+
+    with pytest.raises(ValueError, match=r"ingest takes a world_pool artifact or a source .* got \['source', "
+                                         r"'world_pool'\]"):
+        run_ingest({"world_pool": tmp_path, "source": tmp_path}, None, parallel=TINY.curation.parallel)
+    settings = merge_settings(TINY)
+    with pytest.raises(ValueError, match="merge needs a base and one SFT checkpoint per configured domain"):
+        run_merge({f"sft.{name}": tmp_path for name in DOMAINS}, settings, root=tmp_path)  # no base
+    with pytest.raises(ValueError, match="merge needs a base"):
+        run_merge({"base": tmp_path, "sft.warm": tmp_path}, settings, root=tmp_path)  # a domain missing
+    assert not any(tmp_path.iterdir())

@@ -18,8 +18,7 @@ from flytekit.types.directory import FlyteDirectory
 
 from krea2_core.config import PipelineConfig
 from krea2_core.post.annotations import ANNOTATIONS
-from krea2_core.rerun import stage_specs
-from krea2_core.stage_spec import StageSpec
+from krea2_core.stage_spec import StageSpec, stage_specs
 from tasks import captioning, curation, expander, post, pretrain, semantic
 
 # stage -> its task; a name missing here is looked up by its family's prefix in FAMILIES
@@ -61,13 +60,8 @@ def stages_to_run(specs: dict[str, StageSpec], config: PipelineConfig, have: Ite
         if stage not in specs:
             raise KeyError(f"unknown stage {stage!r}; stages: {list(specs)}")
         needed.add(stage)
-        todo += [producer for name, producer in specs[stage].inputs.items() if takes(specs[stage], name, config)]
+        todo += [producer for name, producer in specs[stage].inputs.items() if specs[stage].takes(name, config)]
     return [stage for stage in specs if stage in needed]
-
-
-def takes(spec: StageSpec, name: str, config: PipelineConfig) -> bool:
-    """Whether ``spec``'s stage takes its input ``name`` under ``config``."""
-    return name not in spec.optional or spec.optional[name](config)
 
 
 def add_stages(config: PipelineConfig, have: dict[str, Any], want: Iterable[str], parent_run_id: str
@@ -112,7 +106,7 @@ def _inputs(spec: StageSpec, have: dict[str, Any], config: PipelineConfig) -> di
     kwargs: dict[str, Any] = {}
     grouped: dict[str, dict[str, Any]] = {}
     for name, producer in spec.inputs.items():
-        if not takes(spec, name, config):
+        if not spec.takes(name, config):
             kwargs[name] = None
             continue
         value = have.get(producer)
