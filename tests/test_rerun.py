@@ -27,6 +27,7 @@ from krea2_core.stage_spec import run_stage
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun, configure_tracking, end_pipeline_run, start_pipeline_run
 from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
+from krea2_core.training.image_model import ModelIndex
 from krea2_core.training.pretrain import PRETRAIN_STAGES, pretrain_settings
 
 SMALL = {
@@ -82,6 +83,7 @@ def _untrained(config: PipelineConfig) -> Any:
     """A checkpoint artifact body that writes the initial weights instead of training (the rerun trains for real)."""
     def body(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
         save_file(Krea2DiT(config.pretrain.model).state_dict(), staging / DIFFUSERS_WEIGHTS_FILE)
+        ModelIndex.of(config.pretrain).write(staging)
         return StageOutput({"steps": 0})
     return body
 

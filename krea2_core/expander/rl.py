@@ -72,7 +72,7 @@ from krea2_core.post.rewards import LearnedAestheticReward, RubricReward, gdpo_a
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import MetricsLog, StageRun
-from krea2_core.training.pretrain import new_model, text_to_image
+from krea2_core.training.image_model import load_text_to_image
 from krea2_core.training.schedules import wsd_scheduler
 from krea2_core.world.captions import Prompt
 
@@ -107,7 +107,8 @@ def run_expander_rl(inputs: Mapping[str, Path], settings: ExpanderRLSettings, pa
         policy, reference = load_expander(str(sft), str(device)), load_expander(str(sft), str(device))
         policy[1].eval()  # no dropout: the sampling policy's log-probs are recomputed exactly
         reference[1].eval().requires_grad_(False)
-        pipe = text_to_image(new_model(pretrain, image_model, device).eval().requires_grad_(False), pretrain, device)
+        pipe = load_text_to_image(image_model, pretrain.parallel, device, seed=pretrain.seed)
+        pipe.model.eval().requires_grad_(False)
         realistic = distinct(prompt_set("train", config.n_prompts, expansion, resolution))
         if len(realistic) < config.prompts_per_step:
             raise ValueError(f"only {len(realistic)} distinct realistic prompts for prompts_per_step="

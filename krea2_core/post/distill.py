@@ -9,8 +9,8 @@ slice, so a run is the same at any rank count and a resumed run replays the same
 update on the TDM loss, then ``fake_updates`` fake-score updates on the same (detached) student samples.
 Student and fake are checkpointed together (one module holding both, one optimizer list) for exact resume.
 
-Artifact (kind ``checkpoint``): ``diffusion_pytorch_model.safetensors`` (the student) and ``config.json``, loadable
-like any checkpoint; ``distill.json`` (how to sample it: ``student_steps``, ``shift``, ``cfg_scale`` 1);
+Artifact (kind ``checkpoint``): ``diffusion_pytorch_model.safetensors`` (the student), ``config.json`` and
+``model_index.json``, self-describing like any checkpoint; ``distill.json`` (how to sample it: ``student_steps``, ``shift``, ``cfg_scale`` 1);
 ``metrics.jsonl`` (student loss, fake loss, DMD gradient RMS, |x0_fake - x0_real|, grad norms, lrs per step);
 ``eval.json`` (held-out checker scores of the student at K steps without CFG, the teacher at
 ``teacher_eval_steps`` with CFG and the teacher at K steps with CFG, and the sampler latencies);
@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -33,11 +32,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from krea2_core.common.layout import EVAL_FILE
+from krea2_core.common.layout import EVAL_FILE, METRICS_FILE, SAMPLES_FILE
 from krea2_core.artifacts import read_manifest, to_plain
 from krea2_core.config import DistillConfig, TrainerConfig
 from krea2_core.diffusion.sampling import ModelFn, guided, inference_timesteps
@@ -48,12 +45,10 @@ from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
-from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE, diffusers_config
 from krea2_core.training.distributed_stage import run_distributed_stage
-from krea2_core.training.optim import build_optimizers
-from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, global_means, parallelize
-from krea2_core.training.pretrain import METRICS_FILE, new_model
-from krea2_core.training.schedules import wsd_scheduler
+from krea2_core.training.image_model import ModelIndex, new_model, publish_checkpoint
+from krea2_core.training.parallel import DistEnv, data_parallel_rank, global_means, parallelize
+from krea2_core.training.trainer import Optimized, TrainState, rng
 from krea2_core.evaluation.prompt_following import Generate, comparison_metrics, held_out_prompts, image_grid, \
     score_images
 from krea2_core.world.captions import sample_prompts
@@ -140,7 +135,7 @@ def draw_samples(slots: Tensor, *, seed: int, step: int, token_shape: tuple[int,
     draws: dict[str, list[Tensor]] = {name: [] for name in ("prompt", "step", "noise", "u", "eps", "fake_u",
                                                             "fake_eps")}
     for index in slots.tolist():
-        g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + index)
+        g = rng(seed, step, index)
         draws["prompt"].append(torch.randint(n_prompts, (1,), generator=g))
         draws["step"].append(torch.randint(config.student_steps, (1,), generator=g))
         draws["noise"].append(torch.randn(token_shape, generator=g))
@@ -162,7 +157,8 @@ def student_fake_teacher(pretrain: TrainerConfig, teacher: Path, env: DistEnv
     """The student (trainable, with the frozen autoencoder and text encoder), the fake score (trainable) and the
     frozen teacher, all the ``teacher`` weights, all parallelised like pretraining (no float8)."""
     student, frozen = policy_and_reference(pretrain, teacher, env)
-    return student, parallelize(new_model(pretrain, teacher, env.device), pretrain.parallel, env, "none"), frozen
+    fake = new_model(teacher, env.device, seed=pretrain.seed)
+    return student, parallelize(fake, pretrain.parallel, env, "none"), frozen
 
 
 def token_side(resolution: int, down: int) -> int:
@@ -187,38 +183,6 @@ def _global_max(value: int, device: torch.device) -> int:
     return int(tensor.item())
 
 
-@dataclasses.dataclass(frozen=True)
-class _Trainable:
-    """A parallelised model with its optimizers and LR schedules, stepped together."""
-
-    model: nn.Module
-    optimizers: list[torch.optim.Optimizer]
-    schedulers: list[torch.optim.lr_scheduler.LRScheduler]
-    grad_clip: float
-
-    @classmethod
-    def build(cls, model: nn.Module, pretrain: TrainerConfig, lr: float, total_steps: int, warmup_steps: int
-              ) -> _Trainable:
-        optimizers = build_optimizers(model, pretrain.optimizer, lr)
-        return cls(model, optimizers, [wsd_scheduler(o, total_steps=total_steps, warmup_steps=warmup_steps,
-                                                     decay_fraction=0.0) for o in optimizers],
-                   pretrain.optimizer.grad_clip)
-
-    def update(self, loss: Tensor) -> float:
-        """Backward, clip, step; returns the gradient norm before clipping."""
-        loss.backward()
-        norm = clip_grad_norm(self.model, self.grad_clip)
-        for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-        return norm
-
-    @property
-    def lr(self) -> float:
-        return self.schedulers[0].get_last_lr()[0]
-
-
 def train_distill(pipe: TextToImage, fake: nn.Module, teacher: nn.Module, prompts: Sequence[str],
                   config: DistillConfig, pretrain: TrainerConfig, env: DistEnv, resolution: int, *,
                   checkpoints: Path | None = None, log: Log | None = None,
@@ -237,21 +201,18 @@ def train_distill(pipe: TextToImage, fake: nn.Module, teacher: nn.Module, prompt
         return lambda x, t, text, mask: runner.velocity(x, t, grid, text, mask)
 
     student_fn, fake_fn, teacher_fn = model_fn(pipe.model), model_fn(fake), model_fn(teacher)
-    student = _Trainable.build(pipe.model, pretrain, config.lr, config.steps, config.warmup_steps)
-    fake_score = _Trainable.build(fake, pretrain, config.fake_lr, config.steps * config.fake_updates,
-                                  config.warmup_steps * config.fake_updates)
-    # one module and one optimizer list for both trainable models: one checkpoint holds everything a resume needs
-    state = {"model": nn.ModuleDict({"student": pipe.model, "fake": fake}),
-             "optimizers": student.optimizers + fake_score.optimizers,
-             "schedulers": student.schedulers + fake_score.schedulers}
-    latest = ckpt.latest_checkpoint(checkpoints) if checkpoints is not None else None
-    start = 0 if latest is None else int(ckpt.load_checkpoint(latest, **state)["step"])
-    timer = ckpt.CheckpointTimer(checkpoint_every_s)
+    student = Optimized.build(pipe.model, pretrain.optimizer, config.lr, total_steps=config.steps,
+                              warmup_steps=config.warmup_steps)
+    fake_score = Optimized.build(fake, pretrain.optimizer, config.fake_lr, total_steps=config.steps * config.fake_updates,
+                                 warmup_steps=config.warmup_steps * config.fake_updates)
+    # both trainable models in one checkpoint: it holds everything a resume needs
+    state = TrainState({"student": student, "fake": fake_score}, checkpoints, steps=config.steps,
+                       model_config=to_plain(pipe.model.config), every_s=checkpoint_every_s)
+    state.resume()
     uncond = tuple(x.to(pipe.device) for x in pipe.text_encoder.encode([""]))
     pipe.model.train()
     fake.train()
-    for step in tqdm(range(start, config.steps), initial=start, total=config.steps, desc="distill tdm",
-                     disable=env.rank != 0, mininterval=5):
+    for step in state.range("distill tdm", show=env.rank == 0):
         d = draw_samples(slots, seed=config.seed, step=step, token_shape=token_shape, n_prompts=len(prompts),
                          config=config, shift=pretrain.eval.shift)
         d = SampleDraws(**{f.name: getattr(d, f.name).to(pipe.device) for f in dataclasses.fields(d)})
@@ -262,19 +223,17 @@ def train_distill(pipe: TextToImage, fake: nn.Module, teacher: nn.Module, prompt
         x0_hat = student_x0(student_fn, x, d.step, text, mask, times=times)
         loss, stats = tdm_loss(x0_hat, d.t, d.eps, guided(teacher_fn, (text, mask), uncond, config.teacher_cfg),
                                fake_velocity)
-        metrics = {"grad_norm": student.update(loss)}
+        metrics = {"grad_norm": student.step(loss)}
         fake_losses, fake_norms = [], []
         for update in range(config.fake_updates):
             fake_losses.append(fake_score_loss(fake_velocity, x0_hat, d.fake_t[update], d.fake_eps[update]))
-            fake_norms.append(fake_score.update(fake_losses[-1]))
+            fake_norms.append(fake_score.step(fake_losses[-1]))
         metrics.update(global_means({**stats, "fake_loss": torch.stack(fake_losses).detach().mean()}),
                        fake_grad_norm=float(np.mean(fake_norms)), lr=student.lr, fake_lr=fake_score.lr)
         done = step + 1
         if log is not None:
             log(done, metrics)
-        if checkpoints is not None and (done == config.steps or timer.due()):
-            ckpt.save_checkpoint(checkpoints, step=done, **state, extra={"step": done},
-                                 model_config=to_plain(pretrain.model), keep=2)
+        state.maybe_checkpoint(done)
 
 
 def seconds_per_image(generate: Generate, texts: Sequence[str], repeats: int = LATENCY_REPEATS) -> float:
@@ -319,30 +278,23 @@ def evaluate_distillation(student: TextToImage, teacher: TextToImage, config: Di
     return metrics, images
 
 
-def _student_weights(checkpoint: Path, out: Path) -> None:
-    """The student's weights of a (student + fake) training checkpoint, as a plain model weights file."""
-    prefix = "student."
-    saved = load_file(checkpoint / ckpt.STEP_WEIGHTS_FILE)
-    weights = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
-    save_file(weights, out, metadata={"format": "pt"})
-
-
 def _publish(pipe: TextToImage, run: StageRun, staging: Path, config: DistillConfig, pretrain: TrainerConfig,
              teacher: Path, resolution: int) -> StageOutput:
-    _student_weights(run.work_dir / "checkpoints" / ckpt.step_dir_name(config.steps), staging / DIFFUSERS_WEIGHTS_FILE)
-    (staging / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(diffusers_config(pretrain.model), indent=2))
+    # the student's weights of the (student + fake) training checkpoint
+    publish_checkpoint(staging, run.work_dir / "checkpoints" / ckpt.step_dir_name(config.steps) / ckpt.STEP_WEIGHTS_FILE,
+                       ModelIndex.read(teacher), prefix="student.", metrics=run.work_dir / METRICS_FILE)
     (staging / DISTILL_FILE).write_text(json.dumps({"student_steps": config.student_steps,
                                                     "shift": pretrain.eval.shift, "cfg_scale": 1.0}, indent=2))
-    shutil.copy(run.work_dir / METRICS_FILE, staging / METRICS_FILE)
     # unsharded copies on rank 0 (the other ranks are done), with the frozen autoencoder and text encoder
-    metrics, images = evaluate_distillation(dataclasses.replace(pipe, model=new_model(pretrain, staging, pipe.device)),
-                                            dataclasses.replace(pipe, model=new_model(pretrain, teacher, pipe.device)),
-                                            config, pretrain, resolution)
+    metrics, images = evaluate_distillation(
+        dataclasses.replace(pipe, model=new_model(staging, pipe.device, seed=pretrain.seed)),
+        dataclasses.replace(pipe, model=new_model(teacher, pipe.device, seed=pretrain.seed)),
+        config, pretrain, resolution)
     (staging / EVAL_FILE).write_text(json.dumps(metrics, indent=2))
     run.log_metrics(metrics, step=config.steps)
     shown = min(pretrain.eval.grid_size, config.eval_prompts)
     grid = image_grid([image for name in ("teacher", "student", "teacher_few_step") for image in images[name][:shown]],
                       columns=shown)
-    grid.save(staging / "samples.png")
+    grid.save(staging / SAMPLES_FILE)
     run.log_image(grid, f"samples/{DISTILL.name}.png")
     return StageOutput(counts={"steps": config.steps, "student_steps": config.student_steps}, metrics=metrics)

@@ -17,8 +17,8 @@ clipped ratio objective with the advantages plus ``kl_beta`` times the closed-fo
 (two Gaussians of one std). The learning-rate schedule counts rounds. The SDE's last step is deterministic and
 never trained. The reference is the init checkpoint, frozen and parallelised like the policy.
 
-Artifact (kind ``checkpoint``): ``diffusion_pytorch_model.safetensors`` and ``config.json`` (loadable like a
-pretraining checkpoint), ``metrics.jsonl`` (raw reward means, advantage std, loss, clip fraction, KL, ratio,
+Artifact (kind ``checkpoint``): ``diffusion_pytorch_model.safetensors``, ``config.json`` and ``model_index.json``
+(self-describing like a pretraining checkpoint), ``metrics.jsonl`` (raw reward means, advantage std, loss, clip fraction, KL, ratio,
 grad norm, lr and pool statistics per round), ``pool.parquet`` (the pool's final per-prompt statistics),
 ``eval.json`` and ``samples.png``. The evaluation samples held-out prompts with the ODE sampler: the world
 checker's score (the rubric reward) of the init model with and without CFG and of the policy without CFG, and the
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,9 +39,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from tqdm import tqdm
 
-from krea2_core.common.layout import EVAL_FILE
+from krea2_core.common.layout import EVAL_FILE, METRICS_FILE, SAMPLES_FILE
 from krea2_core.artifacts import read_manifest, to_plain
 from krea2_core.config import EvalConfig, TrainerConfig, RLConfig
 from krea2_core.curation.embedders import make_embedder
@@ -58,12 +56,10 @@ from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
-from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE, diffusers_config
 from krea2_core.training.distributed_stage import run_distributed_stage
-from krea2_core.training.optim import build_optimizers
-from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, global_means
-from krea2_core.training.pretrain import METRICS_FILE, new_model
-from krea2_core.training.schedules import wsd_scheduler
+from krea2_core.training.image_model import ModelIndex, new_model, publish_checkpoint
+from krea2_core.training.parallel import DistEnv, data_parallel_rank, global_means
+from krea2_core.training.trainer import Optimized, TrainState
 from krea2_core.evaluation.prompt_following import comparison_metrics, eval_sampler, held_out_prompts, image_grid, \
     score_images
 from krea2_core.world.captions import Prompt
@@ -211,9 +207,9 @@ def _score_round(rewards: RewardScorer, images: list[Image.Image], prompts: list
 
 
 def _train_on_rollout(pipe: TextToImage, ref_pipe: TextToImage, rollout: Rollout, advantages: torch.Tensor,
-                      timesteps: list[int], optimizers: list[torch.optim.Optimizer], config: RLConfig,
-                      grad_clip: float) -> dict[str, float]:
-    """One optimiser step per timestep in ``timesteps``; the rank-averaged stats, averaged over the steps."""
+                      timesteps: list[int], policy: Optimized, config: RLConfig) -> dict[str, float]:
+    """One optimiser step per timestep in ``timesteps`` (the schedule steps by rounds); the rank-averaged stats,
+    averaged over the steps."""
     grpo = config.grpo
     times = rollout.times.tolist()
     totals: dict[str, float] = {}
@@ -228,12 +224,8 @@ def _train_on_rollout(pipe: TextToImage, ref_pipe: TextToImage, rollout: Rollout
             kl = gaussian_kl(mean, sde_step(x, v_ref, times[i], times[i + 1], grpo.noise_level)[0], std)
         loss, stats = grpo_loss(gaussian_log_prob(rollout.states[i + 1], mean, std), rollout.log_probs[i], advantages,
                                 clip_range=grpo.clip_range, kl=kl, kl_beta=grpo.kl_beta)
-        loss.backward()
         metrics = global_means(stats)
-        metrics["grad_norm"] = clip_grad_norm(pipe.model, grad_clip)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        metrics["grad_norm"] = policy.step(loss, schedule=False)
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + value / len(timesteps)
     return totals
@@ -256,19 +248,15 @@ def train_grpo(pipe: TextToImage, reference: torch.nn.Module, pool: PromptPool, 
     ref_pipe = dataclasses.replace(pipe, model=reference)
     per_rank = grpo.samples_per_step // dp_size
     mine = np.arange(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-    optimizers = build_optimizers(pipe.model, pretrain.optimizer, grpo.lr)
-    schedulers = [wsd_scheduler(o, total_steps=grpo.steps, warmup_steps=grpo.warmup_steps, decay_fraction=0.0)
-                  for o in optimizers]
-    latest = ckpt.latest_checkpoint(checkpoints) if checkpoints is not None else None
-    start = 0
-    if latest is not None:
-        extra = ckpt.load_checkpoint(latest, model=pipe.model, optimizers=optimizers, schedulers=schedulers)
-        start = int(extra["step"])
+    policy = Optimized.build(pipe.model, pretrain.optimizer, grpo.lr, total_steps=grpo.steps,
+                             warmup_steps=grpo.warmup_steps)
+    state = TrainState(policy, checkpoints, steps=grpo.steps, model_config=to_plain(pipe.model.config),
+                       every_s=checkpoint_every_s)
+    extra = state.resume()
+    if extra:
         pool.load_state_dict(extra["pool"])
-    timer = ckpt.CheckpointTimer(checkpoint_every_s)
     pipe.model.train()
-    for step in tqdm(range(start, grpo.steps), initial=start, total=grpo.steps, desc="rl grpo",
-                     disable=env.rank != 0, mininterval=5):
+    for step in state.range("rl grpo", show=env.rank == 0):
         began = time.perf_counter()
         drawn = pool.draw(grpo.prompts_per_step, step)
         batch = [pool.prompts[k] for k in np.repeat(drawn, grpo.group_size)]  # prompt-major
@@ -282,19 +270,15 @@ def train_grpo(pipe: TextToImage, reference: torch.nn.Module, pool: PromptPool, 
         timesteps = train_timesteps(grpo.sample_steps - 1, grpo.train_timesteps, pretrain.seed, step)
         metrics.update(_train_on_rollout(
             pipe, ref_pipe, rollout, torch.as_tensor(advantages[mine], dtype=torch.float32, device=env.device),
-            timesteps, optimizers, config, pretrain.optimizer.grad_clip))
-        metrics["lr"] = schedulers[0].get_last_lr()[0]
-        for scheduler in schedulers:
-            scheduler.step()
+            timesteps, policy, config))
+        metrics["lr"] = policy.lr
+        policy.schedule()
         metrics.update(pool.metrics())
         metrics["round_s"] = time.perf_counter() - began
         done = step + 1
         if log is not None:
             log(done, metrics)
-        if checkpoints is not None and (done == grpo.steps or timer.due()):
-            ckpt.save_checkpoint(checkpoints, step=done, model=pipe.model, optimizers=optimizers,
-                                 schedulers=schedulers, extra={"step": done, "pool": pool.state_dict()},
-                                 model_config=to_plain(pretrain.model), keep=2)
+        state.maybe_checkpoint(done, extra={"pool": pool.state_dict()})
 
 
 # --------------------------------------------------------------------------- evaluation and publishing
@@ -336,15 +320,13 @@ def _flat(report: dict[str, Any], prefix: str) -> dict[str, float]:
 def _publish(pipe: TextToImage, pool: PromptPool, run: StageRun, staging: Path, config: RLConfig,
              pretrain: TrainerConfig, init: Path, resolution: int) -> StageOutput:
     steps = config.grpo.steps
-    final = run.work_dir / "checkpoints" / ckpt.step_dir_name(steps)
-    shutil.copy(final / ckpt.STEP_WEIGHTS_FILE, staging / DIFFUSERS_WEIGHTS_FILE)
-    (staging / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(diffusers_config(pretrain.model), indent=2))
-    shutil.copy(run.work_dir / METRICS_FILE, staging / METRICS_FILE)
+    publish_checkpoint(staging, run.work_dir / "checkpoints" / ckpt.step_dir_name(steps) / ckpt.STEP_WEIGHTS_FILE,
+                       ModelIndex.read(init), metrics=run.work_dir / METRICS_FILE)
     pool.table().to_parquet(staging / POOL_FILE, index=False)
     # unsharded copies on rank 0 (the other ranks are done), with the frozen autoencoder and text encoder
     device = pipe.device
-    report, images = evaluate_rl(dataclasses.replace(pipe, model=new_model(pretrain, staging, device)),
-                                 dataclasses.replace(pipe, model=new_model(pretrain, init, device)),
+    report, images = evaluate_rl(dataclasses.replace(pipe, model=new_model(staging, device, seed=pretrain.seed)),
+                                 dataclasses.replace(pipe, model=new_model(init, device, seed=pretrain.seed)),
                                  config, pretrain.eval, resolution)
     (staging / EVAL_FILE).write_text(json.dumps(report, indent=2))
     metrics = {**_flat(report, "eval"), **pool.metrics()}
@@ -352,7 +334,7 @@ def _publish(pipe: TextToImage, pool: PromptPool, run: StageRun, staging: Path, 
     shown = min(pretrain.eval.grid_size, config.eval_prompts)
     grid = image_grid([image for name in ("policy_nocfg", "init_nocfg", "init_cfg") for image in images[name][:shown]],
                       columns=shown)
-    grid.save(staging / "samples.png")
+    grid.save(staging / SAMPLES_FILE)
     run.log_image(grid, "samples/rl.png")
     return StageOutput(counts={"steps": steps, "prompts": len(pool), "samples": steps * config.grpo.samples_per_step},
                        metrics=metrics)

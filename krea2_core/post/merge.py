@@ -29,9 +29,9 @@ from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
-from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE, diffusers_config
+from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
+from krea2_core.training.image_model import ModelIndex, load_text_to_image, new_model
 from krea2_core.training.merging import merge_checkpoints
-from krea2_core.training.pretrain import new_model, text_to_image
 from krea2_core.evaluation.prompt_following import PromptFollowing, comparison_metrics, eval_sampler, evaluate, \
     held_out_prompts, image_grid
 
@@ -63,7 +63,7 @@ def _score_matrix(pipe: TextToImage, candidates: dict[str, Path], settings: Merg
     scores: dict[str, dict[str, PromptFollowing]] = {}
     images: dict[str, list] = {}
     for candidate, weights in candidates.items():
-        model = dataclasses.replace(pipe, model=new_model(settings.trainer, weights, device).eval())
+        model = dataclasses.replace(pipe, model=new_model(weights, device, seed=settings.trainer.seed).eval())
         scores[candidate] = {}
         for domain_name, scenes in settings.domains.items():
             eval_cfg = dataclasses.replace(settings.trainer.eval, scenes=scenes, n_prompts=settings.eval_prompts)
@@ -84,6 +84,11 @@ def run_merge(inputs: Mapping[str, Path], settings: MergeSettings, parent_run_id
                          f"got {sorted(inputs)}")
     for path in inputs.values():
         read_manifest(path, kind="checkpoint")
+    index = ModelIndex.read(inputs["base"])
+    for key, path in inputs.items():
+        if ModelIndex.read(path) != index:
+            raise ValueError(f"merge: {key} ({path}) is another model than base ({inputs['base']}): merging averages "
+                             "the weights of one model")
     trainer = settings.trainer
     device = torch.device(trainer.parallel.device if trainer.parallel.device != "cuda" else "cuda:0")
 
@@ -97,14 +102,10 @@ def run_merge(inputs: Mapping[str, Path], settings: MergeSettings, parent_run_id
             out.mkdir(parents=True, exist_ok=True)
             merged = merge_checkpoints(paths["base"], domains, dataclasses.replace(settings.merge, method=method),
                                        out / DIFFUSERS_WEIGHTS_FILE)
+            index.write(out)  # a checkpoint directory that describes itself, published or scored
             stats.update({f"merge.{method}.{k}": v for k, v in merged.items()})
             candidates[f"merged_{method}"] = out
-        (staging / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(diffusers_config(trainer.model), indent=2))
-        for method in methods:  # new_model reads the weights file of a checkpoint directory
-            if method != settings.merge.method:
-                (run.work_dir / method / DIFFUSERS_CONFIG_FILE).write_text(
-                    (staging / DIFFUSERS_CONFIG_FILE).read_text())
-        pipe = text_to_image(new_model(trainer, None, device), trainer, device)
+        pipe = load_text_to_image(paths["base"], trainer.parallel, device, seed=trainer.seed)
         results, images = _score_matrix(pipe, candidates, settings, device, run)
         scores = {c: {d: result.score for d, result in row.items()} for c, row in results.items()}
         chosen = f"merged_{settings.merge.method}"

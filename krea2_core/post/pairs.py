@@ -39,7 +39,7 @@ from krea2_core.post.oracle import PreferenceOracle, WorldCheckerOracle, judge, 
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
-from krea2_core.training.pretrain import new_model, text_to_image
+from krea2_core.training.image_model import ModelIndex, load_text_to_image, new_model
 from krea2_core.evaluation.prompt_following import image_grid
 from krea2_core.world.captions import Prompt, sample_prompts
 
@@ -83,10 +83,16 @@ def call_seed(seed: int, group: str, batch: int) -> int:
 
 
 def load_pipes(policy: Path, previous: Path, pretrain: TrainerConfig) -> dict[str, TextToImage]:
-    """"policy" and "previous" checkpoints, sharing one frozen autoencoder and text encoder."""
+    """"policy" and "previous" checkpoints, as they describe themselves, sharing one frozen autoencoder and text
+    encoder (ValueError if they were trained with different ones)."""
+    if ModelIndex.read(previous) != ModelIndex.read(policy):
+        raise ValueError(f"the previous checkpoint {previous} is another model than the policy {policy}: a pair "
+                         "compares two checkpoints of one model")
     device = torch.device("cuda" if pretrain.parallel.device == "cuda" else "cpu")
-    pipe = text_to_image(new_model(pretrain, policy, device).eval(), pretrain, device)
-    return {"policy": pipe, "previous": dataclasses.replace(pipe, model=new_model(pretrain, previous, device).eval())}
+    pipe = load_text_to_image(policy, pretrain.parallel, device, seed=pretrain.seed)
+    pipe.model.eval()
+    return {"policy": pipe,
+            "previous": dataclasses.replace(pipe, model=new_model(previous, device, seed=pretrain.seed).eval())}
 
 
 def sample_draws(draws: Sequence[Draw], prompts: Sequence[str], pipes: dict[str, TextToImage], *, resolution: int,

@@ -11,8 +11,8 @@ without grad): the loss compares how well each model denoises the two (krea2_cor
 The reference is the init checkpoint, frozen, parallelised like the policy (FSDP shards it too): a full unsharded
 copy per rank would cost as much memory as the unsharded policy.
 
-Artifact (kind ``checkpoint``): ``diffusion_pytorch_model.safetensors`` (the final step's weights) and
-``config.json`` (loadable like a pretraining checkpoint), ``metrics.jsonl`` (loss, implicit log-likelihood ratios
+Artifact (kind ``checkpoint``): ``diffusion_pytorch_model.safetensors`` (the final step's weights),
+``config.json`` and ``model_index.json`` (self-describing like a pretraining checkpoint), ``metrics.jsonl`` (loss, implicit log-likelihood ratios
 of winner and loser, margin, accuracy per step: the curves that show policy divergence), ``samples.png`` (held-out
 prompts: the policy's images in the first row, the reference's from the same noise below).
 """
@@ -20,8 +20,6 @@ prompts: the policy's images in the first row, the reference's from the same noi
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +29,9 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from krea2_core.artifacts import read_manifest, to_plain
+from krea2_core.common.layout import METRICS_FILE, SAMPLES_FILE
 from krea2_core.config import EvalConfig, PipelineConfig, PreferenceLossConfig, PreferenceStageConfig, TrainerConfig
 from krea2_core.diffusion.flow import add_noise, velocity_target
 from krea2_core.diffusion.text_to_image import TextToImage
@@ -44,12 +42,10 @@ from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
-from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE, diffusers_config
 from krea2_core.training.distributed_stage import run_distributed_stage
-from krea2_core.training.optim import build_optimizers
-from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, global_means, parallelize
-from krea2_core.training.pretrain import METRICS_FILE, _noise_and_timesteps, new_model, text_to_image
-from krea2_core.training.schedules import wsd_scheduler
+from krea2_core.training.image_model import ModelIndex, new_model, publish_checkpoint, text_to_image
+from krea2_core.training.parallel import DistEnv, data_parallel_rank, global_means, parallelize
+from krea2_core.training.trainer import Optimized, TrainState, noise_and_timesteps
 from krea2_core.evaluation.prompt_following import comparison_metrics, eval_sampler, held_out_prompts, image_grid, \
     score_images
 
@@ -156,10 +152,12 @@ def pair_indices(n_pairs: int, global_batch: int, step: int, seed: int) -> np.nd
 
 def policy_and_reference(pretrain: TrainerConfig, init: Path, env: DistEnv) -> tuple[TextToImage, torch.nn.Module]:
     """The policy (trainable, with the frozen autoencoder and text encoder) and the frozen reference, both the
-    ``init`` weights, both parallelised like pretraining (no float8: the loss compares their small differences)."""
-    policy = parallelize(new_model(pretrain, init, env.device), pretrain.parallel, env, "none")
-    reference = new_model(pretrain, init, env.device).eval().requires_grad_(False)
-    return text_to_image(policy, pretrain, env.device), parallelize(reference, pretrain.parallel, env, "none")
+    checkpoint ``init`` as it describes itself, both parallelised like pretraining (no float8: the loss compares
+    their small differences)."""
+    policy = parallelize(new_model(init, env.device, seed=pretrain.seed), pretrain.parallel, env, "none")
+    reference = new_model(init, env.device, seed=pretrain.seed).eval().requires_grad_(False)
+    return (text_to_image(policy, ModelIndex.read(init), pretrain.parallel, env.device),
+            parallelize(reference, pretrain.parallel, env, "none"))
 
 
 def _flow_errors(velocity: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -177,42 +175,31 @@ def train_preference(pipe: TextToImage, reference: torch.nn.Module, pairs: pd.Da
     dp_rank, dp_size = data_parallel_rank(env, pretrain.parallel.tp)
     per_rank = stage.global_batch // dp_size
     slots = torch.arange(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-    optimizers = build_optimizers(pipe.model, pretrain.optimizer, stage.lr)
-    schedulers = [wsd_scheduler(o, total_steps=stage.steps, warmup_steps=stage.warmup_steps, decay_fraction=0.0)
-                  for o in optimizers]
-    latest = ckpt.latest_checkpoint(checkpoints) if checkpoints is not None else None
-    start = 0 if latest is None else int(
-        ckpt.load_checkpoint(latest, model=pipe.model, optimizers=optimizers, schedulers=schedulers)["step"])
-    timer = ckpt.CheckpointTimer(checkpoint_every_s)
+    policy = Optimized.build(pipe.model, pretrain.optimizer, stage.lr, total_steps=stage.steps,
+                             warmup_steps=stage.warmup_steps)
+    state = TrainState(policy, checkpoints, steps=stage.steps, model_config=to_plain(pipe.model.config),
+                       every_s=checkpoint_every_s)
+    state.resume()
     pipe.model.train()
-    for step in tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"preference {loss.kind}",
-                     disable=env.rank != 0, mininterval=5):
+    for step in state.range(f"preference {loss.kind}", show=env.rank == 0):
         rows = pairs.iloc[pair_indices(len(pairs), stage.global_batch, step, pretrain.seed)[slots.numpy()]]
         winner, loser = decode_pair_images(rows)
         tokens, grid, text, mask = pipe.encode(torch.cat([winner, loser]), list(rows["prompt"]) * 2)
         # one noise and timestep per pair, shared by its winner and loser
-        noise, t = _noise_and_timesteps(tokens[:per_rank], slots, seed=pretrain.seed, step=step, shift=timestep_shift)
+        noise, t = noise_and_timesteps(tokens[:per_rank], slots, seed=pretrain.seed, step=step, shift=timestep_shift)
         noise, t = torch.cat([noise, noise]), torch.cat([t, t])
         x_t, target = add_noise(tokens, noise, t), velocity_target(tokens, noise)
         err = _flow_errors(pipe.velocity(x_t, t, grid, text, mask), target)
         with torch.no_grad():
             err_ref = _flow_errors(ref_pipe.velocity(x_t, t, grid, text, mask), target)
         value, stats = preference_loss(err[:per_rank], err[per_rank:], err_ref[:per_rank], err_ref[per_rank:], loss)
-        value.backward()
         metrics = global_means(stats)
-        metrics["grad_norm"] = clip_grad_norm(pipe.model, pretrain.optimizer.grad_clip)
-        for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-        metrics["lr"] = schedulers[0].get_last_lr()[0]
+        metrics["grad_norm"] = policy.step(value)
+        metrics["lr"] = policy.lr
         done = step + 1
         if log is not None:
             log(done, metrics)
-        if checkpoints is not None and (done == stage.steps or timer.due()):
-            ckpt.save_checkpoint(checkpoints, step=done, model=pipe.model, optimizers=optimizers,
-                                 schedulers=schedulers, extra={"step": done}, model_config=to_plain(pretrain.model),
-                                 keep=2)
+        state.maybe_checkpoint(done)
 
 
 def compare_with_reference(policy: TextToImage, reference: TextToImage, eval_cfg: EvalConfig, resolution: int
@@ -236,19 +223,17 @@ def compare_with_reference(policy: TextToImage, reference: TextToImage, eval_cfg
 def _publish(pipe: TextToImage, run: StageRun, staging: Path, settings: PreferenceSettings, init: Path,
              n_pairs: int) -> StageOutput:
     pretrain, steps = settings.trainer, settings.recipe.steps
-    final = run.work_dir / "checkpoints" / ckpt.step_dir_name(steps)
-    shutil.copy(final / ckpt.STEP_WEIGHTS_FILE, staging / DIFFUSERS_WEIGHTS_FILE)
-    (staging / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(diffusers_config(pretrain.model), indent=2))
-    shutil.copy(run.work_dir / METRICS_FILE, staging / METRICS_FILE)
+    publish_checkpoint(staging, run.work_dir / "checkpoints" / ckpt.step_dir_name(steps) / ckpt.STEP_WEIGHTS_FILE,
+                       ModelIndex.read(init), metrics=run.work_dir / METRICS_FILE)
     # unsharded copies on rank 0 (the other ranks are done), with the frozen autoencoder and text encoder
     device = pipe.device
     metrics, ours, theirs = compare_with_reference(
-        dataclasses.replace(pipe, model=new_model(pretrain, staging, device)),
-        dataclasses.replace(pipe, model=new_model(pretrain, init, device)),
+        dataclasses.replace(pipe, model=new_model(staging, device, seed=pretrain.seed)),
+        dataclasses.replace(pipe, model=new_model(init, device, seed=pretrain.seed)),
         dataclasses.replace(pretrain.eval, n_prompts=settings.eval_prompts), settings.resolution)
     run.log_metrics(metrics, step=steps)
     shown = min(pretrain.eval.grid_size, len(ours))
     grid = image_grid(ours[:shown] + theirs[:shown], columns=shown)
-    grid.save(staging / "samples.png")
+    grid.save(staging / SAMPLES_FILE)
     run.log_image(grid, f"samples/preference_{settings.name}.png")
     return StageOutput(counts={"steps": steps, "pairs": n_pairs}, metrics=metrics)

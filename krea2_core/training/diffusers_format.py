@@ -26,3 +26,9 @@ def diffusers_config(model: DiTConfig) -> dict[str, Any]:
     plain = to_plain(model)
     return {"_class_name": "Krea2Transformer2DModel", **{k: v for k, v in plain.items() if k in names},
             "krea2": {k: v for k, v in plain.items() if k not in names}}
+
+
+def dit_config(config: dict[str, Any]) -> DiTConfig:
+    """The DiT config a ``config.json`` of ``diffusers_config`` describes (strict: unknown keys are errors)."""
+    fields = {k: v for k, v in config.items() if not k.startswith("_") and k != "krea2"}
+    return DiTConfig.from_dict({**fields, **config.get("krea2", {})})

@@ -6,10 +6,11 @@ publishes the artifact; all ranks train and checkpoint into the stage's scratch 
 killed attempt, so a re-run resumes from the newest checkpoint and retraces the same loss curve: every random
 draw comes from a generator seeded by (seed, step, rank) and the loader replays any step exactly.
 
-Artifact (kind ``checkpoint``), a diffusers model directory plus training records:
+Artifact (kind ``checkpoint``), a self-describing diffusers model directory plus training records:
 ``diffusion_pytorch_model.safetensors`` (PMA merge of the last K checkpoints) and ``config.json``, so
 ``Krea2Transformer2DModel.from_pretrained(artifact)`` loads it (ablation switches, when not at their defaults,
-sit under ``"krea2"`` and diffusers cannot run them); ``train_state/`` (DCP: model, optimizer, scheduler of the
+sit under ``"krea2"`` and diffusers cannot run them); ``model_index.json`` (the frozen autoencoder and text encoder:
+krea2_core/training/image_model.py); ``train_state/`` (DCP: model, optimizer, scheduler of the
 final step); ``metrics.jsonl`` (the loss curve); ``samples.png`` (held-out prompts); ``eval.json`` (per-prompt
 checker outcomes of the merged weights, and of the untrained model, for paired comparisons downstream).
 """
@@ -30,28 +31,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from tqdm import tqdm
 
-from krea2_core.common.layout import EVAL_FILE, METRICS_FILE
 from krea2_core.artifacts import to_plain
+from krea2_core.common.layout import EVAL_FILE, METRICS_FILE, SAMPLES_FILE
 from krea2_core.config import PipelineConfig, PretrainStageConfig, TrainerConfig
 from krea2_core.data.loader import PackedLoader
-from krea2_core.diffusion.flow import add_noise, flow_loss, sample_timesteps, validation_loss
+from krea2_core.diffusion.flow import add_noise, flow_loss, validation_loss
 from krea2_core.diffusion.text_to_image import TextToImage
-from krea2_core.models.autoencoders import load_autoencoder
-from krea2_core.models.dit import Krea2DiT
-from krea2_core.models.text_encoders import load_text_encoder
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput
 from krea2_core.tracking import MetricsLog, StageRun
 from krea2_core.training import checkpoint as ckpt
-from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE, diffusers_config
+from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.distributed_stage import run_distributed_stage
-from krea2_core.training.optim import build_optimizers
-from krea2_core.training.parallel import DistEnv, clip_grad_norm, data_parallel_rank, global_means, parallelize
+from krea2_core.training.image_model import ModelIndex, new_model, publish_checkpoint, text_to_image
+from krea2_core.training.parallel import DistEnv, data_parallel_rank, global_means, parallelize
 from krea2_core.training.pma import merge_safetensors
 from krea2_core.training.repa import IRepaProjector, load_patch_encoder, repa_active, repa_loss
-from krea2_core.training.schedules import wsd_scheduler
+from krea2_core.training.trainer import Optimized, TrainState, noise_and_timesteps
 from krea2_core.training.throughput import dit_parameters, peak_flops, train_flops_per_image
 from krea2_core.evaluation.prompt_following import (PromptFollowing, comparison_metrics, eval_sampler,
                                                     evaluate_shared, held_out_prompts, image_grid)
@@ -106,35 +103,6 @@ def pretrain_spec(stage: str) -> StageSpec:
     inputs = {"packed": f"pack_{stage}", **({"init": f"pretrain_{PRETRAIN_STAGES[index - 1]}"} if index else {})}
     return StageSpec(f"pretrain_{stage}", "checkpoint", inputs, lambda p: pretrain_settings(p, stage),
                      run_training_stage, distributed=True)
-
-
-def new_model(config: TrainerConfig, init: Path | None, device: torch.device) -> Krea2DiT:
-    """The DiT of ``config``: weights from a checkpoint artifact ``init``, else the seeded initialisation."""
-    torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = Krea2DiT(config.model)
-    if init is not None:
-        ckpt.load_weights(init / DIFFUSERS_WEIGHTS_FILE, model)
-    return model.to(device)
-
-
-def text_to_image(model: torch.nn.Module, config: TrainerConfig, device: torch.device) -> TextToImage:
-    """``model`` with the config's frozen autoencoder and text encoder."""
-    return TextToImage(model, load_autoencoder(config.autoencoder, device),
-                       load_text_encoder(config.text_encoder, device), config.autoencoder.patch_size,
-                       getattr(torch, config.parallel.dtype),
-                       drop_text_padding=not config.parallel.compile)  # compiled blocks: one shape, no recompiles
-
-
-def _noise_and_timesteps(tokens: torch.Tensor, sample_index: torch.Tensor, *, seed: int, step: int, shift: float
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise and timestep of each sample drawn from its own generator, seeded by (seed, step, sample index): a
-    step replays exactly after a resume, and at any world size (ranks hold slices of the same global batch)."""
-    noise, t = [], []
-    for index in sample_index.tolist():
-        g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + index)
-        noise.append(torch.randn(tokens.shape[1:], generator=g))
-        t.append(sample_timesteps(1, shift=shift, generator=g))
-    return torch.stack(noise).to(tokens.device, tokens.dtype), torch.cat(t).to(tokens.device)
 
 
 def _validation_set(pipe: TextToImage, config: TrainerConfig, resolution: int) -> tuple[torch.Tensor, ...]:
@@ -201,48 +169,49 @@ def _previous_eval(init: Path | None, digest: str) -> dict[str, Any]:
 def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: PretrainStageConfig, config: TrainerConfig,
            scratch: Path, staging: Path | None, run: StageRun | None) -> StageOutput | None:
     init = inputs.get("init")
-    model = new_model(config, init, env.device)
+    index = ModelIndex.of(config)
+    if init is not None and ModelIndex.read(init).model != config.model:
+        raise ValueError(f"{name}: the init checkpoint {init} is another DiT than trainer.model: a stage continues "
+                         "the model it starts from")
+    model = new_model(init if init is not None else config.model, env.device, seed=config.seed)
     projector, encoder = None, None
     if stage_cfg.repa:
         encoder = load_patch_encoder(config.repa, env.device)
         projector = IRepaProjector(config.model.hidden_size, encoder.dim).to(env.device)
         model.add_module(_PROJECTOR, projector)  # sharded and checkpointed with the model, not in its weights file
     model = parallelize(model, config.parallel, env, stage_cfg.float8)
-    pipe = text_to_image(model, config, env.device)
+    pipe = text_to_image(model, index, config.parallel, env.device)
     dp_rank, dp_size = data_parallel_rank(env, config.parallel.tp)
     loader = PackedLoader(inputs["packed"], rank=dp_rank, world_size=dp_size, caption_ratios=config.caption_ratios,
                           caption_dropout=config.caption_dropout, seed=config.seed)
-    optimizers = build_optimizers(model, config.optimizer, stage_cfg.lr)
-    schedulers = [wsd_scheduler(o, total_steps=stage_cfg.steps, warmup_steps=stage_cfg.warmup_steps,
-                                decay_fraction=stage_cfg.decay_fraction) for o in optimizers]
+    trained = Optimized.build(model, config.optimizer, stage_cfg.lr, total_steps=stage_cfg.steps,
+                              warmup_steps=stage_cfg.warmup_steps, decay_fraction=stage_cfg.decay_fraction)
+    pma_steps = sorted(s for s in (stage_cfg.steps - i * stage_cfg.pma_interval
+                                   for i in range(stage_cfg.pma_checkpoints)) if s > 0)
     checkpoints = scratch / "checkpoints"
-    latest = ckpt.latest_checkpoint(checkpoints)
-    start = 0 if latest is None else int(
-        ckpt.load_checkpoint(latest, model=model, optimizers=optimizers, schedulers=schedulers)["step"])
+    state = TrainState(trained, checkpoints, steps=stage_cfg.steps, model_config=to_plain(config.model),
+                       every_s=stage_cfg.checkpoint_every_s, protect=pma_steps)
+    state.resume()
     log = MetricsLog(scratch / METRICS_FILE, run) if run is not None else None  # rank 0 records
-    held_out = _HeldOut(env, config, stage_cfg.resolution, run, scratch, start)
+    held_out = _HeldOut(env, config, stage_cfg.resolution, run, scratch, state.start)
     previous = _previous_eval(init, held_out.digest())
     untrained_file = scratch / "untrained.json"
-    if start == 0 and init is None:  # the baseline every later number is compared with: the untrained model
+    if state.start == 0 and init is None:  # the baseline every later number is compared with: the untrained model
         untrained = held_out(pipe, "eval.untrained", 0)
         if untrained is not None:
             untrained_file.write_text(json.dumps(untrained[0].to_dict()))
     if init is None and untrained_file.is_file():
         previous = {"untrained": json.loads(untrained_file.read_text())}
     val = _validation_set(pipe, config, stage_cfg.resolution)
-    pma_steps = sorted(s for s in (stage_cfg.steps - i * stage_cfg.pma_interval
-                                   for i in range(stage_cfg.pma_checkpoints)) if s > 0)
     flops_per_image = functools.cache(functools.partial(train_flops_per_image, config.model, config.autoencoder,
                                                         stage_cfg.resolution))  # of a batch's text length
-    timer = ckpt.CheckpointTimer(stage_cfg.checkpoint_every_s)
     model.train()
-    for step in tqdm(range(start, stage_cfg.steps), initial=start, total=stage_cfg.steps, desc=name,
-                     disable=env.rank != 0, mininterval=5):
+    for step in state.range(name, show=env.rank == 0):
         t0 = time.perf_counter()
         batch = loader.batch(step)
         tokens, grid, text, mask = pipe.encode(batch.pixels, batch.captions)
-        noise, t = _noise_and_timesteps(tokens, batch.sample_index, seed=config.seed, step=step,
-                                        shift=stage_cfg.timestep_shift)
+        noise, t = noise_and_timesteps(tokens, batch.sample_index, seed=config.seed, step=step,
+                                       shift=stage_cfg.timestep_shift)
         aligned = encoder is not None and repa_active(step, steps_per_epoch=loader.n_batches, epochs=config.repa.epochs)
         out = pipe.velocity(add_noise(tokens, noise, t), t, grid, text, mask,
                             return_block=config.repa.block if aligned else None)
@@ -254,14 +223,9 @@ def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: Pretrain
             losses["loss.repa"] = alignment
             loss = loss + config.repa.weight * alignment
         metrics = global_means(losses)
-        loss.backward()
-        metrics["grad_norm"] = clip_grad_norm(model, config.optimizer.grad_clip)
-        for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+        metrics["grad_norm"] = trained.step(loss)
         images_per_s = stage_cfg.global_batch / (time.perf_counter() - t0)
-        metrics.update(lr=schedulers[0].get_last_lr()[0], images_per_s=images_per_s,
+        metrics.update(lr=trained.lr, images_per_s=images_per_s,
                        mfu=images_per_s * flops_per_image(text.shape[1]) / (peak_flops(env.device, pipe.compute_dtype) * env.world_size))
         done = step + 1
         if done % stage_cfg.val_every == 0 or done == stage_cfg.steps:
@@ -272,28 +236,24 @@ def _train(env: DistEnv, inputs: dict[str, Path], name: str, stage_cfg: Pretrain
             held_out(pipe, "curve", done)  # the live (unmerged) weights: a learning curve
         if log is not None:
             log(done, metrics)
-        if done in pma_steps or timer.due():
-            ckpt.save_checkpoint(checkpoints, step=done, model=model, optimizers=optimizers, schedulers=schedulers,
-                                 extra={"step": done}, model_config=to_plain(config.model), keep=2,
-                                 protect=set(pma_steps))
+        state.maybe_checkpoint(done)
     # PMA merge into the shared scratch dir, then every rank evaluates its share of the prompts on the merged weights
     merged_dir = scratch / "merged"
     if env.rank == 0:
         merged_dir.mkdir(exist_ok=True)
         merge_safetensors([checkpoints / ckpt.step_dir_name(s) / ckpt.STEP_WEIGHTS_FILE for s in pma_steps],
                           merged_dir / DIFFUSERS_WEIGHTS_FILE, drop_prefix=f"{_PROJECTOR}.")
+        index.write(merged_dir)
     if dist.is_initialized():
         dist.barrier()
-    merged = dataclasses.replace(pipe, model=new_model(config, merged_dir, env.device))
+    merged = dataclasses.replace(pipe, model=new_model(merged_dir, env.device, seed=config.seed))
     final = held_out(merged, "eval", stage_cfg.steps)
     if staging is None or run is None or final is None:
         return None
     result, grid = final
-    shutil.copy(merged_dir / DIFFUSERS_WEIGHTS_FILE, staging / DIFFUSERS_WEIGHTS_FILE)
-    (staging / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(diffusers_config(config.model), indent=2))
+    publish_checkpoint(staging, merged_dir / DIFFUSERS_WEIGHTS_FILE, index, metrics=scratch / METRICS_FILE)
     shutil.copytree(checkpoints / ckpt.step_dir_name(stage_cfg.steps) / ckpt.STATE_DIR, staging / "train_state")
-    shutil.copy(scratch / METRICS_FILE, staging / METRICS_FILE)
-    grid.save(staging / "samples.png")
+    grid.save(staging / SAMPLES_FILE)
     metrics = result.metrics("eval")
     report: dict[str, Any] = {"prompts": held_out.digest(), "resolution": stage_cfg.resolution, "stage": name,
                               "global_batch": stage_cfg.global_batch, "eval": result.to_dict(),

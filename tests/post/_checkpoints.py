@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -16,8 +15,8 @@ from krea2_core.config import PreferenceConfig, PretrainConfig
 from krea2_core.post.annotations import SimulatedAnnotations, simulated_like
 from krea2_core.post.pairs import PairSettings
 from krea2_core.stages import StageOutput, execute_stage
-from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE, diffusers_config
-from krea2_core.training.pretrain import new_model
+from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
+from krea2_core.training.image_model import ModelIndex, new_model
 from krea2_core.world.captions import Prompt
 
 RESOLUTION = 32
@@ -58,12 +57,12 @@ def publish_checkpoints(root: Path) -> tuple[Path, Path]:
     (x0 = noise - v with v = -2 everywhere), so a brightness oracle always prefers "previous"."""
     def publish(name: str, bright: bool) -> Path:
         def body(inputs: dict[str, Path], staging: Path, run: object) -> StageOutput:
-            state = new_model(PRETRAIN, None, torch.device("cpu")).state_dict()
+            state = new_model(PRETRAIN.model, torch.device("cpu"), seed=PRETRAIN.seed).state_dict()
             if bright:
                 state["final_layer.linear.weight"].zero_()
                 state["final_layer.linear.bias"].fill_(-2.0)
             save_file({k: v.contiguous() for k, v in state.items()}, staging / DIFFUSERS_WEIGHTS_FILE)
-            (staging / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(diffusers_config(PRETRAIN.model)))
+            ModelIndex.of(PRETRAIN).write(staging)
             return StageOutput(counts={})
 
         return execute_stage(f"test_{name}", "checkpoint", body, config={"name": name}, root=root)[0]

@@ -43,10 +43,11 @@ from krea2_core.post.tdm import (
     tdm_loss,
 )
 from krea2_core.stages import StageOutput, execute_stage
-from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE, diffusers_config
+from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.launch import launch_local
 from krea2_core.training.parallel import init_distributed
-from krea2_core.training.pretrain import METRICS_FILE, new_model, text_to_image
+from krea2_core.training.pretrain import METRICS_FILE
+from krea2_core.training.image_model import ModelIndex, load_text_to_image, new_model
 
 from ._checkpoints import PRETRAIN, RESOLUTION, TRAINER
 
@@ -73,9 +74,9 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     def body(inputs: dict[str, Path], staging: Path, run: object) -> StageOutput:
         generator = torch.Generator().manual_seed(0)
         state = {k: v + 0.1 * torch.randn(v.shape, generator=generator)
-                 for k, v in new_model(PRETRAIN, None, CPU).state_dict().items()}
+                 for k, v in new_model(PRETRAIN.model, CPU, seed=PRETRAIN.seed).state_dict().items()}
         save_file(state, staging / DIFFUSERS_WEIGHTS_FILE)
-        (staging / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(diffusers_config(PRETRAIN.model)))
+        ModelIndex.of(PRETRAIN).write(staging)
         return StageOutput(counts={})
 
     return execute_stage("test_teacher", "checkpoint", body, config={},
@@ -143,12 +144,12 @@ def test_the_dmd_gradient_moves_the_student_towards_the_real_x0() -> None:
 
 
 def _pipe(checkpoint: Path) -> TextToImage:
-    return text_to_image(new_model(PRETRAIN, checkpoint, CPU), PRETRAIN, CPU)
+    return load_text_to_image(checkpoint, PRETRAIN.parallel, CPU, seed=PRETRAIN.seed)
 
 
 def test_a_fake_equal_to_the_teacher_without_cfg_gives_no_gradient_and_cfg_does(teacher: Path) -> None:
     pipe = _pipe(teacher)
-    fake = new_model(PRETRAIN, teacher, CPU)
+    fake = new_model(teacher, CPU, seed=PRETRAIN.seed)
     text, mask = pipe.text_encoder.encode(["three red circles", "a blue square on the left"])
     uncond = pipe.text_encoder.encode(["", ""])
 
@@ -325,7 +326,7 @@ def straight(teacher: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
 def test_a_short_run_changes_both_models_and_logs_finite_metrics(
         teacher: Path, straight: tuple[list[dict], dict[str, torch.Tensor]]) -> None:
     curve, weights = straight
-    start = new_model(PRETRAIN, teacher, CPU).state_dict()
+    start = new_model(teacher, CPU, seed=PRETRAIN.seed).state_dict()
     for model in ("student", "fake"):
         assert any(not torch.equal(weights[f"{model}.{k}"], v) for k, v in start.items()), model
     assert [c["step"] for c in curve] == [1, 2, 3]
@@ -369,7 +370,7 @@ def test_stage_publishes_the_student_with_its_sampling_recipe_and_one_run_evalua
     assert manifest.counts == {"steps": 2, "student_steps": 2}
     assert {DIFFUSERS_WEIGHTS_FILE, DIFFUSERS_CONFIG_FILE, METRICS_FILE, DISTILL_FILE, EVAL_FILE, "samples.png"} <= \
         {p.name for p in out.iterdir()}
-    new_model(PRETRAIN, out, CPU)  # loadable like any checkpoint: the student alone
+    new_model(out, CPU, seed=PRETRAIN.seed)  # loadable like any checkpoint: the student alone
     trained, start = load_file(out / DIFFUSERS_WEIGHTS_FILE), load_file(teacher / DIFFUSERS_WEIGHTS_FILE)
     assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in start)
     assert json.loads((out / DISTILL_FILE).read_text()) == {"student_steps": 2, "shift": PRETRAIN.eval.shift,

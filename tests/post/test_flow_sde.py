@@ -18,7 +18,7 @@ from krea2_core.post.flow_sde import (
     sde_step,
     sde_trajectory,
 )
-from krea2_core.training.pretrain import new_model, text_to_image
+from krea2_core.training.image_model import ModelIndex, new_model, text_to_image
 
 from ._checkpoints import PRETRAIN, RESOLUTION
 
@@ -107,7 +107,7 @@ def test_the_trajectory_rejects_mismatched_generators_and_too_short_grids() -> N
 
 @pytest.fixture(scope="module")
 def pipe():  # noqa: ANN201
-    return text_to_image(new_model(PRETRAIN, None, CPU), PRETRAIN, CPU)
+    return text_to_image(new_model(PRETRAIN.model, CPU, seed=PRETRAIN.seed), ModelIndex.of(PRETRAIN), PRETRAIN.parallel, CPU)
 
 
 PROMPTS = ["a red circle", "a red circle", "a blue square", "a blue square"]

@@ -36,7 +36,8 @@ from krea2_core.training import checkpoint as ckpt
 from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.launch import launch_local
 from krea2_core.training.parallel import init_distributed
-from krea2_core.training.pretrain import METRICS_FILE, new_model, text_to_image
+from krea2_core.training.pretrain import METRICS_FILE
+from krea2_core.training.image_model import load_text_to_image, new_model
 from krea2_core.world.captions import Prompt
 
 from ._checkpoints import PRETRAIN, RESOLUTION, TRAINER, publish_checkpoints
@@ -162,7 +163,7 @@ def _brightness(pipe: TextToImage) -> float:
 
 
 def test_grpo_rounds_move_the_policy_the_way_the_reward_points(init: Path) -> None:
-    before = _brightness(text_to_image(new_model(PRETRAIN, init, CPU), PRETRAIN, CPU))
+    before = _brightness(load_text_to_image(init, PRETRAIN.parallel, CPU, seed=PRETRAIN.seed))
     rewards = BrightnessReward()
     curve, brighter, pool = _train(init, rl_config(), rewards=rewards)
     _, darker, _ = _train(init, rl_config(), rewards=BrightnessReward(darker=True))
@@ -224,7 +225,7 @@ def test_stage_publishes_a_checkpoint_with_reward_curves_pool_and_evaluation(ini
     assert manifest.counts == {"steps": 3, "prompts": 6, "samples": 24}
     assert {DIFFUSERS_WEIGHTS_FILE, DIFFUSERS_CONFIG_FILE, METRICS_FILE, POOL_FILE, EVAL_FILE, "samples.png"} <= {
         p.name for p in out.iterdir()}
-    new_model(PRETRAIN, out, CPU)  # loadable like any checkpoint
+    new_model(out, CPU, seed=PRETRAIN.seed)  # loadable like any checkpoint
     trained, start = load_file(out / DIFFUSERS_WEIGHTS_FILE), load_file(init / DIFFUSERS_WEIGHTS_FILE)
     assert any(not torch.equal(trained[k], start[k]) for k in start)
 

@@ -32,10 +32,10 @@ from krea2_core.post.preference import (
 )
 from krea2_core.post.preference_loss import preference_loss
 from krea2_core.stages import StageOutput, execute_stage
-from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE, diffusers_config
+from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.launch import launch_local
 from krea2_core.training.parallel import init_distributed
-from krea2_core.training.pretrain import new_model, text_to_image
+from krea2_core.training.image_model import ModelIndex, new_model, text_to_image
 from krea2_core.world.captions import sample_prompts
 from krea2_core.world.render import render
 from krea2_core.world.scene import COLORS
@@ -153,8 +153,8 @@ def _publish_init(frame: pd.DataFrame, root: Path) -> Path:
     """A checkpoint that already fits both sides of every pair (plain flow matching on winners and losers): what
     PO starts from, a model that generates both."""
     def body(inputs: dict[str, Path], staging: Path, run: object) -> StageOutput:
-        model = new_model(PRETRAIN, None, CPU)
-        pipe = text_to_image(model, PRETRAIN, CPU)
+        model = new_model(PRETRAIN.model, CPU, seed=PRETRAIN.seed)
+        pipe = text_to_image(model, ModelIndex.of(PRETRAIN), PRETRAIN.parallel, CPU)
         winner, loser = decode_pair_images(frame)
         tokens, grid, text, mask = pipe.encode(torch.cat([winner, loser]), list(frame["prompt"]) * 2)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -166,7 +166,7 @@ def _publish_init(frame: pd.DataFrame, root: Path) -> Path:
             optimizer.step()
             optimizer.zero_grad()
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / DIFFUSERS_WEIGHTS_FILE)
-        (staging / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(diffusers_config(PRETRAIN.model)))
+        ModelIndex.of(PRETRAIN).write(staging)
         return StageOutput(counts={})
 
     return execute_stage("test_init", "checkpoint", body, config={"steps": 40}, root=root)[0]
@@ -255,7 +255,7 @@ def test_stage_publishes_a_loadable_checkpoint_with_the_implicit_curves(inputs: 
     assert manifest.counts == {"steps": 3, "pairs": 4}
     assert {DIFFUSERS_WEIGHTS_FILE, DIFFUSERS_CONFIG_FILE, METRICS_FILE, "samples.png"} <= \
         {p.name for p in out.iterdir()}
-    new_model(PRETRAIN, out, CPU)  # loadable like any checkpoint
+    new_model(out, CPU, seed=PRETRAIN.seed)  # loadable like any checkpoint
     trained, start = load_file(out / DIFFUSERS_WEIGHTS_FILE), load_file(init / DIFFUSERS_WEIGHTS_FILE)
     assert any(not torch.equal(trained[k], start[k]) for k in start)
 

@@ -17,7 +17,8 @@ from krea2_core.config import PipelineConfig, PostTrainConfig, preset
 from krea2_core.post.merge import EVAL_FILE, METHODS, merge_settings, run_merge
 from krea2_core.post.sft import SCENES_FILE, run_sft_data, sft_data_settings, sft_settings
 from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
-from krea2_core.training.pretrain import new_model, run_training_stage
+from krea2_core.training.pretrain import run_training_stage
+from krea2_core.training.image_model import new_model
 from tests.post._checkpoints import PRETRAIN, publish_checkpoints
 
 TINY = preset("tiny").post
@@ -66,7 +67,7 @@ def test_merge_publishes_the_configured_method_and_scores_every_candidate(sft_ch
     out = run_merge({"base": base, **{f"sft.{d}": path for d, path in domains.items()}}, merge_settings(PIPELINE),
                     root=root)
     manifest = read_manifest(out, kind="checkpoint")
-    model = new_model(CONFIG, out, torch.device("cpu"))  # loadable like any checkpoint
+    model = new_model(out, torch.device("cpu"), seed=CONFIG.seed)  # loadable like any checkpoint
     assert sum(p.numel() for p in model.parameters()) > 0
     scores = json.loads((out / EVAL_FILE).read_text())["scores"]
     assert set(scores) == {"base", *(f"sft_{d}" for d in domains), *(f"merged_{m}" for m in METHODS)}

@@ -26,6 +26,7 @@ from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.training.launch import launch_local
 from krea2_core.evaluation.prompt_following import PromptFollowing
 from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
+from krea2_core.training.image_model import MODEL_INDEX_FILE, ModelIndex
 from krea2_core.training.pretrain import EVAL_FILE, METRICS_FILE, TrainingSettings, pretrain_settings, run_training_stage
 from krea2_core.world.captions import captions, sample_prompts
 from krea2_core.world.render import render
@@ -98,7 +99,7 @@ def test_stage_publishes_diffusers_loadable_weights_and_logs_metrics(packed: Pat
     assert out is not None
     manifest = read_manifest(out, kind="checkpoint")
     assert manifest.counts["steps"] == 6 and manifest.counts["merged_checkpoints"] == 2
-    assert {DIFFUSERS_WEIGHTS_FILE, "config.json", "train_state", "metrics.jsonl", "samples.png"} <= {
+    assert {DIFFUSERS_WEIGHTS_FILE, "config.json", MODEL_INDEX_FILE, "train_state", "metrics.jsonl", "samples.png"} <= {
         p.name for p in out.iterdir()}
     curve = losses(out)
     assert len(curve) == 6 and all(np.isfinite(curve))
@@ -108,6 +109,7 @@ def test_stage_publishes_diffusers_loadable_weights_and_logs_metrics(packed: Pat
     reference = Krea2Transformer2DModel.from_pretrained(out)  # the artifact is a diffusers model directory
     assert reference.config.num_layers == 2
     assert all(torch.equal(reference.state_dict()[k], v) for k, v in weights.items())
+    assert ModelIndex.read(out) == ModelIndex.of(config)  # and it describes itself: DiT, autoencoder, text encoder
 
     metrics = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(manifest.mlflow_run_id).data.metrics
     for key in ("loss", "loss.repa", "grad_norm", "lr", "images_per_s", "mfu", "val_loss", "val_loss.t0.5",
