@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from krea2_core.config import ConfigError, PipelineConfig, load_config, preset
+from krea2_core.common.strict import ConfigError
+from krea2_core.config import PipelineConfig, load_config
+from krea2_core.presets import preset
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "full"])

@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from krea2_core.common.layout import EVAL_FILE, METRICS_FILE
 from krea2_core.artifacts import to_plain
-from krea2_core.config import PipelineConfig, PretrainStageConfig, TrainerConfig
+from krea2_core.config import PipelineConfig
+from krea2_core.training.config import PretrainStageConfig, TrainerConfig
 from krea2_core.data.loader import PackedLoader
 from krea2_core.diffusion.flow import add_noise, flow_loss, sample_timesteps, validation_loss
 from krea2_core.diffusion.text_to_image import TextToImage

@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from krea2_core.config import PreferenceConfig, PretrainConfig
 from krea2_core.post.annotations import SimulatedAnnotations, simulated_like
+from krea2_core.post.config import PreferenceConfig
 from krea2_core.post.pairs import PairSettings
 from krea2_core.stages import StageOutput, execute_stage
+from krea2_core.training.config import PretrainConfig
 from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE, diffusers_config
 from krea2_core.training.pretrain import new_model
 from krea2_core.world.captions import Prompt
