@@ -39,7 +39,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from krea2_core.config import AnalysisConfig
+from krea2_core.curation.config import AnalysisConfig
 from krea2_core.data.curation import score_image
 from krea2_core.world import render, sample_scene
 from krea2_core.world.pool import real_image_files

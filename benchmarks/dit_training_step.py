@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from diffusers import Krea2Transformer2DModel
 from torch import nn
 
-from krea2_core.config import DiTConfig
+from krea2_core.models.config import DiTConfig
 from krea2_core.models.dit import Attention, Krea2DiT, position_ids
 
 SIZES = {

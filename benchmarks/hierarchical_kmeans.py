@@ -46,8 +46,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from krea2_core.config import HierarchicalKMeansConfig
 from krea2_core.curation.clusters import Hierarchy, balanced_sample, hierarchical_kmeans
+from krea2_core.curation.config import HierarchicalKMeansConfig
 
 THREADS = 2
 faiss.omp_set_num_threads(THREADS)

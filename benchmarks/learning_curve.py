@@ -35,7 +35,8 @@ import pandas as pd
 from PIL import Image
 
 from _common import RESULTS_DIR, markdown_table, write_json
-from krea2_core.config import PretrainConfig, load_config
+from krea2_core.config import load_config
+from krea2_core.training.config import PretrainConfig
 from krea2_core.evaluation.prompt_following import held_out_prompts
 from krea2_core.data.packing import pack_stage, packing_config
 from krea2_core.stages import StageOutput, execute_stage

@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from krea2_core.config import AnalysisConfig, DedupConfig, StageFilters
+from krea2_core.curation.config import AnalysisConfig, DedupConfig, StageFilters
 from krea2_core.data import hashing
 from krea2_core.data.curation import score_image
 from krea2_core.data.dedup import find_duplicates, keep_order, near_pairs

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from _common import RESULTS_DIR, markdown_table, write_json
 from krea2_core.artifacts import ArtifactError, read_manifest
-from krea2_core.config import PipelineConfig, PostTrainConfig, load_config
+from krea2_core.config import PipelineConfig, load_config
+from krea2_core.post.config import PostTrainConfig
 from krea2_core.report import post_training_summary
 from krea2_core.stage_spec import run_stage, stage_specs
 from krea2_core.tracking import run_metrics

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from krea2_core.config import PipelineConfig, preset
+from krea2_core.config import PipelineConfig
 from krea2_core.post.preference import (compare_with_reference, load_pairs, policy_and_reference, preference_settings,
                                         train_preference)
+from krea2_core.presets import preset
 from krea2_core.training.parallel import init_distributed
 
 KINDS = ("dpo", "stpo")

@@ -21,7 +21,8 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from krea2_core.artifacts import read_manifest
-from krea2_core.config import ConfigError, load_config
+from krea2_core.common.strict import ConfigError
+from krea2_core.config import load_config
 from krea2_core.stages import output_root
 from krea2_core.tracking import describe_tracking_error
 from krea2_core.training.launch import RankFailed

@@ -9,7 +9,7 @@ from typing import Callable, Sequence, TypeVar
 from tqdm.auto import tqdm
 
 from krea2_core import reaper
-from krea2_core.config import ParallelConfig
+from krea2_core.curation.config import ParallelConfig
 
 T = TypeVar("T")
 R = TypeVar("R")

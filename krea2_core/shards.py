@@ -15,7 +15,7 @@ from typing import Callable, Sequence, TypeVar
 import pandas as pd
 from tqdm.auto import tqdm
 
-from krea2_core.config import ParallelConfig
+from krea2_core.curation.config import ParallelConfig
 
 T = TypeVar("T")
 Worker = Callable[[Sequence[T]], pd.DataFrame]  # one shard in, one row per item out

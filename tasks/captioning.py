@@ -7,8 +7,9 @@ from flytekit import Resources, task
 from flytekit.types.directory import FlyteDirectory
 
 from containers.images import DATA_IMAGE
+from krea2_core.captioning.config import CaptioningConfig
 from krea2_core.captioning.stages import CAPTIONING, SCENE_CAPTIONS
-from krea2_core.config import CaptioningConfig, ParallelConfig
+from krea2_core.curation.config import ParallelConfig
 from tasks.common import CACHE, local, to_flyte_dir
 
 

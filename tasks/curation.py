@@ -10,8 +10,9 @@ from flytekit.types.file import FlyteFile
 from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
 from containers.images import DATA_IMAGE
-from krea2_core.config import AnalysisConfig, ParallelConfig, WorldPoolConfig
+from krea2_core.curation.config import AnalysisConfig, ParallelConfig
 from krea2_core.data.stages import INGEST, SCORING, SELECTION, WORLD_POOL, SelectionSettings
+from krea2_core.world.config import WorldPoolConfig
 from tasks.common import CACHE, local, to_flyte_dir
 
 # Per-image work runs on Ray: a local Ray when run locally, a KubeRay cluster of these groups remotely.

@@ -11,7 +11,7 @@ from flytekit import task
 from flytekit.types.directory import FlyteDirectory
 
 from containers.images import TRAIN_IMAGE
-from krea2_core.config import ExpanderDataConfig
+from krea2_core.expander.config import ExpanderDataConfig
 from krea2_core.expander.data import EXPANDER_DATA
 from krea2_core.expander.rl import EXPANDER_RL, ExpanderRLSettings
 from krea2_core.expander.sft import EXPANDER_SFT, ExpanderSFTSettings

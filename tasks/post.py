@@ -10,8 +10,8 @@ from flytekit import Resources, task
 from flytekit.types.directory import FlyteDirectory
 
 from containers.images import DATA_IMAGE, TRAIN_IMAGE
-from krea2_core.config import RewardModelConfig
 from krea2_core.post.annotations import ANNOTATIONS, AnnotationSettings
+from krea2_core.post.config import RewardModelConfig
 from krea2_core.post.distill import DISTILL, DistillSettings
 from krea2_core.post.grpo import RL, RLSettings
 from krea2_core.post.merge import MergeSettings, run_merge

@@ -18,7 +18,8 @@ from flytekit.types.directory import FlyteDirectory
 from flytekitplugins.kfpytorch import Elastic
 
 from containers.images import DATA_IMAGE, TRAIN_IMAGE
-from krea2_core.config import PackingConfig, ParallelConfig
+from krea2_core.curation.config import ParallelConfig
+from krea2_core.data.config import PackingConfig
 from krea2_core.data.packing import packing_spec
 from krea2_core.training.pretrain import TrainingSettings, run_training_stage
 from tasks.common import CACHE, local, to_flyte_dir

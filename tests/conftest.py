@@ -9,9 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from krea2_core.config import AnalysisConfig, ParallelConfig, WorldPoolConfig
+from krea2_core.curation.config import AnalysisConfig, ParallelConfig
 from krea2_core.data.curation import score_pool
 from krea2_core.data.ingest import build_raw_pool, list_folder
+from krea2_core.world.config import WorldPoolConfig
 from krea2_core.world.pool import IMAGES_DIR, LABELS_FILE, build_world_pool
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from krea2_core.config import ConfigError, PipelineConfig, load_config, preset
+from krea2_core.common.strict import ConfigError
+from krea2_core.config import PipelineConfig, load_config
+from krea2_core.presets import preset
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "full"])
@@ -46,6 +48,7 @@ def test_inline_yaml_and_preset_switch() -> None:
         ({"curation": {"dedup": {"max_phash_distance": 144}}}, "dedup.max_phash_distance must be < 144"),
         ({"world": {"min_side": 500, "max_side": 100}}, "world: needs 32 <= min_side <= max_side"),
         ({"preset": "huge"}, "unknown preset 'huge'"),
+        ({"preset": ["tiny"]}, "unknown preset ['tiny']; choose one of: tiny, small, full"),
         ({"semantic": {"embedder": {"kind": "hf"}}}, "semantic.embedder: model_id is required when kind is 'hf'"),
         ({"semantic": {"kmeans": {"levels": [4, 8]}}}, "semantic.kmeans: levels must not grow from fine to coarse"),
         ({"semantic": {"sae": {"k": 0}}}, "semantic.sae: k must be in [1, n_features]"),

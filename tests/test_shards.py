@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from krea2_core.config import ParallelConfig
+from krea2_core.curation.config import ParallelConfig
 from krea2_core.shards import run_sharded
 
 SERIAL = ParallelConfig(backend="serial")
@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent("""
     import sys, time
     import pandas as pd
     from pathlib import Path
-    from krea2_core.config import ParallelConfig
+    from krea2_core.curation.config import ParallelConfig
     from krea2_core.shards import run_sharded
 
     log, work = sys.argv[1], Path(sys.argv[2])

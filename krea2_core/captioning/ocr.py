@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from krea2_core.config import OcrConfig
+from krea2_core.captioning.config import OcrConfig
 from krea2_core.data.images import to_rgb
 
 Box = tuple[tuple[float, float], ...]

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
+from krea2_core.captioning.config import RewriterConfig
 from krea2_core.captioning.llm import ChatLLM, Generated, Messages
-from krea2_core.config import RewriterConfig
 from krea2_core.text import content_words
 
 VARIANTS = ("short", "medium", "tags", "conversational")

@@ -12,8 +12,9 @@ import mlflow
 import pandas as pd
 
 from krea2_core.artifacts import read_manifest
+from krea2_core.captioning.config import CaptioningConfig
 from krea2_core.captioning.worker import CaptionWorker
-from krea2_core.config import CaptioningConfig, ParallelConfig
+from krea2_core.curation.config import ParallelConfig
 from krea2_core.data.ingest import RAW_POOL_FILE
 from krea2_core.data.schemas import Captions, RawPool, SceneCaptions, Verdicts, read_table, write_table
 from krea2_core.shards import run_sharded

@@ -18,7 +18,7 @@ from krea2_core.captioning.captioner import CaptionContext, Captioner, make_capt
 from krea2_core.captioning.llm import ChatLLM, LocalChatLLM
 from krea2_core.captioning.ocr import OcrError, OcrResult, RapidOcrEngine
 from krea2_core.captioning.rewriter import rewrite_many
-from krea2_core.config import CaptioningConfig
+from krea2_core.captioning.config import CaptioningConfig
 from krea2_core.text import content_words
 from krea2_core.data.images import BadImage, load_image
 

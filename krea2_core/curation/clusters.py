@@ -35,7 +35,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from krea2_core.config import HierarchicalKMeansConfig
+from krea2_core.curation.config import HierarchicalKMeansConfig
 from krea2_core.text import content_words
 
 _CHUNK_ROWS = 65_536  # rows per block when measuring point-to-centroid distances

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from krea2_core.config import CoverageConfig
+from krea2_core.curation.config import CoverageConfig
 from krea2_core.curation.wordnet import load_wordnet
 
 NODES_FILE = "nodes.parquet"

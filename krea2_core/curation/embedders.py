@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from krea2_core.common.device import resolve_device
-from krea2_core.config import EmbedderConfig
+from krea2_core.curation.config import EmbedderConfig
 from krea2_core.curation.efficientnet import FEATURE_DIM, INPUT_MEAN, INPUT_SIZE, INPUT_STD, load_efficientnet_lite0
 from krea2_core.data.images import to_rgb
 

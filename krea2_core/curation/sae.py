@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from krea2_core.config import SAEConfig
+from krea2_core.curation.config import SAEConfig
 from krea2_core.text import content_words
 
 AUX_K_FACTOR = 2  # dead features recruited by the auxiliary loss, as a multiple of k

@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from krea2_core.config import CoverageConfig, HierarchicalKMeansConfig, SAEConfig, SemanticDedupConfig
 from krea2_core.curation.clusters import CaptionClusterNamer, balanced_sample, hierarchical_kmeans, leaves_to_drop, name_leaves
+from krea2_core.curation.config import CoverageConfig, HierarchicalKMeansConfig, SAEConfig, SemanticDedupConfig
 from krea2_core.curation.coverage import (ConceptIndex, coverage_counts, coverage_report, ensure_coverage, load_graph,
                                          select_concepts)
 from krea2_core.curation.sae import (CaptionKeywordLabeller, TopKSAE, activations, label_features, predominant_tags,

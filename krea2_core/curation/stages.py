@@ -12,7 +12,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from krea2_core.captioning.stages import CAPTIONS_FILE
-from krea2_core.config import EmbedderConfig, PipelineConfig
+from krea2_core.config import PipelineConfig
+from krea2_core.curation.config import EmbedderConfig
 from krea2_core.curation.embedders import make_embedder, read_embeddings, write_embeddings
 from krea2_core.curation.plots import cluster_size_plot, tag_count_plot
 from krea2_core.curation.sae import reconstruction_fvu, save_sae

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from krea2_core.config import AnalysisConfig, DedupConfig, ParallelConfig, StageFilters
+from krea2_core.curation.config import AnalysisConfig, DedupConfig, ParallelConfig, StageFilters
 from krea2_core.data import hashing
 from krea2_core.data.dedup import find_duplicates, keep_order
 from krea2_core.data.images import READ_ERRORS, BadImage, NotAFile, Unreachable, analysis_copy, read_bytes

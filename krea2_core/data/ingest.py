@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from krea2_core.config import ParallelConfig
+from krea2_core.curation.config import ParallelConfig
 from krea2_core.data.images import READ_ERRORS, BadImage, NotAFile, Unreachable, open_uri, probe
 from krea2_core.data.schemas import SchemaError
 from krea2_core.ray_map import map_shards

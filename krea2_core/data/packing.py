@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from krea2_core.artifacts import read_manifest
 from krea2_core.captioning.stages import CAPTIONS_FILE
-from krea2_core.config import PackingConfig, ParallelConfig, PretrainConfig, WorldScenesConfig
+from krea2_core.curation.config import ParallelConfig
 from krea2_core.data.buckets import assign_bucket, bucket_sizes, resize_crop
+from krea2_core.data.config import PackingConfig
 from krea2_core.data.images import BadImage, load_image
 from krea2_core.data.schemas import Captions, Packed, Verdicts, read_table, validate
 from krea2_core.models.autoencoders import pixel_multiple
@@ -37,7 +38,9 @@ from krea2_core.ray_map import map_shards
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
+from krea2_core.training.config import PretrainConfig
 from krea2_core.world.captions import captions as scene_captions
+from krea2_core.world.config import WorldScenesConfig
 from krea2_core.world.render import render
 from krea2_core.world.scene import Scene, sample_scene
 

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from krea2_core.config import AnalysisConfig
+from krea2_core.curation.config import AnalysisConfig
 
 
 def laplacian_variance(gray: np.ndarray) -> float:

@@ -15,14 +15,15 @@ from typing import Mapping
 import pandas as pd
 
 from krea2_core.artifacts import RETRYABLE, read_manifest
-from krea2_core.config import AnalysisConfig, DedupConfig, ParallelConfig, PipelineConfig, StageFilters, \
-    WorldPoolConfig
+from krea2_core.config import PipelineConfig
+from krea2_core.curation.config import AnalysisConfig, DedupConfig, ParallelConfig, StageFilters
 from krea2_core.data.curation import score_pool, select_stage, summarize
 from krea2_core.data.ingest import RAW_POOL_FILE, build_raw_pool, list_folder, read_uri_table
 from krea2_core.data.schemas import RawPool, Scores, Verdicts, read_table, write_table
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
+from krea2_core.world.config import WorldPoolConfig
 from krea2_core.world.pool import IMAGES_DIR, build_world_pool
 
 SCORES_FILE = "scores.parquet"

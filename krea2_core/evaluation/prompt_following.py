@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from krea2_core.config import EvalConfig
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.evaluation.stats import Estimate, format_change, paired_difference, share
+from krea2_core.training.config import EvalConfig
 from krea2_core.world.captions import Prompt, Requirement, sample_prompts
 from krea2_core.world.checker import check
 from krea2_core.world.render import render

@@ -36,8 +36,8 @@ from krea2_core.artifacts import read_manifest
 from krea2_core.captioning.llm import ChatLLM, Generated, LocalChatLLM, Messages
 from krea2_core.captioning.rewriter import clean_generation, generate_isolated, cut_words, first_sentence
 from krea2_core.captioning.stages import CAPTIONS_FILE
-from krea2_core.config import ExpanderDataConfig
 from krea2_core.data.schemas import Captions, ExpanderPairs, read_table, write_table
+from krea2_core.expander.config import ExpanderDataConfig
 from krea2_core.expander.faithfulness import faithfulness, parse_requirements
 from krea2_core.expander.format import THINK_CLOSE, THINK_OPEN
 from krea2_core.stage_spec import StageSpec

@@ -20,7 +20,8 @@ from typing import Any
 
 from PIL import Image
 
-from krea2_core.config import ExpanderRLConfig, ExpansionConfig, PretrainConfig
+from krea2_core.expander.config import ExpanderRLConfig, ExpansionConfig
+from krea2_core.training.config import PretrainConfig
 from krea2_core.curation.embedders import make_embedder
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.expander.faithfulness import judge

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from krea2_core.config import ExpansionConfig
+from krea2_core.expander.config import ExpansionConfig
 from krea2_core.expander.format import Expansion
 from krea2_core.world.captions import NUMBER_WORDS, Prompt, Requirement
 from krea2_core.world.scene import BACKGROUNDS, COLORS, KINDS, SIZES

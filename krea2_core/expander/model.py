@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from krea2_core.artifacts import MANIFEST, read_manifest
+from krea2_core.captioning.config import SMOLLM2_GGUF
 from krea2_core.captioning.llm import eos_token_ids, read_causal_lm
-from krea2_core.config import SMOLLM2_GGUF
 from krea2_core.expander import format as fmt
 from krea2_core.expander.format import Expansion
 

@@ -49,7 +49,8 @@ from tqdm import tqdm
 from krea2_core.common.layout import EVAL_FILE, METRICS_FILE, SAMPLES_FILE
 from krea2_core.artifacts import read_manifest
 from krea2_core.common.device import resolve_device
-from krea2_core.config import ExpanderRLConfig, ExpansionConfig, TrainerConfig
+from krea2_core.expander.config import ExpanderRLConfig, ExpansionConfig
+from krea2_core.training.config import TrainerConfig
 from krea2_core.curation.embedders import Embedder, make_embedder
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.expander.evaluate import (

@@ -31,8 +31,8 @@ import torch
 from tqdm import tqdm
 
 from krea2_core.common.layout import EVAL_FILE, METRICS_FILE
-from krea2_core.config import ExpanderSFTConfig, ExpansionConfig
 from krea2_core.expander import format as fmt
+from krea2_core.expander.config import ExpanderSFTConfig, ExpansionConfig
 from krea2_core.expander.data import read_pairs
 from krea2_core.expander.faithfulness import judge
 from krea2_core.expander.model import (ARTIFACT_KIND, INFO_FILE, MICRO_BATCH, expand_loaded, load_expander,

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from krea2_core.config import ExpansionConfig, SceneDomainConfig
+from krea2_core.expander.config import ExpansionConfig
 from krea2_core.expander.faithfulness import parse_requirements
 from krea2_core.world.captions import NUMBER_WORDS, Prompt, article, shape_groups, join_words
+from krea2_core.world.config import SceneDomainConfig
 from krea2_core.world.scene import Scene, sample_scene
 
 TEMPLATES = (

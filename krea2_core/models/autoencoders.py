@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from krea2_core.common.device import resolve_device
-from krea2_core.config import AutoencoderConfig
+from krea2_core.models.config import AutoencoderConfig
 
 _VAE_DOWNSAMPLE = 8  # both diffusers VAEs
 _FLUX2_BN_PATCH = 2  # Flux2 normalises latents in 2x2 patches

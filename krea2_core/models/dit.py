@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from krea2_core.config import ConfigError, DiTConfig
+from krea2_core.common.strict import ConfigError
+from krea2_core.models.config import DiTConfig
 
 Rope = tuple[Tensor, Tensor]  # cos, sin: (seq, 1, head_dim / 2) float32
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from krea2_core.common.device import resolve_device
-from krea2_core.config import TextEncoderConfig
+from krea2_core.models.config import TextEncoderConfig
 
 # The Qwen-Image chat template Krea 2 conditions on (diffusers' Krea2Pipeline)
 KREA2_PREFIX = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "

@@ -20,14 +20,16 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from krea2_core.config import PipelineConfig, SamplerConfig, TrainerConfig
+from krea2_core.config import PipelineConfig
 from krea2_core.data.schemas import Annotations, read_table, write_table
+from krea2_core.post.config import SamplerConfig
 from krea2_core.post.oracle import PreferenceOracle, WorldCheckerOracle, judge, keyed
 from krea2_core.post.pairs import (BATCH, PAIR_COLUMNS, SKIPPED_COLUMNS, Draw, PairSettings, load_pipes,
                                    pair_settings, png_bytes, sample_draws, skip_counts, source_name, write_pairs)
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
+from krea2_core.training.config import TrainerConfig
 from krea2_core.world.captions import sample_prompts
 
 TABLE_FILE = "annotations.parquet"

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from krea2_core.common.layout import EVAL_FILE, METRICS_FILE, SAMPLES_FILE
 from krea2_core.artifacts import read_manifest, to_plain
-from krea2_core.config import DistillConfig, TrainerConfig
+from krea2_core.post.config import DistillConfig
+from krea2_core.training.config import TrainerConfig
 from krea2_core.diffusion.sampling import ModelFn, guided, inference_timesteps
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.post.preference import Log, policy_and_reference

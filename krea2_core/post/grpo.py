@@ -42,7 +42,8 @@ from PIL import Image
 
 from krea2_core.common.layout import EVAL_FILE, METRICS_FILE, SAMPLES_FILE
 from krea2_core.artifacts import read_manifest, to_plain
-from krea2_core.config import EvalConfig, TrainerConfig, RLConfig
+from krea2_core.post.config import RLConfig
+from krea2_core.training.config import EvalConfig, TrainerConfig
 from krea2_core.curation.embedders import make_embedder
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.post.diversity import group_diversity

@@ -24,7 +24,10 @@ import torch
 
 from krea2_core.common.layout import EVAL_FILE
 from krea2_core.artifacts import read_manifest
-from krea2_core.config import MergeConfig, PipelineConfig, SceneDomainConfig, TrainerConfig
+from krea2_core.config import PipelineConfig
+from krea2_core.post.config import MergeConfig
+from krea2_core.training.config import TrainerConfig
+from krea2_core.world.config import SceneDomainConfig
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage

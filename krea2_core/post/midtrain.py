@@ -19,7 +19,10 @@ import pandas as pd
 
 from krea2_core.artifacts import read_manifest
 from krea2_core.captioning.stages import CAPTIONS_FILE
-from krea2_core.config import MidtrainDomain, PackingConfig, PipelineConfig, PretrainConfig
+from krea2_core.config import PipelineConfig
+from krea2_core.data.config import PackingConfig
+from krea2_core.post.config import MidtrainDomain
+from krea2_core.training.config import PretrainConfig
 from krea2_core.data.packing import pack_stage, packing_config
 from krea2_core.data.schemas import Captions, Verdicts, read_table
 from krea2_core.stage_spec import StageSpec

@@ -32,7 +32,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from krea2_core.common.layout import SAMPLES_FILE
-from krea2_core.config import PairsConfig, PipelineConfig, SamplerConfig, TrainerConfig
+from krea2_core.config import PipelineConfig
+from krea2_core.post.config import PairsConfig, SamplerConfig
+from krea2_core.training.config import TrainerConfig
 from krea2_core.data.schemas import PreferencePairs, Skipped, read_table, write_table
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.post.oracle import PreferenceOracle, WorldCheckerOracle, judge, keyed

@@ -31,8 +31,10 @@ import torch
 from PIL import Image
 
 from krea2_core.artifacts import read_manifest, to_plain
+from krea2_core.config import PipelineConfig
+from krea2_core.post.config import PreferenceLossConfig, PreferenceStageConfig
+from krea2_core.training.config import EvalConfig, TrainerConfig
 from krea2_core.common.layout import METRICS_FILE, SAMPLES_FILE
-from krea2_core.config import EvalConfig, PipelineConfig, PreferenceLossConfig, PreferenceStageConfig, TrainerConfig
 from krea2_core.diffusion.flow import add_noise, velocity_target
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.post.oracle import WorldCheckerOracle, preferred_rate

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from krea2_core.config import PreferenceLossConfig
+from krea2_core.post.config import PreferenceLossConfig
 
 
 def _check(errors: dict[str, Tensor]) -> None:

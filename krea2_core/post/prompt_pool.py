@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from krea2_core.config import PromptPoolConfig
+from krea2_core.post.config import PromptPoolConfig
 from krea2_core.world.captions import Prompt, sample_prompts
 
 REASONS = ("too_easy", "hopeless", "no_variance")

@@ -29,7 +29,9 @@ from tqdm import tqdm
 
 from krea2_core.common.layout import METRICS_FILE
 from krea2_core.artifacts import read_manifest, to_plain
-from krea2_core.config import EmbedderConfig, PipelineConfig, RewardModelConfig
+from krea2_core.config import PipelineConfig
+from krea2_core.curation.config import EmbedderConfig
+from krea2_core.post.config import RewardModelConfig
 from krea2_core.curation.embedders import Embedder, make_embedder
 from krea2_core.evaluation.stats import share
 from krea2_core.post.pairs import PAIRS_FILE, read_pairs

@@ -19,8 +19,8 @@ import numpy as np
 import ray
 from PIL import Image
 
-from krea2_core.config import RewardsConfig
 from krea2_core.data.images import to_rgb
+from krea2_core.post.config import RewardsConfig
 from krea2_core.post.rewards import build_reward
 from krea2_core.world.captions import Prompt
 

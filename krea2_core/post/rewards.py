@@ -25,7 +25,8 @@ from PIL import Image
 
 from krea2_core.captioning.ocr import RapidOcrEngine
 from krea2_core.common.device import resolve_device
-from krea2_core.config import REWARD_NAMES, OcrConfig, RewardsConfig
+from krea2_core.captioning.config import OcrConfig
+from krea2_core.post.config import REWARD_NAMES, RewardsConfig
 from krea2_core.data.images import to_rgb
 from krea2_core.post.oracle import WorldCheckerOracle
 from krea2_core.evaluation.prompt_following import for_checker

@@ -18,12 +18,13 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from krea2_core.config import SFTConfig, SFTDomainConfig, TrainerConfig
 from krea2_core.data.packing import pack_stage
 from krea2_core.models.autoencoders import pixel_multiple
+from krea2_core.post.config import SFTConfig, SFTDomainConfig
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
+from krea2_core.training.config import TrainerConfig
 from krea2_core.training.pretrain import TrainingSettings, run_training_stage
 from krea2_core.world.captions import captions
 from krea2_core.world.render import render

@@ -47,7 +47,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from krea2_core.artifacts import file_sha256
-from krea2_core.config import PretrainStageConfig
+from krea2_core.training.config import PretrainStageConfig
 
 STATE_DIR = "state"
 STEP_WEIGHTS_FILE = "model.safetensors"  # a step directory's full weights (an artifact's are diffusers-named)

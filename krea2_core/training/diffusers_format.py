@@ -12,7 +12,7 @@ import inspect
 from typing import Any
 
 from krea2_core.artifacts import to_plain
-from krea2_core.config import DiTConfig
+from krea2_core.models.config import DiTConfig
 
 DIFFUSERS_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_CONFIG_FILE = "config.json"

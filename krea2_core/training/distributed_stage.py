@@ -14,9 +14,9 @@ from typing import Any
 import torch.distributed as dist
 
 from krea2_core.artifacts import existing_artifact, read_manifest
-from krea2_core.config import TrainParallelConfig
 from krea2_core.stages import StageOutput, execute_stage, output_root, stage_location
 from krea2_core.tracking import StageRun
+from krea2_core.training.config import TrainParallelConfig
 from krea2_core.training.parallel import DistEnv, init_distributed
 
 # (env, scratch directory, run, staging directory) -> the stage's output; run and staging are None off rank 0

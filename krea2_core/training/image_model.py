@@ -24,8 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from krea2_core.artifacts import to_plain
-from krea2_core.config import AutoencoderConfig, ConfigError, DiTConfig, TextEncoderConfig, TrainerConfig, \
-    TrainParallelConfig
+from krea2_core.common.strict import ConfigError
+from krea2_core.models.config import AutoencoderConfig, DiTConfig, TextEncoderConfig
+from krea2_core.training.config import TrainerConfig, TrainParallelConfig
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.models.autoencoders import load_autoencoder
 from krea2_core.models.dit import Krea2DiT

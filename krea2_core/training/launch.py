@@ -8,7 +8,7 @@ import os
 import uuid
 from typing import Any, Callable
 
-from krea2_core.config import TrainParallelConfig
+from krea2_core.training.config import TrainParallelConfig
 
 
 def launch_local(parallel: TrainParallelConfig, fn: Callable[..., Any], *args: Any) -> Any:

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from krea2_core.config import MergeConfig
+from krea2_core.post.config import MergeConfig
 from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
 
 # One tensor name across the models (and the base, or None), in the compute dtype -> the merged tensor.

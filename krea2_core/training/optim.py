@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from krea2_core.config import OptimizerConfig
+from krea2_core.training.config import OptimizerConfig
 
 # Modules whose weights never go to Muon: the first layers (patch, text and timestep inputs, the time-token ablation),
 # the last layer, and the text layer mix (num_text_layers weights).

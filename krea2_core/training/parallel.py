@@ -24,7 +24,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from krea2_core.config import TrainParallelConfig
+from krea2_core.training.config import TrainParallelConfig
 
 FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
 AC_MODES = ("none", "selective", "full")

@@ -33,8 +33,9 @@ import torch.distributed as dist
 from PIL import Image
 
 from krea2_core.artifacts import to_plain
+from krea2_core.config import PipelineConfig
+from krea2_core.training.config import PretrainStageConfig, TrainerConfig
 from krea2_core.common.layout import EVAL_FILE, METRICS_FILE, SAMPLES_FILE
-from krea2_core.config import PipelineConfig, PretrainStageConfig, TrainerConfig
 from krea2_core.data.loader import PackedLoader
 from krea2_core.diffusion.flow import add_noise, flow_loss, validation_loss
 from krea2_core.diffusion.text_to_image import TextToImage

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from krea2_core.common.device import resolve_device
-from krea2_core.config import RepaConfig
 from krea2_core.curation.efficientnet import INPUT_MEAN, INPUT_SIZE, INPUT_STD, load_efficientnet_lite0
+from krea2_core.training.config import RepaConfig
 
 # the paper uses gamma in [0.6, 0.8]: the spatial mean (the tokens' global component) is only partly removed
 SPATIAL_NORM_GAMMA = 0.7

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from krea2_core.config import AutoencoderConfig, DiTConfig
+from krea2_core.models.config import AutoencoderConfig, DiTConfig
 
 # Dense bf16 tensor-core peaks (vendor datasheets, no sparsity).
 _GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}

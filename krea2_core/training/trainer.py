@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from krea2_core.config import OptimizerConfig
+from krea2_core.training.config import OptimizerConfig
 from krea2_core.diffusion.flow import sample_timesteps
 from krea2_core.training import checkpoint as ckpt
 from krea2_core.training.optim import build_optimizers

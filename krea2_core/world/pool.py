@@ -20,8 +20,8 @@ import pandas as pd
 from PIL import Image, ImageEnhance
 from tqdm.auto import trange
 
-from krea2_core.config import WorldPoolConfig
 from krea2_core.world.captions import captions
+from krea2_core.world.config import WorldPoolConfig
 from krea2_core.world.render import render
 from krea2_core.world.scene import COLORS, Scene, sample_scene
 from krea2_core.world.split import MAX_DRAWS, draw_streams, split_of

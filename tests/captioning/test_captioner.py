@@ -10,8 +10,8 @@ from PIL import Image
 
 from krea2_core.captioning.captioner import (CaptionContext, TextLlmCaptioner, VlmCaptioner, build_prompt,
                                              make_captioner)
+from krea2_core.captioning.config import CaptionerConfig
 from krea2_core.captioning.llm import Generated
-from krea2_core.config import CaptionerConfig
 
 CONTEXT = CaptionContext(ocr_text="OPEN 24 HOURS", entities=("Eiffel Tower",),
                          metadata={"Make": "Canon", "Model": "EOS R5", "FNumber": "2.8", "ExposureTime": "1/250",

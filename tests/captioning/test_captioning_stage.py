@@ -14,7 +14,8 @@ from krea2_core.captioning import worker
 from krea2_core.captioning.captioner import TextLlmCaptioner
 from krea2_core.captioning.llm import Generated
 from krea2_core.captioning.stages import CAPTIONS_FILE, run_captioning, run_scene_captions
-from krea2_core.config import ParallelConfig, load_config
+from krea2_core.config import load_config
+from krea2_core.curation.config import ParallelConfig
 from krea2_core.data import stages as data
 from krea2_core.world.pool import SCENES_FILE
 

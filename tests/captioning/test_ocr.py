@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from krea2_core.captioning.config import OcrConfig
 from krea2_core.captioning.ocr import OcrError, OcrResult, RapidOcrEngine, TextLine, reading_order
-from krea2_core.config import OcrConfig
 from krea2_core.world import Scene, render, sample_scene, text_cell
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from krea2_core.captioning.config import SMOLLM2_GGUF, RewriterConfig
 from krea2_core.captioning.llm import Generated, LocalChatLLM
 from krea2_core.captioning.rewriter import Variants, rewrite, rewrite_many
-from krea2_core.config import SMOLLM2_GGUF, RewriterConfig
 
 CONFIG = RewriterConfig(short_words=5, medium_words=10, tags=4, conversational_words=8)
 LONG = ("A photograph of a red circle and two blue squares on a lavender haze background. The red circle is "

@@ -2,7 +2,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from krea2_core.config import HierarchicalKMeansConfig
 from krea2_core.curation.clusters import (
     CaptionClusterNamer,
     Hierarchy,
@@ -12,6 +11,7 @@ from krea2_core.curation.clusters import (
     name_leaves,
     water_fill,
 )
+from krea2_core.curation.config import HierarchicalKMeansConfig
 
 N_BLOBS = 60
 CONFIG = HierarchicalKMeansConfig(levels=[60, 12, 3], resampling_steps=10, samples_per_cluster=10, niter=20, seed=3)

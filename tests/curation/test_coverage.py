@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from krea2_core.config import CoverageConfig
+from krea2_core.curation.config import CoverageConfig
 from krea2_core.curation.coverage import (
     ConceptIndex,
     GraphError,

@@ -13,7 +13,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from krea2_core.config import EmbedderConfig
+from krea2_core.curation.config import EmbedderConfig
 from krea2_core.curation.efficientnet import load_efficientnet_lite0, weights_path
 from krea2_core.curation.embedders import (
     EfficientNetLite0Embedder,

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import save_file
 
-from krea2_core.config import SAEConfig
+from krea2_core.curation.config import SAEConfig
 from krea2_core.curation.sae import (
     CaptionKeywordLabeller,
     TopKSAE,

@@ -9,7 +9,8 @@ import pytest
 import skimage
 from PIL import Image
 
-from krea2_core.config import EmbedderConfig, PipelineConfig, SemanticCurationConfig
+from krea2_core.config import PipelineConfig
+from krea2_core.curation.config import EmbedderConfig, SemanticCurationConfig
 from krea2_core.curation.embedders import make_embedder
 from krea2_core.curation.selection import Candidates, SemanticSelectionSettings, _coverage, select_for_midtraining
 from krea2_core.curation.semdedup import semantic_dedup

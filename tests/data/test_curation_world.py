@@ -6,9 +6,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from krea2_core.config import preset
 from krea2_core.data.curation import select_stage
 from krea2_core.data.schemas import Verdicts, validate
+from krea2_core.presets import preset
 from krea2_core.world.pool import DEFECTS, NEAR_TRANSFORMS
 from tests.conftest import ScoredPool
 

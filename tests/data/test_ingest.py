@@ -93,7 +93,7 @@ def test_a_file_name_that_is_not_utf8_gets_its_row_and_is_read(tmp_path: Path) -
 def test_entries_that_are_not_files_get_a_not_a_file_verdict(tmp_path: Path) -> None:
     import socket
 
-    from krea2_core.config import AnalysisConfig
+    from krea2_core.curation.config import AnalysisConfig
     from krea2_core.data.curation import score_pool
 
     pool_dir = tmp_path / "pool"
@@ -125,7 +125,7 @@ def test_a_server_that_does_not_answer_is_unreachable_not_a_broken_file(tmp_path
     import socket
     import threading
 
-    from krea2_core.config import AnalysisConfig
+    from krea2_core.curation.config import AnalysisConfig
     from krea2_core.data.curation import score_pool
 
     with socket.socket() as probe:  # a port nobody listens on

@@ -16,18 +16,20 @@ import pytest
 from PIL import Image
 
 from krea2_core.artifacts import ArtifactError, read_manifest
-from krea2_core.config import (AutoencoderConfig, DiTConfig, ParallelConfig, PretrainConfig, PretrainStageConfig,
-                               SceneDomainConfig, WorldScenesConfig)
+from krea2_core.curation.config import ParallelConfig
 from krea2_core.data.buckets import assign_bucket, bucket_sizes, resize_crop
 from krea2_core.data.images import load_image
 from krea2_core.data.packing import (DROPPED_FILE, INDEX_FILE, WORLD_SCENE_PREFIX, pack_stage, packing_config,
                                      run_packing, world_scene_rows)
 from krea2_core.data.schemas import Captions, Verdicts, write_table
 from krea2_core.models.autoencoders import pixel_multiple
+from krea2_core.models.config import AutoencoderConfig, DiTConfig
 from krea2_core.stages import StageOutput, execute_stage
+from krea2_core.training.config import PretrainConfig, PretrainStageConfig
 from krea2_core.world.captions import captions as world_captions
 from krea2_core.world.captions import prompt_for
 from krea2_core.world.checker import check
+from krea2_core.world.config import SceneDomainConfig, WorldScenesConfig
 from krea2_core.world.scene import Scene
 from krea2_core.world.split import split_of
 

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 import ray
 
-from krea2_core.config import AnalysisConfig, ParallelConfig
+from krea2_core.curation.config import AnalysisConfig, ParallelConfig
 from krea2_core.data.curation import score_pool
 from tests.conftest import SERIAL, ScoredPool
 

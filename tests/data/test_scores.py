@@ -1,6 +1,6 @@
 import numpy as np
 
-from krea2_core.config import AnalysisConfig
+from krea2_core.curation.config import AnalysisConfig
 from krea2_core.data.scores import border_fraction, image_scores, rgb_entropy
 
 rng = np.random.default_rng(0)

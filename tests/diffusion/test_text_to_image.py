@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from krea2_core.config import DiTConfig
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.models.autoencoders import PixelSpaceAutoencoder
+from krea2_core.models.config import DiTConfig
 from krea2_core.models.dit import Krea2DiT
 
 

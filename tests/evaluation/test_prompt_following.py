@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from krea2_core.config import EvalConfig, WorldPoolConfig
 from krea2_core.evaluation.prompt_following import (
     PromptFollowing,
     RELIABLE,
@@ -22,7 +21,9 @@ from krea2_core.evaluation.prompt_following import (
     report_kind,
     score_images,
 )
+from krea2_core.training.config import EvalConfig
 from krea2_core.world.captions import Requirement, sample_prompts
+from krea2_core.world.config import WorldPoolConfig
 from krea2_core.world.pool import SCENES_FILE, build_world_pool
 from krea2_core.world.scene import Scene, sample_scene
 from krea2_core.world.split import content_key, split_of
@@ -130,7 +131,7 @@ def test_the_split_replaces_only_the_other_splits_scenes() -> None:
 
 def test_the_tiny_text_encoder_reads_every_held_out_prompt_and_world_caption_whole() -> None:
     # A prompt cut at max_tokens would be judged on clauses (a word, the last shape's place) the model never read.
-    from krea2_core.config import preset
+    from krea2_core.presets import preset
     from krea2_core.models.text_encoders import MiniLMTextEncoder
     from krea2_core.world.captions import captions
 

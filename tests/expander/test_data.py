@@ -13,9 +13,9 @@ import pytest
 from krea2_core.artifacts import ArtifactError, publish, read_manifest, staged_dir
 from krea2_core.captioning.llm import Generated
 from krea2_core.captioning.stages import CAPTIONS_FILE
-from krea2_core.config import ExpanderDataConfig
 from krea2_core.data.schemas import ExpanderPairs, SchemaError, validate
 from krea2_core.expander import data
+from krea2_core.expander.config import ExpanderDataConfig
 from krea2_core.text import content_words
 
 ART = "A watercolor painting of a red fox number {} sitting in tall green grass under a pale morning sky."

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from krea2_core.config import ExpansionConfig
+from krea2_core.expander.config import ExpansionConfig
 from krea2_core.expander.faithfulness import faithfulness, gate_failures, judge, parse_requirements
 from krea2_core.expander.format import Expansion
 from krea2_core.world.captions import Prompt, Requirement, captions, rubric_for

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from krea2_core.artifacts import ArtifactError, publish
+from krea2_core.captioning.config import SMOLLM2_GGUF
 from krea2_core.captioning.llm import load_causal_lm
 from krea2_core.cli import main
-from krea2_core.config import SMOLLM2_GGUF
 from krea2_core.expander import model as expander_model
 from krea2_core.expander.format import Expansion
 from krea2_core.expander.model import (Completions, expand, load_expander, positions, sample_completions,

@@ -16,8 +16,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from krea2_core.artifacts import ArtifactError, publish, read_manifest, to_plain
-from krea2_core.config import ConfigError, EmbedderConfig, ExpanderRLConfig, ExpansionConfig
+from krea2_core.common.strict import ConfigError
+from krea2_core.curation.config import EmbedderConfig
 from krea2_core.curation.embedders import make_embedder
+from krea2_core.expander.config import ExpanderRLConfig, ExpansionConfig
 from krea2_core.expander.evaluate import SETTINGS
 from krea2_core.expander.format import Expansion
 from krea2_core.expander.model import load_expander, sample_completions, token_logprobs

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from krea2_core.artifacts import ArtifactError, publish, read_manifest
-from krea2_core.config import ExpanderSFTConfig, ExpansionConfig
 from krea2_core.data.schemas import ExpanderPairs, write_table
+from krea2_core.expander.config import ExpanderSFTConfig, ExpansionConfig
 from krea2_core.expander.data import PAIRS_FILE
 from krea2_core.expander.format import answer
 from krea2_core.expander.model import MICRO_BATCH, expand, load_expander, prompt_texts

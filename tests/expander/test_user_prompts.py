@@ -3,10 +3,10 @@ import re
 import numpy as np
 import pytest
 
-from krea2_core.config import SceneDomainConfig
 from krea2_core.expander.faithfulness import parse_requirements
 from krea2_core.expander.user_prompts import TEMPLATES, user_prompts
 from krea2_core.world.captions import captions, rubric_for
+from krea2_core.world.config import SceneDomainConfig
 from krea2_core.world.scene import BACKGROUNDS, ROWS, COLS, SIZES, sample_scene
 
 SCENES = SceneDomainConfig(max_shapes=5, text_prob=0.5)

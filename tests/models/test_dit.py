@@ -11,7 +11,8 @@ import torch
 from diffusers import Krea2Transformer2DModel
 from diffusers.pipelines.krea2.pipeline_krea2 import Krea2Pipeline
 
-from krea2_core.config import ConfigError, DiTConfig
+from krea2_core.common.strict import ConfigError
+from krea2_core.models.config import DiTConfig
 from krea2_core.models.dit import (
     Krea2DiT,
     modulation_parameter_report,

@@ -10,9 +10,10 @@ import torch
 from diffusers import AutoencoderKLFlux2, AutoencoderKLQwenImage
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
-from krea2_core.config import AutoencoderConfig, ConfigError, TextEncoderConfig
+from krea2_core.common.strict import ConfigError
 from krea2_core.models.autoencoders import (Autoencoder, Flux2Autoencoder, PixelSpaceAutoencoder, QwenImageAutoencoder,
                                             load_autoencoder, pixel_multiple)
+from krea2_core.models.config import AutoencoderConfig, TextEncoderConfig
 from krea2_core.models.text_encoders import (KREA2_PREFIX, KREA2_SUFFIX, CachedTextEncoder, HFTextEncoder, MiniLMTextEncoder,
                                              TextEncoder, load_text_encoder)
 

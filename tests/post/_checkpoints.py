@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from krea2_core.config import PreferenceConfig, PretrainConfig
 from krea2_core.post.annotations import SimulatedAnnotations, simulated_like
+from krea2_core.post.config import PreferenceConfig
 from krea2_core.post.pairs import PairSettings
 from krea2_core.stages import StageOutput, execute_stage
+from krea2_core.training.config import PretrainConfig
 from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.image_model import ModelIndex, new_model
 from krea2_core.world.captions import Prompt

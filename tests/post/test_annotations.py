@@ -14,12 +14,12 @@ import pytest
 from PIL import Image
 
 from krea2_core.artifacts import read_manifest, to_plain
-from krea2_core.config import preset
 from krea2_core.data.schemas import Annotations, SchemaError, Skipped, read_table
 from krea2_core.post.annotations import (IMAGES_DIR, TABLE_FILE, AnnotationSettings, annotation_settings,
                                          load_annotations, run_annotation_pairs, simulate_annotations,
                                          simulated_choices, table_digest)
 from krea2_core.post.pairs import SKIPPED_FILE, read_pairs
+from krea2_core.presets import preset
 
 from ._checkpoints import RESOLUTION, BrightnessOracle, preference_config, publish_checkpoints, simulated_annotations
 

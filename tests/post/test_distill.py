@@ -18,10 +18,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from krea2_core.artifacts import ArtifactError, read_manifest
-from krea2_core.config import DistillConfig, TrainerConfig
 from krea2_core.diffusion.flow import VelocityFn, add_noise, flow_loss
 from krea2_core.diffusion.sampling import ModelFn, euler_sample, guided, inference_timesteps
 from krea2_core.diffusion.text_to_image import TextToImage
+from krea2_core.post.config import DistillConfig
 from krea2_core.post.distill import (
     DISTILL_FILE,
     EVAL_FILE,
@@ -43,6 +43,7 @@ from krea2_core.post.tdm import (
     tdm_loss,
 )
 from krea2_core.stages import StageOutput, execute_stage
+from krea2_core.training.config import TrainerConfig
 from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.launch import launch_local
 from krea2_core.training.parallel import init_distributed

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from krea2_core.config import EmbedderConfig
+from krea2_core.curation.config import EmbedderConfig
 from krea2_core.curation.embedders import Embedder, make_embedder
 from krea2_core.post.diversity import embedding_spread, group_diversity
 from krea2_core.world import render, sample_scene

@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from krea2_core.artifacts import ArtifactError, read_manifest
-from krea2_core.config import RLConfig, TrainerConfig
 from krea2_core.diffusion.text_to_image import TextToImage
+from krea2_core.post.config import RLConfig
 from krea2_core.post.grpo import (
     EVAL_FILE,
     POOL_FILE,
@@ -33,6 +33,7 @@ from krea2_core.post.grpo import (
 from krea2_core.post.preference import policy_and_reference
 from krea2_core.post.prompt_pool import PromptPool, rl_prompts
 from krea2_core.training import checkpoint as ckpt
+from krea2_core.training.config import TrainerConfig
 from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.launch import launch_local
 from krea2_core.training.parallel import init_distributed

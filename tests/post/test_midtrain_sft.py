@@ -9,11 +9,15 @@ import json
 import pandas as pd
 import pytest
 
-from krea2_core.config import (ConfigError, MidtrainConfig, PackingConfig, PipelineConfig, SceneDomainConfig,
-                               SFTDomainConfig, preset)
+from krea2_core.common.strict import ConfigError
+from krea2_core.config import PipelineConfig
+from krea2_core.data.config import PackingConfig
+from krea2_core.post.config import MidtrainConfig, SFTDomainConfig
 from krea2_core.post.midtrain import MidtrainPackingSettings, select_mix, top_stage
 from krea2_core.post.sft import render_domain
+from krea2_core.presets import preset
 from krea2_core.world.captions import captions
+from krea2_core.world.config import SceneDomainConfig
 from krea2_core.world.scene import Scene
 
 

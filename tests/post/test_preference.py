@@ -16,9 +16,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
 from krea2_core.artifacts import ArtifactError, read_manifest
-from krea2_core.config import PreferenceConfig, PreferenceLossConfig, PreferenceStageConfig, TrainerConfig, preset
 from krea2_core.data.schemas import PreferencePairs, write_table
 from krea2_core.diffusion.flow import add_noise, flow_loss, sample_timesteps
+from krea2_core.post.config import PreferenceConfig, PreferenceLossConfig, PreferenceStageConfig
 from krea2_core.post.pairs import PAIRS_FILE, decode_pair_images, png_bytes
 from krea2_core.post.preference import (
     METRICS_FILE,
@@ -31,7 +31,9 @@ from krea2_core.post.preference import (
     train_preference,
 )
 from krea2_core.post.preference_loss import preference_loss
+from krea2_core.presets import preset
 from krea2_core.stages import StageOutput, execute_stage
+from krea2_core.training.config import TrainerConfig
 from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.launch import launch_local
 from krea2_core.training.parallel import init_distributed

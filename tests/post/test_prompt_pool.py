@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from krea2_core.config import PromptPoolConfig
+from krea2_core.post.config import PromptPoolConfig
 from krea2_core.post.prompt_pool import PromptPool, rl_prompts
 from krea2_core.world.captions import Prompt
 

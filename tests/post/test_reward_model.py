@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from krea2_core.artifacts import ArtifactError, read_manifest
-from krea2_core.config import RewardModelConfig, RewardsConfig
 from krea2_core.data.schemas import PreferencePairs, write_table
+from krea2_core.post.config import RewardModelConfig, RewardsConfig
 from krea2_core.post.pairs import PAIR_COLUMNS, PAIRS_FILE, png_bytes, rubric_json
 from krea2_core.post.reward_model import HEAD_FILE, METRICS_FILE, REWARD_INFO_FILE, load_reward_model, run_reward_model
 from krea2_core.post.rewards import build_reward

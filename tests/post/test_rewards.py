@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
-from krea2_core.config import REWARD_NAMES, RewardsConfig
+from krea2_core.post.config import REWARD_NAMES, RewardsConfig
 from krea2_core.post.reward_service import RewardService, RewardServiceError
 from krea2_core.post.rewards import (ArtifactClassifierReward, StructureReward, build_reward, gdpo_advantages,
                                      text_similarity)

@@ -13,9 +13,11 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from krea2_core.artifacts import read_manifest
-from krea2_core.config import PipelineConfig, PostTrainConfig, preset
+from krea2_core.config import PipelineConfig
+from krea2_core.post.config import PostTrainConfig
 from krea2_core.post.merge import EVAL_FILE, METHODS, merge_settings, run_merge
 from krea2_core.post.sft import SCENES_FILE, run_sft_data, sft_data_settings, sft_settings
+from krea2_core.presets import preset
 from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.pretrain import run_training_stage
 from krea2_core.training.image_model import new_model

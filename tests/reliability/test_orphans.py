@@ -26,7 +26,8 @@ def _driver(code: str) -> subprocess.Popen[str]:
 
 
 def test_a_killed_driver_takes_its_local_ray_along() -> None:
-    driver = _driver("from krea2_core.config import ParallelConfig; from krea2_core.ray_map import ensure_ray; "
+    driver = _driver("from krea2_core.curation.config import ParallelConfig; "
+                     "from krea2_core.ray_map import ensure_ray; "
                      "ensure_ray(ParallelConfig(num_cpus=1)); print('up', flush=True); import time; time.sleep(600)")
     try:
         assert driver.stdout.readline().strip() == "up"
@@ -39,7 +40,7 @@ def test_a_killed_driver_takes_its_local_ray_along() -> None:
 
 
 def test_a_killed_launcher_takes_its_ranks_along(tmp_path: Path) -> None:
-    driver = _driver("import sys; from krea2_core.config import TrainParallelConfig; "
+    driver = _driver("import sys; from krea2_core.training.config import TrainParallelConfig; "
                      "from krea2_core.training.launch import launch_local; "
                      "from tests.reliability._workers import sleep_in_rank; "
                      f"launch_local(TrainParallelConfig(nproc_per_node=2), sleep_in_rank, {str(tmp_path)!r})")

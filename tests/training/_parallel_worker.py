@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from krea2_core.config import DiTConfig, TrainParallelConfig
+from krea2_core.models.config import DiTConfig
 from krea2_core.models.dit import Krea2DiT, position_ids
+from krea2_core.training.config import TrainParallelConfig
 from krea2_core.training.parallel import (
     DistEnv,
     apply_tensor_parallel,

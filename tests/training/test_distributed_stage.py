@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from krea2_core.artifacts import read_manifest
-from krea2_core.config import TrainParallelConfig
 from krea2_core.stages import StageOutput
+from krea2_core.training.config import TrainParallelConfig
 from krea2_core.training.distributed_stage import run_distributed_stage
 from krea2_core.training.launch import RankFailed, launch_local
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from krea2_core.config import TrainParallelConfig
+from krea2_core.training.config import TrainParallelConfig
 from krea2_core.post.pairs import load_pipes
 from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.image_model import (MODEL_INDEX_FILE, ModelIndex, load_text_to_image, new_model,

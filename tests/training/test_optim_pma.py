@@ -14,8 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from krea2_core.config import DiTConfig, OptimizerConfig
+from krea2_core.models.config import DiTConfig
 from krea2_core.models.dit import Krea2DiT
+from krea2_core.training.config import OptimizerConfig
 from krea2_core.training.optim import build_optimizers, param_groups_report
 from krea2_core.training.pma import average_state_dicts, merge_safetensors, pma_weights
 from krea2_core.training.schedules import wsd_factor, wsd_scheduler
@@ -200,8 +201,9 @@ import torch, torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-from krea2_core.config import DiTConfig, OptimizerConfig
+from krea2_core.models.config import DiTConfig
 from krea2_core.models.dit import Krea2DiT
+from krea2_core.training.config import OptimizerConfig
 from krea2_core.training.optim import build_optimizers
 
 def flat(model):

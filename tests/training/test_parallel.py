@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from krea2_core.config import TrainParallelConfig
+from krea2_core.training.config import TrainParallelConfig
 from krea2_core.training.parallel import (
     DistEnv,
     apply_activation_checkpointing,

@@ -20,7 +20,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from krea2_core.artifacts import read_manifest
-from krea2_core.config import PipelineConfig, PostTrainConfig, PretrainConfig
+from krea2_core.config import PipelineConfig
+from krea2_core.post.config import PostTrainConfig
+from krea2_core.training.config import PretrainConfig
 from krea2_core.data.packing import pack_stage
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.training.launch import launch_local

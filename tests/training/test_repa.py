@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from krea2_core.config import RepaConfig
+from krea2_core.training.config import RepaConfig
 from krea2_core.training.repa import (
     EfficientNetPatchEncoder,
     HFPatchEncoder,

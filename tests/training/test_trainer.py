@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from krea2_core.config import OptimizerConfig
+from krea2_core.training.config import OptimizerConfig
 from krea2_core.training.checkpoint import STATE_DIR, STEP_WEIGHTS_FILE, list_checkpoints, step_dir_name
 from krea2_core.training.trainer import Optimized, TrainState, noise_and_timesteps, rng
 
@@ -59,7 +59,7 @@ def test_a_resumed_run_ends_bit_exactly_where_a_straight_run_does(tmp_path: Path
         _train(tmp_path, stop=4)
     assert [step for step, _ in list_checkpoints(tmp_path)] == [3, 4]  # every step (timer), the newest 2 kept
     resumed = _train(tmp_path)
-    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True))
 
 
 def test_protected_steps_keep_their_weights_after_pruning(tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ def test_several_parts_checkpoint_and_resume_together(tmp_path: Path) -> None:
     for name in first:
         assert again[name].lr == first[name].lr
         assert all(torch.equal(a, b) for a, b in zip(first[name].model.state_dict().values(),
-                                                     again[name].model.state_dict().values()))
+                                                     again[name].model.state_dict().values(), strict=True))
 
 
 def test_a_step_without_schedule_keeps_the_lr_until_schedule() -> None:
