@@ -36,7 +36,7 @@ def main() -> None:
                            root=args.root)
     seconds["sft"], began = time.perf_counter() - began, time.perf_counter()
     rl = run_expander_rl({"sft": sft, "image_model": args.image_model},
-                         ExpanderRLSettings(x.rl, x.expansion, cfg.post.resolution, cfg.pretrain.trainer()),
+                         ExpanderRLSettings(x.rl, x.expansion, cfg.post.resolution, cfg.pretrain.run_config()),
                          root=args.root)
     seconds["rl"] = time.perf_counter() - began
     report = json.loads((rl / "eval.json").read_text())

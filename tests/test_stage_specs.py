@@ -26,6 +26,7 @@ from krea2_core.artifacts import to_plain
 from krea2_core.config import PipelineConfig, load_config
 from krea2_core.presets import preset
 from krea2_core.stage_spec import stage_specs
+from krea2_core.training.pretrain import PRETRAIN_STAGES
 from tasks.common import CACHE
 from workflows.graph import add_stages, stages_to_run, task_of
 
@@ -171,6 +172,20 @@ def test_a_post_training_setting_changes_exactly_its_stages_settings(stage: str)
         assert changed == {"sft_data_warm", "sft_warm", "merge"}
     else:
         assert changed == {stage}
+
+
+
+def test_a_model_setting_reaches_the_stages_after_sft_only_through_their_checkpoints() -> None:
+    """The stages after SFT load the model their input checkpoint describes: the model's configs are in the settings
+    of the stages that build it (pretraining, midtraining, SFT) only, and pretraining's optimiser in those of the
+    stages that train (not the merge, the pairs or the expander's RL, which only sample)."""
+    before = _settings(TINY)
+    model = {name for name, after in _settings(_config(pretrain={"text_encoder": {"cache_mb": 64}})).items()
+             if before[name] != after}
+    assert model == {*(f"pretrain_{s}" for s in PRETRAIN_STAGES), "midtrain", *(f"sft_{d}" for d in DOMAINS)}
+    optimizer = {name for name, after in _settings(_config(pretrain={"optimizer": {"grad_clip": 0.5}})).items()
+                 if before[name] != after}
+    assert optimizer == model | {"preference_synthetic", "preference_calibration", "rl", "distill"}
 
 
 def test_a_run_function_rejects_inputs_its_spec_does_not_name(tmp_path) -> None:  # noqa: ANN001

@@ -50,7 +50,7 @@ from krea2_core.common.layout import EVAL_FILE, METRICS_FILE, SAMPLES_FILE
 from krea2_core.artifacts import read_manifest
 from krea2_core.common.device import resolve_device
 from krea2_core.expander.config import ExpanderRLConfig, ExpansionConfig
-from krea2_core.training.config import TrainerConfig
+from krea2_core.training.config import RunConfig
 from krea2_core.curation.embedders import Embedder, make_embedder
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.expander.evaluate import (
@@ -85,13 +85,13 @@ Log = Callable[[int, dict[str, float]], None]
 
 @dataclass
 class ExpanderRLSettings:
-    """What the stage depends on: the RL recipe, the expansion format and gate, the resolution and the trainer
-    (how the image model is built and sampled), not how the image model was trained."""
+    """What the stage depends on: the RL recipe, the expansion format and gate, the resolution and how the image
+    model is run and sampled (the model itself is its checkpoint's), not how the image model was trained."""
 
     rl: ExpanderRLConfig
     expansion: ExpansionConfig
     resolution: int
-    trainer: TrainerConfig
+    trainer: RunConfig
 
 
 def run_expander_rl(inputs: Mapping[str, Path], settings: ExpanderRLSettings, parent_run_id: str = "", *,
@@ -146,7 +146,7 @@ def run_expander_rl(inputs: Mapping[str, Path], settings: ExpanderRLSettings, pa
 EXPANDER_RL = StageSpec("expander_rl", ARTIFACT_KIND, {"sft": "expander_sft", "image_model": "distill",
                                               "reward_model": "reward_model"},
                         lambda p: ExpanderRLSettings(rl=p.expander.rl, expansion=p.expander.expansion,
-                                                     resolution=p.post.resolution, trainer=p.pretrain.trainer()),
+                                                     resolution=p.post.resolution, trainer=p.pretrain.run_config()),
                         run_expander_rl,
                         optional={"reward_model": lambda p: p.expander.rl.weights.get("aesthetic", 0.0) > 0})
 
@@ -240,7 +240,7 @@ def mining_verdicts(rewards: np.ndarray, config: ExpanderRLConfig) -> list[str]:
 
 
 def mine_hard_cases(expander: Expander, pipe: TextToImage, candidates: Sequence[Prompt], config: ExpanderRLConfig,
-                    expansion: ExpansionConfig, pretrain: TrainerConfig, resolution: int) -> pd.DataFrame:
+                    expansion: ExpansionConfig, pretrain: RunConfig, resolution: int) -> pd.DataFrame:
     """One group of ``group_size`` sampled expansions per candidate -> images -> image rewards -> a row per
     candidate: prompt, rubric (JSON), mean, std, kept, reason."""
     g = config.group_size
@@ -347,7 +347,7 @@ class Round:
 
 
 def rollout(expander: Expander, pipe: TextToImage, prompts: Sequence[Prompt], config: ExpanderRLConfig,
-            expansion: ExpansionConfig, pretrain: TrainerConfig, resolution: int, step: int) -> Round:
+            expansion: ExpansionConfig, pretrain: RunConfig, resolution: int, step: int) -> Round:
     """``group_size`` sampled expansions per prompt and their images; answers seeded by (seed, step), image i's
     noise by (seed, step, i): a group's samples get different noise."""
     completions, expansions = sample_expansions(expander, prompts, config, expansion, n=config.group_size,
@@ -372,7 +372,7 @@ def score_round(batch: Round, rewards: Callable[..., dict[str, np.ndarray]], con
 def train_expander(policy: Expander, reference: Expander, pipe: TextToImage,
                    rewards: Callable[..., dict[str, np.ndarray]], realistic: Sequence[Prompt],
                    hard: Sequence[Prompt], config: ExpanderRLConfig, expansion: ExpansionConfig,
-                   pretrain: TrainerConfig, resolution: int, log: Log | None = None) -> None:
+                   pretrain: RunConfig, resolution: int, log: Log | None = None) -> None:
     """``config.steps`` rounds of GDPO on ``policy``'s model (in place) against ``reference``'s;
     ``log(round, metrics)`` gets every round's metrics (rounds count from 1)."""
     model = policy[1]

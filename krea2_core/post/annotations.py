@@ -29,7 +29,7 @@ from krea2_core.post.pairs import (BATCH, PAIR_COLUMNS, SKIPPED_COLUMNS, Draw, P
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
-from krea2_core.training.config import TrainerConfig
+from krea2_core.training.config import RunConfig
 from krea2_core.world.captions import sample_prompts
 
 TABLE_FILE = "annotations.parquet"
@@ -123,7 +123,7 @@ class SimulatedAnnotations:
     n: int
     label_noise: float
     resolution: int
-    trainer: TrainerConfig
+    trainer: RunConfig
     batch: int = BATCH  # decides the call seeds, as in PairSettings
 
 

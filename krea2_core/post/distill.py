@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from krea2_core.common.layout import EVAL_FILE, METRICS_FILE, SAMPLES_FILE
 from krea2_core.artifacts import read_manifest, to_plain
 from krea2_core.post.config import DistillConfig
-from krea2_core.training.config import TrainerConfig
+from krea2_core.training.config import FinetuneConfig
 from krea2_core.diffusion.sampling import ModelFn, guided, inference_timesteps
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.post.preference import Log, policy_and_reference
@@ -61,12 +61,12 @@ LATENCY_PROMPTS = 8  # latency is timed on this many of the held-out prompts (th
 
 @dataclass
 class DistillSettings:
-    """What the stage depends on: the distillation recipe, the resolution and the trainer (not the pretraining
-    stages)."""
+    """What the stage depends on: the distillation recipe, the resolution and how the checkpoint is trained
+    (not the pretraining stages)."""
 
     distill: DistillConfig
     resolution: int
-    trainer: TrainerConfig
+    trainer: FinetuneConfig
 
 
 def run_distill_stage(inputs: Mapping[str, Path], settings: DistillSettings, parent_run_id: str = "",
@@ -76,10 +76,11 @@ def run_distill_stage(inputs: Mapping[str, Path], settings: DistillSettings, par
     config, pretrain, resolution = settings.distill, settings.trainer, settings.resolution
     teacher = Path(inputs["teacher"])
     read_manifest(teacher, kind="checkpoint")
+    autoencoder = ModelIndex.read(teacher).autoencoder
 
     def check(env: DistEnv) -> None:  # bad input fails before anything is written
         rank_slots(config.batch, *data_parallel_rank(env, pretrain.parallel.tp))
-        token_side(resolution, pretrain.autoencoder.downsample * pretrain.autoencoder.patch_size)
+        token_side(resolution, autoencoder.downsample * autoencoder.patch_size)
 
     def work(env: DistEnv, scratch: Path, run: StageRun | None, staging: Path | None) -> StageOutput | None:
         student, fake, frozen = student_fake_teacher(pretrain, Path(teacher), env)
@@ -96,7 +97,7 @@ def run_distill_stage(inputs: Mapping[str, Path], settings: DistillSettings, par
 
 DISTILL = StageSpec("distill", "checkpoint", {"teacher": "rl"},
                     lambda p: DistillSettings(distill=p.post.distill, resolution=p.post.resolution,
-                                              trainer=p.pretrain.trainer()),
+                                              trainer=p.pretrain.finetune()),
                     run_distill_stage, distributed=True)
 
 
@@ -108,7 +109,7 @@ def rank_slots(batch: int, dp_rank: int, dp_size: int) -> Tensor:
     return torch.arange(dp_rank * per_rank, (dp_rank + 1) * per_rank)
 
 
-def training_prompts(config: DistillConfig, pretrain: TrainerConfig, resolution: int) -> list[str]:
+def training_prompts(config: DistillConfig, pretrain: FinetuneConfig, resolution: int) -> list[str]:
     """The data-free prompt set: ``config.n_prompts`` world prompts seeded by ``config.seed`` (apart from the
     held-out evaluation prompts), in the evaluation's scene domain."""
     rng = np.random.default_rng(config.seed)
@@ -153,7 +154,7 @@ def draw_samples(slots: Tensor, *, seed: int, step: int, token_shape: tuple[int,
                        fake_eps=torch.stack(draws["fake_eps"], dim=1))
 
 
-def student_fake_teacher(pretrain: TrainerConfig, teacher: Path, env: DistEnv
+def student_fake_teacher(pretrain: FinetuneConfig, teacher: Path, env: DistEnv
                          ) -> tuple[TextToImage, nn.Module, nn.Module]:
     """The student (trainable, with the frozen autoencoder and text encoder), the fake score (trainable) and the
     frozen teacher, all the ``teacher`` weights, all parallelised like pretraining (no float8)."""
@@ -185,7 +186,7 @@ def _global_max(value: int, device: torch.device) -> int:
 
 
 def train_distill(pipe: TextToImage, fake: nn.Module, teacher: nn.Module, prompts: Sequence[str],
-                  config: DistillConfig, pretrain: TrainerConfig, env: DistEnv, resolution: int, *,
+                  config: DistillConfig, pretrain: FinetuneConfig, env: DistEnv, resolution: int, *,
                   checkpoints: Path | None = None, log: Log | None = None,
                   checkpoint_every_s: float = ckpt.CHECKPOINT_EVERY_S) -> None:
     """Distil into ``pipe.model`` (the student) with the fake score ``fake`` against the frozen CFG ``teacher`` (all
@@ -248,7 +249,7 @@ def seconds_per_image(generate: Generate, texts: Sequence[str], repeats: int = L
 
 
 def evaluate_distillation(student: TextToImage, teacher: TextToImage, config: DistillConfig,
-                          pretrain: TrainerConfig, resolution: int
+                          pretrain: FinetuneConfig, resolution: int
                           ) -> tuple[dict[str, float], dict[str, list[Image.Image]]]:
     """Held-out checker scores of the student (K steps, no CFG), the teacher (``teacher_eval_steps``, CFG) and the
     naive few-step teacher (K steps, CFG), one noise per prompt for all three, and the student minus each teacher
@@ -279,7 +280,7 @@ def evaluate_distillation(student: TextToImage, teacher: TextToImage, config: Di
     return metrics, images
 
 
-def _publish(pipe: TextToImage, run: StageRun, staging: Path, config: DistillConfig, pretrain: TrainerConfig,
+def _publish(pipe: TextToImage, run: StageRun, staging: Path, config: DistillConfig, pretrain: FinetuneConfig,
              teacher: Path, resolution: int) -> StageOutput:
     # the student's weights of the (student + fake) training checkpoint
     publish_checkpoint(staging, run.work_dir / "checkpoints" / ckpt.step_dir_name(config.steps) / ckpt.STEP_WEIGHTS_FILE,

@@ -43,7 +43,7 @@ from PIL import Image
 from krea2_core.common.layout import EVAL_FILE, METRICS_FILE, SAMPLES_FILE
 from krea2_core.artifacts import read_manifest, to_plain
 from krea2_core.post.config import RLConfig
-from krea2_core.training.config import EvalConfig, TrainerConfig
+from krea2_core.training.config import EvalConfig, FinetuneConfig
 from krea2_core.curation.embedders import make_embedder
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.post.diversity import group_diversity
@@ -89,11 +89,11 @@ def check_rl_config(config: RLConfig, dp_size: int) -> None:
 
 @dataclass
 class RLSettings:
-    """What the stage depends on: the RL recipe, the resolution and the trainer (not the pretraining stages)."""
+    """What the stage depends on: the RL recipe, the resolution and how the checkpoint is trained (not the pretraining stages)."""
 
     rl: RLConfig
     resolution: int
-    trainer: TrainerConfig
+    trainer: FinetuneConfig
 
 
 def run_rl_stage(inputs: Mapping[str, Path], settings: RLSettings, parent_run_id: str = "",
@@ -131,7 +131,7 @@ def run_rl_stage(inputs: Mapping[str, Path], settings: RLSettings, parent_run_id
 
 
 RL = StageSpec("rl", "checkpoint", {"init": "preference_calibration", "reward_model": "reward_model"},
-               lambda p: RLSettings(rl=p.post.rl, resolution=p.post.resolution, trainer=p.pretrain.trainer()),
+               lambda p: RLSettings(rl=p.post.rl, resolution=p.post.resolution, trainer=p.pretrain.finetune()),
                run_rl_stage, optional={"reward_model": trains_reward_model}, distributed=True)
 
 
@@ -233,7 +233,7 @@ def _train_on_rollout(pipe: TextToImage, ref_pipe: TextToImage, rollout: Rollout
 
 
 def train_grpo(pipe: TextToImage, reference: torch.nn.Module, pool: PromptPool, rewards: RewardScorer | None,
-               config: RLConfig, pretrain: TrainerConfig, env: DistEnv, resolution: int, *,
+               config: RLConfig, pretrain: FinetuneConfig, env: DistEnv, resolution: int, *,
                checkpoints: Path | None = None, log: Log | None = None,
                checkpoint_every_s: float = ckpt.CHECKPOINT_EVERY_S) -> None:
     """Optimise ``pipe.model`` (parallelised) for ``config.grpo.steps`` rounds against ``reference``, every rank
@@ -319,7 +319,7 @@ def _flat(report: dict[str, Any], prefix: str) -> dict[str, float]:
 
 
 def _publish(pipe: TextToImage, pool: PromptPool, run: StageRun, staging: Path, config: RLConfig,
-             pretrain: TrainerConfig, init: Path, resolution: int) -> StageOutput:
+             pretrain: FinetuneConfig, init: Path, resolution: int) -> StageOutput:
     steps = config.grpo.steps
     publish_checkpoint(staging, run.work_dir / "checkpoints" / ckpt.step_dir_name(steps) / ckpt.STEP_WEIGHTS_FILE,
                        ModelIndex.read(init), metrics=run.work_dir / METRICS_FILE)

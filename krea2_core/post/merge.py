@@ -26,7 +26,7 @@ from krea2_core.common.layout import EVAL_FILE
 from krea2_core.artifacts import read_manifest
 from krea2_core.config import PipelineConfig
 from krea2_core.post.config import MergeConfig
-from krea2_core.training.config import TrainerConfig
+from krea2_core.training.config import RunConfig
 from krea2_core.world.config import SceneDomainConfig
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.stage_spec import StageSpec
@@ -49,14 +49,14 @@ class MergeSettings:
     domains: dict[str, SceneDomainConfig]  # SFT domain -> the scenes its held-out prompts are drawn from
     eval_prompts: int  # held-out prompts per domain
     resolution: int
-    trainer: TrainerConfig
+    trainer: RunConfig
 
 
 def merge_settings(config: PipelineConfig) -> MergeSettings:
     post = config.post
     return MergeSettings(merge=post.merge, domains={name: d.scenes for name, d in post.sft.domains.items()},
                          eval_prompts=post.sft.eval_prompts, resolution=post.resolution,
-                         trainer=config.pretrain.trainer())
+                         trainer=config.pretrain.run_config())
 
 
 def _score_matrix(pipe: TextToImage, candidates: dict[str, Path], settings: MergeSettings, device: torch.device,

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from krea2_core.common.layout import SAMPLES_FILE
 from krea2_core.config import PipelineConfig
 from krea2_core.post.config import PairsConfig, SamplerConfig
-from krea2_core.training.config import TrainerConfig
+from krea2_core.training.config import RunConfig
 from krea2_core.data.schemas import PreferencePairs, Skipped, read_table, write_table
 from krea2_core.diffusion.text_to_image import TextToImage
 from krea2_core.post.oracle import PreferenceOracle, WorldCheckerOracle, judge, keyed
@@ -84,7 +84,7 @@ def call_seed(seed: int, group: str, batch: int) -> int:
     return int(hashlib.sha256(f"{seed}/{group}/{batch}".encode()).hexdigest()[:8], 16)
 
 
-def load_pipes(policy: Path, previous: Path, pretrain: TrainerConfig) -> dict[str, TextToImage]:
+def load_pipes(policy: Path, previous: Path, pretrain: RunConfig) -> dict[str, TextToImage]:
     """"policy" and "previous" checkpoints, as they describe themselves, sharing one frozen autoencoder and text
     encoder (ValueError if they were trained with different ones)."""
     if ModelIndex.read(previous) != ModelIndex.read(policy):
@@ -202,14 +202,14 @@ class PairSettings:
 
     pairs: PairsConfig
     resolution: int
-    trainer: TrainerConfig
+    trainer: RunConfig
     batch: int = BATCH  # batch and chunk decide the call seeds, so they are in the key
     chunk: int = CHUNK
 
 
 def pair_settings(config: PipelineConfig) -> PairSettings:
     return PairSettings(pairs=config.post.preference.pairs, resolution=config.post.resolution,
-                        trainer=config.pretrain.trainer())
+                        trainer=config.pretrain.run_config())
 
 
 def run_pair_generation(inputs: Mapping[str, Path], settings: PairSettings, parent_run_id: str = "", *,

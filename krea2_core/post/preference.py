@@ -33,7 +33,7 @@ from PIL import Image
 from krea2_core.artifacts import read_manifest, to_plain
 from krea2_core.config import PipelineConfig
 from krea2_core.post.config import PreferenceLossConfig, PreferenceStageConfig
-from krea2_core.training.config import EvalConfig, TrainerConfig
+from krea2_core.training.config import EvalConfig, FinetuneConfig
 from krea2_core.common.layout import METRICS_FILE, SAMPLES_FILE
 from krea2_core.diffusion.flow import add_noise, velocity_target
 from krea2_core.diffusion.text_to_image import TextToImage
@@ -67,7 +67,7 @@ class PreferenceSettings:
     timestep_shift: float
     eval_prompts: int
     resolution: int
-    trainer: TrainerConfig
+    trainer: FinetuneConfig
 
 
 def _check_name(name: str) -> None:
@@ -80,7 +80,7 @@ def preference_settings(config: PipelineConfig, name: str) -> PreferenceSettings
     po = config.post.preference
     return PreferenceSettings(name=name, loss=po.loss, recipe=po.synthetic if name == "synthetic" else po.calibration,
                               timestep_shift=po.timestep_shift, eval_prompts=po.eval_prompts,
-                              resolution=config.post.resolution, trainer=config.pretrain.trainer())
+                              resolution=config.post.resolution, trainer=config.pretrain.finetune())
 
 
 def run_preference_stage(inputs: Mapping[str, Path], settings: PreferenceSettings, parent_run_id: str = "",
@@ -152,7 +152,7 @@ def pair_indices(n_pairs: int, global_batch: int, step: int, seed: int) -> np.nd
     return rows
 
 
-def policy_and_reference(pretrain: TrainerConfig, init: Path, env: DistEnv) -> tuple[TextToImage, torch.nn.Module]:
+def policy_and_reference(pretrain: FinetuneConfig, init: Path, env: DistEnv) -> tuple[TextToImage, torch.nn.Module]:
     """The policy (trainable, with the frozen autoencoder and text encoder) and the frozen reference, both the
     checkpoint ``init`` as it describes itself, both parallelised like pretraining (no float8: the loss compares
     their small differences)."""
@@ -167,7 +167,7 @@ def _flow_errors(velocity: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def train_preference(pipe: TextToImage, reference: torch.nn.Module, pairs: pd.DataFrame, loss: PreferenceLossConfig,
-                     stage: PreferenceStageConfig, pretrain: TrainerConfig, env: DistEnv, *,
+                     stage: PreferenceStageConfig, pretrain: FinetuneConfig, env: DistEnv, *,
                      timestep_shift: float = 1.0, checkpoints: Path | None = None, log: Log | None = None,
                      checkpoint_every_s: float = ckpt.CHECKPOINT_EVERY_S) -> None:
     """Optimise ``pipe.model`` (parallelised) for ``stage.steps`` steps against ``reference`` on ``pairs``

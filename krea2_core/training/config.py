@@ -147,6 +147,23 @@ _TINY_DIT = DiTConfig(num_layers=4, attention_head_dim=32, num_attention_heads=4
 
 
 @dataclass
+class RunConfig(Strict):
+    """How a stage runs and evaluates a checkpoint it loads: pretraining's parallelism (device, dtype), evaluation
+    and seed. The model, its autoencoder and text encoder come from the checkpoint (its model index)."""
+
+    parallel: TrainParallelConfig
+    eval: EvalConfig
+    seed: int
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """How a stage that trains a checkpoint it loads runs it: ``RunConfig`` and pretraining's optimiser."""
+
+    optimizer: OptimizerConfig
+
+
+@dataclass
 class TrainerConfig(Strict):
     """How the image model is built, trained, run and evaluated: everything of pretraining but its resolution
     stages. Every training and sampling stage's settings hold one (the DiT config matches the checkpoints)."""
@@ -185,6 +202,14 @@ class TrainerConfig(Strict):
                 f"model.in_channels ({self.model.in_channels}) must equal the autoencoder's channels x "
                 f"patch_size^2 ({channels} x {ae.patch_size}^2)")
 
+    def run_config(self) -> RunConfig:
+        """What the stages after SFT that sample a checkpoint (the merge, pairs, the expander's RL) take."""
+        return RunConfig(self.parallel, self.eval, self.seed)
+
+    def finetune(self) -> FinetuneConfig:
+        """What the stages after SFT that train a checkpoint (preference, RL, distillation) take."""
+        return FinetuneConfig(self.parallel, self.eval, self.seed, self.optimizer)
+
 
 @dataclass
 class PretrainConfig(TrainerConfig):
@@ -193,8 +218,8 @@ class PretrainConfig(TrainerConfig):
     stages: dict[str, PretrainStageConfig] = field(default_factory=lambda: _tiny_pretrain_stages())
 
     def trainer(self) -> TrainerConfig:
-        """The shared settings without the stages: what a stage after pretraining builds, runs and samples a
-        checkpoint with (retraining a pretraining stage differently re-runs it through its input instead)."""
+        """The shared settings without the stages: what midtraining and SFT continue a checkpoint with (retraining a
+        pretraining stage differently re-runs it through its input instead)."""
         return TrainerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainerConfig)})
 
     def __post_init__(self) -> None:

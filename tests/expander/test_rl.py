@@ -56,7 +56,7 @@ EXPANSION = ExpansionConfig(max_new_tokens=16)
 
 
 def rl_settings(config: ExpanderRLConfig) -> ExpanderRLSettings:
-    return ExpanderRLSettings(rl=config, expansion=EXPANSION, resolution=RESOLUTION, trainer=PRETRAIN.trainer())
+    return ExpanderRLSettings(rl=config, expansion=EXPANSION, resolution=RESOLUTION, trainer=PRETRAIN.run_config())
 
 
 def rl_config(**overrides: object) -> ExpanderRLConfig:

@@ -31,7 +31,8 @@ PRETRAIN = PretrainConfig.from_dict({
     "parallel": {"nproc_per_node": 1, "dtype": "float32"},
     "stages": {"256": {"resolution": 32, "steps": 2, "global_batch": 8, "warmup_steps": 0, "pma_checkpoints": 1}},
 })
-TRAINER = PRETRAIN.trainer()  # what the post-training stages' settings hold
+TRAINER = PRETRAIN.finetune()  # what the stages after SFT that train a checkpoint take
+RUNNER = PRETRAIN.run_config()  # what the ones that sample it take
 
 
 def preference_config(simulated: int = 40, **pairs: object) -> PreferenceConfig:
@@ -42,8 +43,8 @@ def preference_config(simulated: int = 40, **pairs: object) -> PreferenceConfig:
 
 
 def pair_settings(config: PreferenceConfig | None = None, **sampling: int) -> PairSettings:
-    """The pair-generation settings of ``config`` (default ``preference_config()``) at RESOLUTION with TRAINER."""
-    return PairSettings(pairs=(config or preference_config()).pairs, resolution=RESOLUTION, trainer=TRAINER,
+    """The pair-generation settings of ``config`` (default ``preference_config()``) at RESOLUTION with RUNNER."""
+    return PairSettings(pairs=(config or preference_config()).pairs, resolution=RESOLUTION, trainer=RUNNER,
                         **sampling)
 
 

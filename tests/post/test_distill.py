@@ -43,7 +43,7 @@ from krea2_core.post.tdm import (
     tdm_loss,
 )
 from krea2_core.stages import StageOutput, execute_stage
-from krea2_core.training.config import TrainerConfig
+from krea2_core.training.config import FinetuneConfig
 from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.launch import launch_local
 from krea2_core.training.parallel import init_distributed
@@ -63,7 +63,7 @@ def _config(**overrides: object) -> DistillConfig:
     return DistillConfig.from_dict({**base, **overrides})
 
 
-def _settings(config: DistillConfig | None = None, trainer: TrainerConfig = TRAINER,
+def _settings(config: DistillConfig | None = None, trainer: FinetuneConfig = TRAINER,
               resolution: int = RESOLUTION) -> DistillSettings:
     return DistillSettings(distill=config or _config(), resolution=resolution, trainer=trainer)
 

@@ -33,7 +33,7 @@ from krea2_core.post.grpo import (
 from krea2_core.post.preference import policy_and_reference
 from krea2_core.post.prompt_pool import PromptPool, rl_prompts
 from krea2_core.training import checkpoint as ckpt
-from krea2_core.training.config import TrainerConfig
+from krea2_core.training.config import FinetuneConfig
 from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.launch import launch_local
 from krea2_core.training.parallel import init_distributed
@@ -56,7 +56,7 @@ def rl_config(steps: int = 3, **grpo: object) -> RLConfig:
     })
 
 
-def rl_settings(config: RLConfig, trainer: TrainerConfig = TRAINER, resolution: int = RESOLUTION) -> RLSettings:
+def rl_settings(config: RLConfig, trainer: FinetuneConfig = TRAINER, resolution: int = RESOLUTION) -> RLSettings:
     return RLSettings(rl=config, resolution=resolution, trainer=trainer)
 
 

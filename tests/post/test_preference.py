@@ -33,7 +33,7 @@ from krea2_core.post.preference import (
 from krea2_core.post.preference_loss import preference_loss
 from krea2_core.presets import preset
 from krea2_core.stages import StageOutput, execute_stage
-from krea2_core.training.config import TrainerConfig
+from krea2_core.training.config import FinetuneConfig
 from krea2_core.training.diffusers_format import DIFFUSERS_CONFIG_FILE, DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.launch import launch_local
 from krea2_core.training.parallel import init_distributed
@@ -240,7 +240,7 @@ def _config(steps: int = 3) -> PreferenceConfig:
                                        "eval_prompts": 4})
 
 
-def _settings(steps: int = 3, trainer: TrainerConfig = TRAINER) -> PreferenceSettings:
+def _settings(steps: int = 3, trainer: FinetuneConfig = TRAINER) -> PreferenceSettings:
     """Stage "synthetic" of ``_config(steps)`` at RESOLUTION."""
     config = _config(steps)
     return PreferenceSettings(name="synthetic", loss=config.loss, recipe=config.synthetic,

@@ -76,4 +76,4 @@ def test_pairs_refuse_two_checkpoints_of_different_models(tmp_path: Path) -> Non
     other = dataclasses.replace(index, text_encoder=dataclasses.replace(index.text_encoder, max_tokens=16))
     previous, _ = _published(tmp_path / "previous", other)
     with pytest.raises(ValueError, match="is another model than the policy"):
-        load_pipes(policy, previous, PRETRAIN.trainer())
+        load_pipes(policy, previous, PRETRAIN.run_config())
