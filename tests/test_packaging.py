@@ -58,6 +58,7 @@ ENTRY_POINTS = {
     "workflows.end_to_end.krea2_pipeline": "workflows.end_to_end.pipeline_stages",
     "workflows.curation.curation": "workflows.curation.curate_raw_pool",
     "workflows.curation.curation_from_uris": "workflows.curation.curate_raw_pool",
+    "workflows.captioning.captioning": "workflows.captioning.captioning_stages",
     "workflows.semantic_curation.semantic_curation": "workflows.semantic_curation.semantic_curation_stages",
     "workflows.pretraining.pretraining": "workflows.pretraining.pretraining_stages",
     "workflows.post_training.post_training": "workflows.post_training.post_training_stages",
@@ -221,7 +222,7 @@ def test_every_pipeline_task_is_packaged_on_its_image(package: Package) -> None:
         assert container.args[:1] == ["pyflyte-fast-execute"], name
     assert {"containers/images.py", "tasks/common.py", "tasks/curation.py", "tasks/pipeline.py", "tasks/semantic.py",
             "tasks/captioning.py", "tasks/pretrain.py", "tasks/post.py", "workflows/graph.py",
-            "workflows/end_to_end.py", "workflows/curation.py",
+            "workflows/end_to_end.py", "workflows/curation.py", "workflows/captioning.py", "krea2_core/presets.py",
             "workflows/semantic_curation.py", "workflows/pretraining.py", "workflows/post_training.py",
             "tasks/expander.py", "workflows/expander.py", "krea2_core/config.py"} <= package.fast_files
 
@@ -234,6 +235,7 @@ def test_requests_match_the_code(package: Package) -> None:
     import tasks.post
     import tasks.pretrain
     import tasks.semantic
+    import workflows.captioning
     import workflows.curation
     import workflows.end_to_end
     import workflows.expander
@@ -243,7 +245,7 @@ def test_requests_match_the_code(package: Package) -> None:
 
     checked = set()
     for module in (tasks.captioning, tasks.curation, tasks.pipeline, tasks.semantic, tasks.pretrain, tasks.post,
-                   tasks.expander, workflows.curation, workflows.end_to_end, workflows.expander,
+                   tasks.expander, workflows.captioning, workflows.curation, workflows.end_to_end, workflows.expander,
                    workflows.post_training, workflows.pretraining, workflows.semantic_curation):
         for task in vars(module).values():
             name = getattr(task, "name", None)

@@ -49,7 +49,8 @@ from krea2_core.training import checkpoint as ckpt
 from krea2_core.training.distributed_stage import run_distributed_stage
 from krea2_core.training.image_model import ModelIndex, new_model, publish_checkpoint
 from krea2_core.training.parallel import DistEnv, data_parallel_rank, global_means, parallelize
-from krea2_core.training.trainer import Optimized, TrainState, rng
+from krea2_core.common.rng import rng
+from krea2_core.training.trainer import Optimized, TrainState
 from krea2_core.evaluation.prompt_following import Generate, comparison_metrics, held_out_prompts, image_grid, \
     score_images
 from krea2_core.world.captions import sample_prompts

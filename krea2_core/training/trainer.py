@@ -1,8 +1,8 @@
 """The training loop's moving parts, shared by the image-model trainers (pretraining, midtraining and SFT,
 preference optimisation, RL, distillation), in the manner of torchtitan's train state:
 
-- ``rng(seed, *keys)``: the one seeding rule. Every random draw of a step comes from a generator seeded by
-  (seed, step, global sample index), so a step replays exactly after a resume and at any world size.
+- the training draws' seeding rule, ``krea2_core.common.rng.rng(seed, step, global sample index)``: a step replays
+  exactly after a resume and at any world size (``noise_and_timesteps``).
 - ``Optimized``: a model with its optimizers and warmup-stable-decay schedules; ``step(loss)`` is backward, clip,
   optimiser step and schedule step.
 - ``TrainState``: the optimised parts of a stage and its checkpoint directory; ``resume()`` restores the newest
@@ -10,8 +10,8 @@ preference optimisation, RL, distillation), in the manner of torchtitan's train 
 
 Publishing a checkpoint artifact is ``krea2_core.training.image_model.publish_checkpoint``. The prompt expander's
 LLM loops (krea2_core/expander/) keep their own few lines: one process, no resume, a plain AdamW and torch's
-``clip_grad_norm_``, whose clip coefficient (float32) differs in the last bit from ``clip_grad_norm``'s (float64),
-so moving them here would change their measured numbers.
+``clip_grad_norm_``, which computes the clip coefficient in float32 where ``clip_grad_norm`` uses float64, so moving
+them here could move their measured numbers in the last bits.
 """
 
 from __future__ import annotations
@@ -25,26 +25,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from krea2_core.common.rng import rng
 from krea2_core.training.config import OptimizerConfig
 from krea2_core.diffusion.flow import sample_timesteps
 from krea2_core.training import checkpoint as ckpt
 from krea2_core.training.optim import build_optimizers
 from krea2_core.training.parallel import clip_grad_norm
 from krea2_core.training.schedules import wsd_scheduler
-
-# one large prime per key: (seed, step, index) -> (seed * P0 + step) * P1 + index, distinct for every triple in range
-_KEY_PRIMES = (1_000_003, 1_000_033)
-
-
-def rng(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator seeded by (seed, *keys), at most two keys: e.g. (seed, step, global sample index)."""
-    if len(keys) > len(_KEY_PRIMES):
-        raise ValueError(f"rng takes at most {len(_KEY_PRIMES)} keys after the seed, got {len(keys)}")
-    value = seed
-    for prime, key in zip(_KEY_PRIMES, keys, strict=False):  # checked above: no more keys than primes
-        value = value * prime + key
-    return torch.Generator().manual_seed(value)
-
 
 def noise_and_timesteps(tokens: torch.Tensor, sample_index: torch.Tensor, *, seed: int, step: int, shift: float
                         ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,8 @@ from torch import nn
 
 from krea2_core.training.config import OptimizerConfig
 from krea2_core.training.checkpoint import STATE_DIR, STEP_WEIGHTS_FILE, list_checkpoints, step_dir_name
-from krea2_core.training.trainer import Optimized, TrainState, noise_and_timesteps, rng
+from krea2_core.common.rng import rng
+from krea2_core.training.trainer import Optimized, TrainState, noise_and_timesteps
 
 STEPS = 6
 DATA = torch.randn(STEPS, 8, 4, generator=torch.Generator().manual_seed(1))
