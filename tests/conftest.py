@@ -13,7 +13,7 @@ from krea2_core.curation.config import AnalysisConfig, ParallelConfig
 from krea2_core.data.curation import score_pool
 from krea2_core.data.ingest import build_raw_pool, list_folder
 from krea2_core.world.config import WorldPoolConfig
-from krea2_core.world.pool import IMAGES_DIR, LABELS_FILE, build_world_pool
+from krea2_core.world.pool import POOL_IMAGES_DIR, LABELS_FILE, build_world_pool
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -49,6 +49,6 @@ class ScoredPool:
 def scored_pool(tmp_path_factory: pytest.TempPathFactory) -> ScoredPool:
     root = tmp_path_factory.mktemp("world") / "pool"
     build_world_pool(SMALL_WORLD, root)
-    pool = build_raw_pool(list_folder(root / IMAGES_DIR), SERIAL)
+    pool = build_raw_pool(list_folder(root / POOL_IMAGES_DIR), SERIAL)
     scores = score_pool(pool, AnalysisConfig(), SERIAL)
     return ScoredPool(root=root, labels=pd.read_parquet(root / LABELS_FILE), pool=pool, scores=scores)

@@ -21,7 +21,7 @@ from krea2_core.shards import run_sharded
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
-from krea2_core.world.pool import SCENES_FILE
+from krea2_core.world.pool import POOL_SCENES_FILE
 
 SCENE_CAPTIONS_FILE = "scene_captions.parquet"
 CAPTIONS_FILE = "captions.parquet"
@@ -40,7 +40,7 @@ def run_scene_captions(inputs: Mapping[str, Path], settings: None = None, parent
 
     def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
         pool = read_table(paths["raw_pool"] / RAW_POOL_FILE, RawPool)
-        scenes = pd.read_parquet(paths["world_pool"] / SCENES_FILE)
+        scenes = pd.read_parquet(paths["world_pool"] / POOL_SCENES_FILE)
         captions = write_table(scene_graph_captions(pool, scenes), staging / SCENE_CAPTIONS_FILE, SceneCaptions)
         return StageOutput(counts={"captioned": len(captions), "pool": len(pool)})
 

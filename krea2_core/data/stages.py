@@ -24,7 +24,7 @@ from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
 from krea2_core.world.config import WorldPoolConfig
-from krea2_core.world.pool import IMAGES_DIR, build_world_pool
+from krea2_core.world.pool import POOL_IMAGES_DIR, build_world_pool
 
 SCORES_FILE = "scores.parquet"
 SUMMARY_FILE = "summary.json"
@@ -53,7 +53,7 @@ def run_ingest(inputs: Mapping[str, Path], settings: None = None, parent_run_id:
 
     def listing() -> pd.DataFrame:
         if from_artifact:
-            return list_folder(source / IMAGES_DIR, source="world")
+            return list_folder(source / POOL_IMAGES_DIR, source="world")
         return read_uri_table(source) if source.is_file() else list_folder(source)
 
     def body(_: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:

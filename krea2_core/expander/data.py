@@ -45,7 +45,7 @@ from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.text import content_words
 from krea2_core.tracking import StageRun
 
-PAIRS_FILE = "pairs.parquet"
+EXPANDER_PAIRS_FILE = "pairs.parquet"
 EXAMPLES_FILE = "examples.json"
 EXAMPLES_PER_STYLE = 3
 STYLES = ("artistic", "photo", "other")
@@ -265,7 +265,7 @@ def run_expander_data(inputs: Mapping[str, Path], settings: ExpanderDataConfig, 
         rows = sample_captions(usable, settings)
         writer = llm or LocalChatLLM.load(settings.writer_model, settings.device)
         start = time.perf_counter()
-        pairs = write_table(write_pairs(rows, settings, writer), staging / PAIRS_FILE, ExpanderPairs)
+        pairs = write_table(write_pairs(rows, settings, writer), staging / EXPANDER_PAIRS_FILE, ExpanderPairs)
         seconds = time.perf_counter() - start
         (staging / EXAMPLES_FILE).write_text(json.dumps(examples(pairs), indent=2))
         counts, metrics = pair_stats(pairs)
@@ -283,4 +283,4 @@ EXPANDER_DATA = StageSpec("expander_data", "expander_data", {"captions": "captio
 def read_pairs(artifact: Path) -> pd.DataFrame:
     """The validated pairs table of an ``expander_data`` artifact (ArtifactError for another kind)."""
     read_manifest(artifact, kind="expander_data")
-    return read_table(Path(artifact) / PAIRS_FILE, ExpanderPairs)
+    return read_table(Path(artifact) / EXPANDER_PAIRS_FILE, ExpanderPairs)

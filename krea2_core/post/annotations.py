@@ -33,7 +33,7 @@ from krea2_core.training.config import RunConfig
 from krea2_core.world.captions import sample_prompts
 
 TABLE_FILE = "annotations.parquet"
-IMAGES_DIR = "images"
+ANNOTATED_IMAGES_DIR = "images"
 SIMULATED = "simulated"
 
 
@@ -153,10 +153,10 @@ def simulate_annotations(policy: Path, previous: Path, simulated: SimulatedAnnot
                               batch_size=simulated.batch, progress=progress)
     choices = simulated_choices(oracle.score(images[:n], prompts), oracle.score(images[n:], prompts),
                                 simulated.min_margin, simulated.label_noise, seed)
-    (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    (out_dir / ANNOTATED_IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     files = []
     for draw, image in zip(draws, images, strict=True):
-        name = f"{IMAGES_DIR}/{SIMULATED}-{draw.prompt:06d}-{draw.side}-{source_name(draw.sampler)}.png"
+        name = f"{ANNOTATED_IMAGES_DIR}/{SIMULATED}-{draw.prompt:06d}-{draw.side}-{source_name(draw.sampler)}.png"
         (out_dir / name).write_bytes(png_bytes(image))
         files.append(name)
     frame = pd.DataFrame({"pair_id": [f"{SIMULATED}-{i:06d}" for i in range(n)], "prompt": [p.text for p in prompts],

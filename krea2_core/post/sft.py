@@ -30,7 +30,7 @@ from krea2_core.world.captions import captions
 from krea2_core.world.render import render
 from krea2_core.world.scene import sample_scene
 
-SCENES_FILE = "scenes.parquet"
+DOMAIN_SCENES_FILE = "scenes.parquet"
 _DATA_SEED = 7_001  # domain sets are drawn apart from the evaluation prompts (EvalConfig.seed)
 
 
@@ -80,7 +80,7 @@ def run_sft_data(inputs: Mapping[str, Path], settings: SFTDataSettings, parent_r
         counts = pack_stage(kept, texts, resolution=settings.resolution, aspect_ratios=[1.0],
                             multiple=settings.multiple, global_batch=settings.global_batch, seed=domain.seed,
                             out_dir=staging)
-        kept.drop(columns=["uri"]).merge(texts, on="id").to_parquet(staging / SCENES_FILE, index=False)
+        kept.drop(columns=["uri"]).merge(texts, on="id").to_parquet(staging / DOMAIN_SCENES_FILE, index=False)
         return StageOutput(counts=counts)
 
     spec = sft_data_spec(settings.name)

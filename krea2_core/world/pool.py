@@ -26,9 +26,9 @@ from krea2_core.world.render import render
 from krea2_core.world.scene import COLORS, Scene, sample_scene
 from krea2_core.world.split import MAX_DRAWS, draw_streams, split_of
 
-IMAGES_DIR = "images"
+POOL_IMAGES_DIR = "images"
 LABELS_FILE = "labels.parquet"
-SCENES_FILE = "scenes.parquet"
+POOL_SCENES_FILE = "scenes.parquet"
 _REAL_SUFFIXES = {".jpg", ".jpeg", ".png"}
 NEAR_TRANSFORMS = ("reencode", "resize", "crop", "recolor")
 
@@ -164,7 +164,7 @@ def real_image_files(dirs: list[str], limit: int) -> list[Path]:
 
 def build_world_pool(config: WorldPoolConfig, out_dir: Path) -> dict[str, int]:
     rng = np.random.default_rng(config.seed)
-    images = out_dir / IMAGES_DIR
+    images = out_dir / POOL_IMAGES_DIR
     images.mkdir(parents=True)
     labels: list[dict[str, object]] = []
     scenes: list[dict[str, object]] = []
@@ -220,6 +220,6 @@ def build_world_pool(config: WorldPoolConfig, out_dir: Path) -> dict[str, int]:
         labels.append({"file": name, "group": "real", "expected_reason": None, "copy_of": None})
 
     pd.DataFrame(labels).to_parquet(out_dir / LABELS_FILE, index=False)
-    pd.DataFrame(scenes).to_parquet(out_dir / SCENES_FILE, index=False)
+    pd.DataFrame(scenes).to_parquet(out_dir / POOL_SCENES_FILE, index=False)
     groups = pd.Series([label["group"] for label in labels]).value_counts()
     return {"files": len(labels), **{f"group.{g}": int(n) for g, n in groups.items()}}

@@ -17,7 +17,7 @@ from krea2_core.captioning.stages import CAPTIONS_FILE, run_captioning, run_scen
 from krea2_core.config import load_config
 from krea2_core.curation.config import ParallelConfig
 from krea2_core.data import stages as data
-from krea2_core.world.pool import SCENES_FILE
+from krea2_core.world.pool import POOL_SCENES_FILE
 
 SERIAL = ParallelConfig(backend="serial")
 
@@ -60,7 +60,7 @@ def _caption(paths: dict[str, Path], **overrides: object) -> tuple[Path, dict[st
 def test_world_images_keep_exact_captions_and_ocr_reads_their_text(curated: dict[str, Path]) -> None:
     path, counts = _caption(curated)
     captions = pd.read_parquet(path / CAPTIONS_FILE)
-    scenes = pd.read_parquet(curated["world"] / SCENES_FILE)
+    scenes = pd.read_parquet(curated["world"] / POOL_SCENES_FILE)
     world = captions[captions["source"] == "scene_graph"]
     assert len(world) >= 8 and counts["errors"] == 0
     by_long = scenes.drop_duplicates("long").set_index("long")  # copies share their original's caption

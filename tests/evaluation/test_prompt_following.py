@@ -24,7 +24,7 @@ from krea2_core.evaluation.prompt_following import (
 from krea2_core.training.config import EvalConfig
 from krea2_core.world.captions import Requirement, sample_prompts
 from krea2_core.world.config import WorldPoolConfig
-from krea2_core.world.pool import SCENES_FILE, build_world_pool
+from krea2_core.world.pool import POOL_SCENES_FILE, build_world_pool
 from krea2_core.world.scene import Scene, sample_scene
 from krea2_core.world.split import content_key, split_of
 
@@ -76,7 +76,7 @@ def test_held_out_prompts_are_fixed_by_the_seed_and_never_describe_a_training_sc
     # the pool the tiny pipeline curates, colour variants included
     build_world_pool(WorldPoolConfig(n_scenes=120, n_exact_duplicates=5, n_near_duplicates=5, n_color_variants=20,
                                      n_per_defect=0, max_real_images=0), tmp_path)
-    pool = [Scene.from_dict(json.loads(s)) for s in pd.read_parquet(tmp_path / SCENES_FILE)["scene"]]
+    pool = [Scene.from_dict(json.loads(s)) for s in pd.read_parquet(tmp_path / POOL_SCENES_FILE)["scene"]]
     assert all(split_of(scene) == "train" for scene in pool)
     assert all(split_of(s) == "held_out" for _, s in sample_prompts(np.random.default_rng(3), 50, 32, 32,
                                                                      split="held_out"))

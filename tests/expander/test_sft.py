@@ -8,7 +8,7 @@ import torch
 from krea2_core.artifacts import ArtifactError, publish, read_manifest
 from krea2_core.data.schemas import ExpanderPairs, write_table
 from krea2_core.expander.config import ExpanderSFTConfig, ExpansionConfig
-from krea2_core.expander.data import PAIRS_FILE
+from krea2_core.expander.data import EXPANDER_PAIRS_FILE
 from krea2_core.expander.format import answer
 from krea2_core.expander.model import MICRO_BATCH, expand, load_expander, prompt_texts
 from krea2_core.expander.sft import (IGNORE, Example, ExpanderSFTSettings, backward_batch, batch_rows, collate,
@@ -28,7 +28,7 @@ def pairs_table(rows: list[tuple[str, str, str, str]], splits: list[str]) -> pd.
 def pairs_artifact(tmp_path: Path, table: pd.DataFrame) -> Path:
     staging = tmp_path / "staging"
     staging.mkdir()
-    write_table(table, staging / PAIRS_FILE, ExpanderPairs)
+    write_table(table, staging / EXPANDER_PAIRS_FILE, ExpanderPairs)
     publish(staging, tmp_path / "pairs", kind="expander_data")
     return tmp_path / "pairs"
 

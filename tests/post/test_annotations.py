@@ -15,7 +15,7 @@ from PIL import Image
 
 from krea2_core.artifacts import read_manifest, to_plain
 from krea2_core.data.schemas import Annotations, SchemaError, Skipped, read_table
-from krea2_core.post.annotations import (IMAGES_DIR, TABLE_FILE, AnnotationSettings, annotation_settings,
+from krea2_core.post.annotations import (ANNOTATED_IMAGES_DIR, TABLE_FILE, AnnotationSettings, annotation_settings,
                                          load_annotations, run_annotation_pairs, simulate_annotations,
                                          simulated_choices, table_digest)
 from krea2_core.post.pairs import SKIPPED_FILE, read_pairs
@@ -165,7 +165,7 @@ def test_simulated_table_validates_and_respects_label_noise(checkpoints: dict[st
     assert table == tmp_path / TABLE_FILE and len(frame) == 40
     assert (frame["annotator"] == "simulated").all() and frame["pair_id"].str.startswith("simulated-").all()
     files = list(frame["image_a"]) + list(frame["image_b"])
-    assert all((tmp_path / f).is_file() and f.startswith(f"{IMAGES_DIR}/simulated-") for f in files)
+    assert all((tmp_path / f).is_file() and f.startswith(f"{ANNOTATED_IMAGES_DIR}/simulated-") for f in files)
     policy_side = np.where(frame["image_a"].str.contains("-policy-"), "a", "b")
     assert (frame["image_a"].str.contains("-policy-") != frame["image_b"].str.contains("-policy-")).all()
     assert 0 < (policy_side == "a").sum() < 40  # sides are shuffled

@@ -16,7 +16,7 @@ from krea2_core.artifacts import read_manifest
 from krea2_core.config import PipelineConfig
 from krea2_core.post.config import PostTrainConfig
 from krea2_core.post.merge import EVAL_FILE, METHODS, merge_settings, run_merge
-from krea2_core.post.sft import SCENES_FILE, run_sft_data, sft_data_settings, sft_settings
+from krea2_core.post.sft import DOMAIN_SCENES_FILE, run_sft_data, sft_data_settings, sft_settings
 from krea2_core.presets import preset
 from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.pretrain import run_training_stage
@@ -47,7 +47,7 @@ def sft_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     out = {}
     for name in POST.sft.domains:
         data = run_sft_data({}, sft_data_settings(POST.sft, name, 8), root=root)
-        assert read_manifest(data).counts["packed"] == 8 and (data / SCENES_FILE).is_file()
+        assert read_manifest(data).counts["packed"] == 8 and (data / DOMAIN_SCENES_FILE).is_file()
         out[name] = run_training_stage({"packed": data, "init": base}, sft_settings(CONFIG.trainer(), POST.sft, name),
                                        root=root)
     return root, base, out
