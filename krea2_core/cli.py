@@ -32,7 +32,8 @@ _EXPECTED = (MlflowException, ConfigError, OSError, ValueError, RankFailed)
 
 
 def _curate(args: argparse.Namespace) -> int:
-    from krea2_core.data.stages import INGEST, SCORING, SELECTION, SUMMARY_FILE
+    from krea2_core.common.layout import SUMMARY_FILE
+    from krea2_core.data.stages import INGEST, SCORING, SELECTION
     from krea2_core.stage_spec import run_stage
 
     config = load_config(args.preset, args.config)

@@ -1,19 +1,24 @@
 """``krea2 report``: a pipeline run as one table: each stage's run (a cache hit shows the run that computed it), its
 wall time and the headline metrics a reader of that stage looks at first. README's measured tables come from it.
-Also the pipeline's closing summary: the held-out effect of each training stage, in sentences."""
+Also the pipeline's closing summary (``pipeline_summary``): where its outputs are, what curation kept and the
+held-out effect of each training stage, in sentences."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from math import isfinite, nan
+import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from krea2_core.common.layout import SUMMARY_FILE
 from krea2_core.evaluation.prompt_following import REPORT_KINDS
 from krea2_core.evaluation.stats import format_metric
+from krea2_core.post.distill import DISTILL_FILE
 from krea2_core.rerun import RerunError, stage_runs
 from krea2_core.tracking import run_metrics
 
@@ -167,3 +172,32 @@ def expander_summary(root: Path, stage_runs: dict[str, str]) -> list[str]:
             f"{m.get('eval.sft.score', nan):.3f}, RL expansion {m.get('eval.rl.score', nan):.3f}; faithfulness SFT "
             f"{m.get('eval.sft.faithfulness', nan):.2f} / RL {m.get('eval.rl.faithfulness', nan):.2f}; diversity SFT "
             f"{m.get('eval.sft.diversity', nan):.3f} / RL {m.get('eval.rl.diversity', nan):.3f}"]
+
+
+def pipeline_summary(root: Path, parent_run_id: str, stage_runs: dict[str, str], outputs: Mapping[str, Path]) -> str:
+    """The closing message of a pipeline run: where each output artifact is (``outputs``: curated, midtrain,
+    pretrained, final, distilled, expander), what curation kept, each training stage's held-out effect, and where
+    the MLflow runs are (``stage_runs``: stage -> run id)."""
+    curated, selection = (json.loads((outputs[name] / SUMMARY_FILE).read_text()) for name in ("curated", "midtrain"))
+    sampling = json.loads((outputs["distilled"] / DISTILL_FILE).read_text())
+    return "\n".join([
+        "krea2 pipeline finished",
+        f"  curated data : {outputs['curated']}",
+        *[f"    stage {stage:>4}: kept {curated[stage]['kept']} of {curated[stage]['total']}"
+          for stage in sorted(curated, key=lambda s: (len(s), s))],
+        f"  midtraining  : {outputs['midtrain']}",
+        f"    sampled {selection['sampled']} of {selection['input']} ({selection['added_for_coverage']} added for "
+        f"entity coverage; {selection['concepts_in_input']} concepts, {selection['concepts_lost']} lost); "
+        f"plots: cluster_sizes.png, tag_counts.png",
+        f"  pretrained   : {outputs['pretrained']} (a diffusers Krea2Transformer2DModel directory, train state, "
+        f"samples.png)",
+        *pretraining_summary(root, stage_runs),
+        f"  final model  : {outputs['final']} (post-trained: midtraining, SFT + merge, preference optimisation, RL)",
+        f"  distilled    : {outputs['distilled']} ({sampling['student_steps']}-step student without CFG: "
+        f"{DISTILL_FILE})",
+        *post_training_summary(root, stage_runs),
+        f"  expander     : {outputs['expander']} (a transformers LLM: krea2 expand --model <it> \"a red circle\")",
+        *expander_summary(root, stage_runs),
+        f"  MLflow       : parent run {parent_run_id}; stage runs {stage_runs}",
+        f"  browse with  : mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}",
+    ])

@@ -1,13 +1,17 @@
-"""The pipeline's closing summary states each post-training effect as a paired change or a rate with its 95% CI."""
+"""The pipeline's closing summary: where each output is, what curation kept, and each post-training effect as a
+paired change or a rate with its 95% CI."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from krea2_core.common.layout import SUMMARY_FILE
+from krea2_core.post.distill import DISTILL_FILE
+from krea2_core.report import pipeline_summary, post_training_summary
 from krea2_core.tracking import configure_tracking
-from krea2_core.report import post_training_summary
 
 
 def _change(key: str, before: float, after: float, low: float, high: float) -> dict[str, float]:
@@ -57,3 +61,22 @@ def test_a_missing_measurement_reads_n_a(isolated_outputs: Path) -> None:
     experiment = configure_tracking(isolated_outputs)
     lines = post_training_summary(isolated_outputs, {"merge": _run(experiment, {"score.base.cool": 0.3})})
     assert lines == ["    SFT cool      : domain score n/a; merged n/a, no gain to keep"]
+
+
+def test_the_closing_summary_says_where_each_output_is_and_what_curation_kept(isolated_outputs: Path,
+                                                                              tmp_path: Path) -> None:
+    outputs = {name: tmp_path / name for name in ("curated", "midtrain", "pretrained", "final", "distilled", "expander")}
+    for directory in outputs.values():
+        directory.mkdir()
+    (outputs["curated"] / SUMMARY_FILE).write_text(json.dumps({"1024": {"kept": 3, "total": 9},
+                                                               "256": {"kept": 7, "total": 9}}))
+    (outputs["midtrain"] / SUMMARY_FILE).write_text(json.dumps({"sampled": 4, "input": 7, "added_for_coverage": 1,
+                                                                "concepts_in_input": 5, "concepts_lost": 0}))
+    (outputs["distilled"] / DISTILL_FILE).write_text(json.dumps({"student_steps": 4}))
+    lines = pipeline_summary(isolated_outputs, "parent", {}, outputs).splitlines()
+    assert lines[:4] == ["krea2 pipeline finished", f"  curated data : {outputs['curated']}",
+                         "    stage  256: kept 7 of 9", "    stage 1024: kept 3 of 9"]  # in resolution order
+    assert "    sampled 4 of 7 (1 added for entity coverage; 5 concepts, 0 lost); plots: cluster_sizes.png, " \
+           "tag_counts.png" in lines
+    assert f"  distilled    : {outputs['distilled']} (4-step student without CFG: {DISTILL_FILE})" in lines
+    assert lines[-2] == "  MLflow       : parent run parent; stage runs {}"

@@ -12,6 +12,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from krea2_core.captioning.stages import CAPTIONS_FILE
+from krea2_core.common.layout import SUMMARY_FILE
 from krea2_core.config import PipelineConfig
 from krea2_core.curation.config import EmbedderConfig
 from krea2_core.curation.embedders import make_embedder, read_embeddings, write_embeddings
@@ -116,7 +117,7 @@ def run_semantic_selection(inputs: Mapping[str, Path], settings: SemanticSelecti
                   "added_for_coverage": int(verdicts["added_for_coverage"].sum()),
                   "leaves": len(selection.clusters), "concepts_in_input": len(selection.coverage),
                   "concepts_lost": len(lost), **{f"reason.{k}": int(v) for k, v in reasons.items()}}
-        (staging / "summary.json").write_text(json.dumps(counts, indent=2, sort_keys=True))
+        (staging / SUMMARY_FILE).write_text(json.dumps(counts, indent=2, sort_keys=True))
         return StageOutput(counts=counts, metrics=_balance(verdicts))
 
     return execute_stage(SEMANTIC_SELECTION.name, SEMANTIC_SELECTION.kind, body, config=settings, inputs=dict(inputs),

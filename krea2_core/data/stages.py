@@ -15,6 +15,7 @@ from typing import Mapping
 import pandas as pd
 
 from krea2_core.artifacts import RETRYABLE, read_manifest
+from krea2_core.common.layout import SUMMARY_FILE
 from krea2_core.config import PipelineConfig
 from krea2_core.curation.config import AnalysisConfig, DedupConfig, ParallelConfig, StageFilters
 from krea2_core.data.curation import score_pool, select_stage, summarize
@@ -27,7 +28,6 @@ from krea2_core.world.config import WorldPoolConfig
 from krea2_core.world.pool import POOL_IMAGES_DIR, build_world_pool
 
 SCORES_FILE = "scores.parquet"
-SUMMARY_FILE = "summary.json"
 
 
 def run_world_pool(inputs: Mapping[str, Path], settings: WorldPoolConfig, parent_run_id: str = "") -> Path:
