@@ -52,3 +52,12 @@ def scored_pool(tmp_path_factory: pytest.TempPathFactory) -> ScoredPool:
     pool = build_raw_pool(list_folder(root / POOL_IMAGES_DIR), SERIAL)
     scores = score_pool(pool, AnalysisConfig(), SERIAL)
     return ScoredPool(root=root, labels=pd.read_parquet(root / LABELS_FILE), pool=pool, scores=scores)
+
+
+LONG_POLE = "test_pipeline_flyte.py"  # four `pyflyte run`s of the pipeline: ~15 of the suite's minutes on 2 cores
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long pole first, so that under `-n 2 --dist loadfile` one worker starts it at once while the other runs
+    the rest (xdist would otherwise hand files out by test count, and start it late)."""
+    items.sort(key=lambda item: item.path.name != LONG_POLE)  # stable: every other file keeps its order
