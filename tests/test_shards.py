@@ -92,7 +92,9 @@ def test_kill_9_loses_at_most_the_shard_in_flight(tmp_path: Path) -> None:
     os.kill(job.pid, signal.SIGKILL)
     job.wait()
     done_before = len(list(work.glob("shard-*.parquet")))
-    assert 3 <= done_before < 10 and not list(work.glob("*.tmp"))
+    # the kill can land while the in-flight shard's file is being written: its .tmp is left, never taken as done
+    leftover = [p.name for p in work.glob("*.tmp")]
+    assert 3 <= done_before < 10 and leftover in ([], [f"shard-{done_before:06d}.tmp"])
 
     result = subprocess.run([sys.executable, str(script), str(log), str(work)], env=env, capture_output=True, text=True,
                             timeout=120)
@@ -101,3 +103,4 @@ def test_kill_9_loses_at_most_the_shard_in_flight(tmp_path: Path) -> None:
     calls = [int(x) for x in log.read_text().split()]
     assert sorted(set(calls)) == list(range(0, 40, 4))  # every shard done once ...
     assert len(calls) - len(set(calls)) <= 1  # ... except at most the one killed in flight
+    assert not list(work.glob("*.tmp"))  # the redone shard replaced its leftover
