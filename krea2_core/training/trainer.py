@@ -16,7 +16,7 @@ them here could move their measured numbers in the last bits.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,10 +113,10 @@ class TrainState:
         self.start = int(extra["step"])
         return extra
 
-    def range(self, desc: str, show: bool) -> Iterator[int]:
+    def range(self, desc: str, show: bool) -> Iterable[int]:
         """The steps left, ``start`` to ``steps``, with a progress bar where ``show`` (rank 0)."""
-        return iter(tqdm(range(self.start, self.steps), initial=self.start, total=self.steps, desc=desc,
-                         disable=not show, mininterval=5))
+        return tqdm(range(self.start, self.steps), initial=self.start, total=self.steps, desc=desc, disable=not show,
+                    mininterval=5)
 
     def maybe_checkpoint(self, done: int, extra: Mapping[str, Any] | None = None) -> None:
         """Save after step ``done`` if it is the last, a protected one or the timer says so (never without a
