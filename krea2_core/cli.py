@@ -33,15 +33,17 @@ _EXPECTED = (MlflowException, ConfigError, OSError, ValueError, RankFailed)
 
 def _curate(args: argparse.Namespace) -> int:
     from krea2_core.common.layout import SUMMARY_FILE
-    from krea2_core.data.stages import INGEST, SCORING, SELECTION
+    from krea2_core.data.stages import INGEST, SCORING, selection_spec
     from krea2_core.stage_spec import run_stage
 
     config = load_config(args.preset, args.config)
     raw_pool = run_stage(INGEST, config, {"source": Path(args.source)})
     scores = run_stage(SCORING, config, {"raw_pool": raw_pool})
-    curated = run_stage(SELECTION, config, {"raw_pool": raw_pool, "scores": scores})
-    print(json.dumps({"curated": str(curated), "mlflow_run_id": read_manifest(curated).mlflow_run_id,
-                      "summary": json.loads((curated / SUMMARY_FILE).read_text())}, indent=2))
+    curated = {stage: run_stage(selection_spec(stage), config, {"raw_pool": raw_pool, "scores": scores})
+               for stage in config.curation.stages}
+    print(json.dumps({stage: {"curated": str(path), "mlflow_run_id": read_manifest(path).mlflow_run_id,
+                              "summary": json.loads((path / SUMMARY_FILE).read_text())}
+                      for stage, path in curated.items()}, indent=2))
     return 0
 
 
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     curate.add_argument("--config", default="", help="YAML overrides (file or inline)")
     curate.set_defaults(run=_curate)
     again = commands.add_parser("rerun", help="run one stage again on the inputs a recorded run used")
-    again.add_argument("stage", help="stage name, e.g. selection, semantic_selection, pack_512, pretrain_1024")
+    again.add_argument("stage", help="stage name, e.g. selection_512, captioning_256, pack_512, pretrain_1024")
     again.add_argument("--from-run", required=True, help="a pipeline run or any stage run downstream of the stage")
     again.add_argument("--preset", default="tiny", choices=["tiny", "small", "full"])
     again.add_argument("--config", default="", help="YAML overrides (file or inline)")

@@ -39,6 +39,8 @@ class PipelineConfig(Strict):
     expander: ExpanderConfig = field(default_factory=ExpanderConfig)
 
     def __post_init__(self) -> None:
+        missing = sorted(set(self.pretrain.stages) - set(self.curation.stages))
+        require(not missing, f"curation.stages must select images for every pretraining stage; it lacks {missing}")
         top = max(self.pretrain.stages.values(), key=lambda stage: stage.resolution).resolution
         require(self.post.midtrain.stage.resolution == top,
                 f"post.midtrain.stage.resolution ({self.post.midtrain.stage.resolution}) must be the highest "

@@ -25,8 +25,8 @@ from krea2_core.tracking import run_metrics
 # (stage name pattern, metric key patterns), first matching stage pattern wins
 HEADLINES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("world_pool", ("count.files",)),
-    ("selection", ("count.*.kept",)),
-    ("captioning", ("count.images", "count.source.text_llm")),
+    ("selection_*", ("count.kept", "count.total")),
+    ("captioning_*", ("count.images", "count.computed", "count.reused", "count.source.text_llm")),
     ("semantic_selection", ("count.input", "count.sampled")),
     ("pack_*", ("count.packed",)),
     ("sft_data_*", ("count.packed",)),
@@ -175,16 +175,18 @@ def expander_summary(root: Path, stage_runs: dict[str, str]) -> list[str]:
 
 
 def pipeline_summary(root: Path, parent_run_id: str, stage_runs: dict[str, str], outputs: Mapping[str, Path]) -> str:
-    """The closing message of a pipeline run: where each output artifact is (``outputs``: curated, midtrain,
-    pretrained, final, distilled, expander), what curation kept, each training stage's held-out effect, and where
-    the MLflow runs are (``stage_runs``: stage -> run id)."""
-    curated, selection = (json.loads((outputs[name] / SUMMARY_FILE).read_text()) for name in ("curated", "midtrain"))
+    """The closing message of a pipeline run: where each output artifact is (``outputs``: curated_<stage> per
+    resolution stage, midtrain, pretrained, final, distilled, expander), what curation kept, each training stage's
+    held-out effect, and where the MLflow runs are (``stage_runs``: stage -> run id)."""
+    curated = {name.removeprefix("curated_"): (path, json.loads((path / SUMMARY_FILE).read_text()))
+               for name, path in outputs.items() if name.startswith("curated_")}
+    selection = json.loads((outputs["midtrain"] / SUMMARY_FILE).read_text())
     sampling = json.loads((outputs["distilled"] / DISTILL_FILE).read_text())
     return "\n".join([
         "krea2 pipeline finished",
-        f"  curated data : {outputs['curated']}",
-        *[f"    stage {stage:>4}: kept {curated[stage]['kept']} of {curated[stage]['total']}"
-          for stage in sorted(curated, key=lambda s: (len(s), s))],
+        "  curated data :",
+        *[f"    stage {stage:>4}: kept {kept['kept']} of {kept['total']}: {path}"
+          for stage, (path, kept) in sorted(curated.items(), key=lambda item: (len(item[0]), item[0]))],
         f"  midtraining  : {outputs['midtrain']}",
         f"    sampled {selection['sampled']} of {selection['input']} ({selection['added_for_coverage']} added for "
         f"entity coverage; {selection['concepts_in_input']} concepts, {selection['concepts_lost']} lost); "

@@ -4,7 +4,9 @@ A stage's inputs are found through MLflow lineage: its run's ``krea2.upstream.<i
 that produced them, and those runs' ``krea2.output_path`` tags say where the artifacts are under the output root. A dry run
 compares the config each stage recorded in its manifest with the config it would get now; a stage re-runs
 when its recorded output is damaged, when its config changed or when one of its inputs re-runs (the same rule the
-Flyte cache applies, plus the integrity check every artifact read makes).
+Flyte cache applies, plus the integrity check every artifact read makes). For a per-image stage that re-runs
+(captioning, embedding) it also counts the images it would compute and the ones it would reuse from earlier runs,
+on the selection the new config makes (computed in memory from the recorded scores: selection is cheap).
 """
 
 from __future__ import annotations
@@ -82,11 +84,13 @@ def _changed_keys(recorded: Any, wanted: Any, prefix: str = "") -> list[str]:
 
 
 def plan(run_id: str, config: PipelineConfig) -> list[tuple[str, bool, str]]:
-    """(stage, re-runs?, why) for every stage behind ``run_id``, in pipeline order, under ``config``."""
+    """(stage, re-runs?, why) for every stage behind ``run_id``, in pipeline order, under ``config``; the why of a
+    per-image stage that re-runs ends with how many images it would compute and reuse."""
     runs = stage_runs(run_id)
     domains = tuple(config.post.sft.domains)
     specs = stage_specs(domains)
     reruns: set[str] = set()
+    previews: dict[str, Any] = {}  # re-run stage -> what it would output, where its spec can say without running
     steps = []
     for stage in (s for s in specs if s in runs):
         damage, changed = "", []
@@ -108,5 +112,29 @@ def plan(run_id: str, config: PipelineConfig) -> list[tuple[str, bool, str]]:
             why = "cached: same config and inputs"
         if damage or changed or upstream:
             reruns.add(stage)
+            why += _preview(stage, runs, config, reruns, previews)
         steps.append((stage, stage in reruns, why))
     return steps
+
+
+def _preview(stage: str, runs: dict[str, Run], config: PipelineConfig, reruns: set[str], previews: dict[str, Any]
+             ) -> str:
+    """Preview re-run ``stage`` into ``previews`` when its spec can; for a per-image stage, the images it would
+    compute and reuse (as the end of its why)."""
+    from krea2_core.stages import output_root
+
+    spec = stage_specs(tuple(config.post.sft.domains))[stage]
+    if spec.preview is None and spec.planned is None:
+        return ""
+    waiting = sorted({p for p in spec.inputs.values() if p in reruns and p not in previews})
+    if waiting:
+        return f"; images to compute: known once {', '.join(waiting)} ran" if spec.planned else ""
+    recorded = resolve_inputs(stage, runs, tuple(config.post.sft.domains))
+    inputs = {name: previews.get(producer, recorded.get(name)) for name, producer in spec.inputs.items()}
+    settings = spec.settings(config)
+    if spec.preview is not None:
+        previews[stage] = spec.preview(inputs, settings)
+    if spec.planned is None:
+        return ""
+    compute, reuse = spec.planned(inputs, settings, output_root())
+    return f"; {compute} images to compute, {reuse} reused"

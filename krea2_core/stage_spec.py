@@ -41,6 +41,12 @@ class StageSpec:
     files: Callable[[PipelineConfig], Mapping[str, Path | None]] | None = None
     parallel: bool = False  # run takes parallel= (the curation ParallelConfig)
     distributed: bool = False  # every torchrun rank calls run; settings.trainer.parallel is the launch shape
+    # what a dry run computes without running the stage (krea2_core/rerun.py):
+    # a selection's kept rows, preview(inputs, settings) -> DataFrame, from its input artifacts ...
+    preview: Callable[[Mapping[str, Path], Any], Any] | None = None
+    # ... and a per-image stage's (to compute, reused) counts, planned(inputs, settings, output root), whose image
+    # input is a previewed DataFrame or a recorded artifact
+    planned: Callable[[Mapping[str, Any], Any, Path], tuple[int, int]] | None = None
 
     def takes(self, name: str, config: PipelineConfig) -> bool:
         """Whether the stage takes its input ``name`` under ``config``."""
@@ -70,10 +76,10 @@ def stage_specs(domains: tuple[str, ...] = ()) -> dict[str, StageSpec]:
     """Every stage's spec in pipeline order, which the Flyte graph, ``krea2 rerun`` and its dry run read; ``domains``
     are the configured SFT domains (a data and an SFT stage each). The specs live beside their ``run_*`` functions
     (imported here, not at the top: each of those modules imports this one); this is only their order."""
-    from krea2_core.captioning.stages import CAPTIONING, SCENE_CAPTIONS
+    from krea2_core.captioning.stages import SCENE_CAPTIONS, captioning_spec
     from krea2_core.curation.stages import EMBEDDING, SEMANTIC_SELECTION
     from krea2_core.data.packing import packing_spec
-    from krea2_core.data.stages import INGEST, SCORING, SELECTION, WORLD_POOL
+    from krea2_core.data.stages import INGEST, SCORING, WORLD_POOL, selection_spec
     from krea2_core.expander.data import EXPANDER_DATA
     from krea2_core.expander.rl import EXPANDER_RL
     from krea2_core.expander.sft import EXPANDER_SFT
@@ -86,9 +92,11 @@ def stage_specs(domains: tuple[str, ...] = ()) -> dict[str, StageSpec]:
     from krea2_core.post.preference import preference_spec
     from krea2_core.post.reward_model import REWARD_MODEL
     from krea2_core.post.sft import sft_data_spec, sft_spec
-    from krea2_core.training.pretrain import PRETRAIN_STAGES, pretrain_spec
+    from krea2_core.training.config import PRETRAIN_STAGES
+    from krea2_core.training.pretrain import pretrain_spec
 
-    specs = [WORLD_POOL, INGEST, SCORING, SELECTION, SCENE_CAPTIONS, CAPTIONING, EMBEDDING, SEMANTIC_SELECTION,
+    specs = [WORLD_POOL, INGEST, SCORING, *map(selection_spec, PRETRAIN_STAGES), SCENE_CAPTIONS,
+             *map(captioning_spec, PRETRAIN_STAGES), EMBEDDING, SEMANTIC_SELECTION,
              *(spec for stage in PRETRAIN_STAGES for spec in (packing_spec(stage), pretrain_spec(stage))),
              PACK_MIDTRAIN, MIDTRAIN, *map(sft_data_spec, domains), *map(sft_spec, domains), merge_spec(domains),
              PAIRS, preference_spec("synthetic"), ANNOTATIONS, preference_spec("calibration"), REWARD_MODEL, RL,

@@ -1,4 +1,4 @@
-"""Flyte tasks of the data stages (world pool, ingest, scoring, selection); the work is in krea2_core.data.stages."""
+"""Flyte tasks of the data stages (world pool, ingest, scoring, a resolution stage's selection); the work is in krea2_core.data.stages."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
 from containers.images import DATA_IMAGE
 from krea2_core.curation.config import AnalysisConfig, ParallelConfig
-from krea2_core.data.stages import INGEST, SCORING, SELECTION, WORLD_POOL, SelectionSettings
+from krea2_core.data.stages import INGEST, SCORING, WORLD_POOL, SelectionSettings, selection_spec
 from krea2_core.world.config import WorldPoolConfig
 from tasks.common import CACHE, local, to_flyte_dir
 
@@ -56,4 +56,5 @@ def score_images(raw_pool: FlyteDirectory, settings: AnalysisConfig, parallel: P
 @task(cache=CACHE, container_image=DATA_IMAGE, requests=Resources(cpu="2", mem="8Gi"))
 def select_images(raw_pool: FlyteDirectory, scores: FlyteDirectory, settings: SelectionSettings,
                   parent_run_id: str = "") -> FlyteDirectory:
-    return to_flyte_dir(SELECTION.run(local(raw_pool=raw_pool, scores=scores), settings, parent_run_id))
+    return to_flyte_dir(selection_spec(settings.stage).run(local(raw_pool=raw_pool, scores=scores), settings,
+                                                           parent_run_id))

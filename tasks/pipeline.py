@@ -31,13 +31,13 @@ def start_pipeline(config: PipelineConfig) -> str:
 
 
 @task(container_image=DATA_IMAGE)
-def finish_pipeline(parent_run_id: str, curated: FlyteDirectory, midtrain: FlyteDirectory,
+def finish_pipeline(parent_run_id: str, curated: dict[str, FlyteDirectory], midtrain: FlyteDirectory,
                     pretrained: FlyteDirectory, final: FlyteDirectory, distilled: FlyteDirectory,
                     expander: FlyteDirectory) -> str:
     """Close the parent run, linking every stage run behind the outputs, and say where things are."""
     root = output_root()
     outputs = {name: from_flyte_dir(directory) for name, directory in (
-        ("curated", curated), ("midtrain", midtrain), ("pretrained", pretrained), ("final", final),
+        *((f"curated_{stage}", directory) for stage, directory in curated.items()), ("midtrain", midtrain), ("pretrained", pretrained), ("final", final),
         ("distilled", distilled), ("expander", expander))}
     finals = [read_manifest(outputs[name], kind=kind) for name, kind in (
         ("midtrain", "midtrain_selection"), ("final", "checkpoint"), ("distilled", "checkpoint"),

@@ -7,13 +7,14 @@ from flytekit.types.directory import FlyteDirectory
 
 from containers.images import DATA_IMAGE
 from krea2_core.curation.selection import SemanticSelectionSettings
-from krea2_core.curation.stages import EMBEDDING, SEMANTIC_SELECTION, EmbeddingSettings
+from krea2_core.curation.config import EmbedderConfig
+from krea2_core.curation.stages import EMBEDDING, SEMANTIC_SELECTION
 from tasks.common import CACHE, local, to_flyte_dir
 
 
 # given a GPU at run time when the embedder runs on CUDA
 @task(cache=CACHE, container_image=DATA_IMAGE, requests=Resources(cpu="4", mem="16Gi"))
-def embed_images(curated: FlyteDirectory, settings: EmbeddingSettings, parent_run_id: str = "") -> FlyteDirectory:
+def embed_images(curated: FlyteDirectory, settings: EmbedderConfig, parent_run_id: str = "") -> FlyteDirectory:
     return to_flyte_dir(EMBEDDING.run(local(curated=curated), settings, parent_run_id))
 
 

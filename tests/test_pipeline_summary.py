@@ -65,17 +65,19 @@ def test_a_missing_measurement_reads_n_a(isolated_outputs: Path) -> None:
 
 def test_the_closing_summary_says_where_each_output_is_and_what_curation_kept(isolated_outputs: Path,
                                                                               tmp_path: Path) -> None:
-    outputs = {name: tmp_path / name for name in ("curated", "midtrain", "pretrained", "final", "distilled", "expander")}
+    names = ("curated_1024", "curated_256", "midtrain", "pretrained", "final", "distilled", "expander")
+    outputs = {name: tmp_path / name for name in names}
     for directory in outputs.values():
         directory.mkdir()
-    (outputs["curated"] / SUMMARY_FILE).write_text(json.dumps({"1024": {"kept": 3, "total": 9},
-                                                               "256": {"kept": 7, "total": 9}}))
+    (outputs["curated_1024"] / SUMMARY_FILE).write_text(json.dumps({"kept": 3, "total": 9}))
+    (outputs["curated_256"] / SUMMARY_FILE).write_text(json.dumps({"kept": 7, "total": 9}))
     (outputs["midtrain"] / SUMMARY_FILE).write_text(json.dumps({"sampled": 4, "input": 7, "added_for_coverage": 1,
                                                                 "concepts_in_input": 5, "concepts_lost": 0}))
     (outputs["distilled"] / DISTILL_FILE).write_text(json.dumps({"student_steps": 4}))
     lines = pipeline_summary(isolated_outputs, "parent", {}, outputs).splitlines()
-    assert lines[:4] == ["krea2 pipeline finished", f"  curated data : {outputs['curated']}",
-                         "    stage  256: kept 7 of 9", "    stage 1024: kept 3 of 9"]  # in resolution order
+    assert lines[:4] == ["krea2 pipeline finished", "  curated data :",  # in resolution order
+                         f"    stage  256: kept 7 of 9: {outputs['curated_256']}",
+                         f"    stage 1024: kept 3 of 9: {outputs['curated_1024']}"]
     assert "    sampled 4 of 7 (1 added for entity coverage; 5 concepts, 0 lost); plots: cluster_sizes.png, " \
            "tag_counts.png" in lines
     assert f"  distilled    : {outputs['distilled']} (4-step student without CFG: {DISTILL_FILE})" in lines

@@ -15,12 +15,11 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
 from krea2_core.artifacts import Manifest, read_manifest
-from krea2_core.captioning.stages import SCENE_CAPTIONS
+from krea2_core.captioning.stages import CAPTIONS_FILE, SCENE_CAPTIONS, captioning_spec
 from krea2_core.cli import main
 from krea2_core.config import PipelineConfig, deep_merge, load_config
 from krea2_core.data.packing import packing_spec
-from krea2_core.data.schemas import Captions, Verdicts, read_table, write_table
-from krea2_core.data.stages import INGEST, SCORING, SELECTION, WORLD_POOL
+from krea2_core.data.stages import INGEST, SCORING, WORLD_POOL, read_kept, select, selection_spec
 from krea2_core.models.dit import Krea2DiT
 from krea2_core.rerun import RerunError, plan, rerun
 from krea2_core.stage_spec import run_stage
@@ -32,7 +31,7 @@ from krea2_core.training.pretrain import PRETRAIN_STAGES, pretrain_settings
 
 SMALL = {
     "world": {"n_scenes": 12, "n_exact_duplicates": 2, "n_near_duplicates": 2, "n_color_variants": 1,
-              "n_per_defect": 1, "real_image_dirs": ["skimage"], "max_real_images": 3},
+              "n_per_defect": 1, "real_image_dirs": []},  # world images: scene-graph captions, OCR, no LLM
     "curation": {"parallel": {"backend": "serial"}},
     # a 2-block model, one step per stage, on the tiny preset's 2 local processes
     "pretrain": {"model": {"num_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -49,13 +48,16 @@ def _config(**changes: Any) -> PipelineConfig:
     return load_config("tiny", deep_merge(SMALL, changes))
 
 
-def _curate(config: PipelineConfig, parent: str) -> tuple[dict[str, Path], Manifest]:
-    """The first four stages, run for real: their artifacts and the selection manifest."""
+def _curate(config: PipelineConfig, parent: str) -> tuple[dict[str, Path], list[Manifest]]:
+    """The curation stages, run for real: their artifacts and the selections' manifests."""
     world = run_stage(WORLD_POOL, config, {}, parent)
     raw_pool = run_stage(INGEST, config, {"world_pool": world}, parent)
     scores = run_stage(SCORING, config, {"raw_pool": raw_pool}, parent)
-    curated = run_stage(SELECTION, config, {"raw_pool": raw_pool, "scores": scores}, parent)
-    return {"world_pool": world, "raw_pool": raw_pool, "scores": scores, "curated": curated}, read_manifest(curated)
+    paths = {"world_pool": world, "raw_pool": raw_pool, "scores": scores}
+    for stage in PRETRAIN_STAGES:
+        paths[f"curated_{stage}"] = run_stage(selection_spec(stage), config, {"raw_pool": raw_pool, "scores": scores},
+                                              parent)
+    return paths, [read_manifest(paths[f"curated_{stage}"]) for stage in PRETRAIN_STAGES]
 
 
 @pytest.fixture
@@ -63,20 +65,9 @@ def recorded(isolated_outputs: Path) -> tuple[str, PipelineConfig, dict[str, Pat
     """A pipeline run of the first four stages, as krea2_pipeline records it."""
     config = load_config("tiny", SMALL)
     parent = start_pipeline_run(isolated_outputs, "tiny", config)
-    paths, manifest = _curate(config, parent)
-    end_pipeline_run(isolated_outputs, parent, [manifest.mlflow_run_id])
+    paths, manifests = _curate(config, parent)
+    end_pipeline_run(isolated_outputs, parent, [manifest.mlflow_run_id for manifest in manifests])
     return parent, config, paths
-
-
-def _fixed_captions(inputs: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-    """The captions artifact with one fixed caption per kept image: OCR and the LLMs would take minutes."""
-    kept = pd.concat([read_table(path / "kept.parquet", Verdicts) for path in inputs["curated"].iterdir()
-                      if (path / "kept.parquet").is_file()]).drop_duplicates("id")
-    frame = pd.DataFrame({"id": kept["id"], "ocr_text": "", "ocr_lines": "[]", "text_density": 0.0,
-                          "long": "a red circle on a blue background", "medium": "a red circle", "short": "a circle",
-                          "tags": "circle", "conversational": "", "source": "scene_graph", "flags": "", "error": None})
-    write_table(frame, staging / "captions.parquet", Captions)
-    return StageOutput({"images": len(frame)})
 
 
 def _untrained(config: PipelineConfig) -> Any:
@@ -90,9 +81,9 @@ def _untrained(config: PipelineConfig) -> Any:
 
 @pytest.fixture(scope="module")
 def pretrained_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, PipelineConfig, dict[str, Path]]:
-    """A pipeline run through pretrain_1024 as krea2_pipeline records it, in its own output root (built once): curation
-    and packing for real, captioning and training fabricated with the configs those stages record (the rerun test
-    trains one for real)."""
+    """A pipeline run through pretrain_1024 as krea2_pipeline records it, in its own output root (built once): curation,
+    captioning (world images only: OCR and scene-graph captions) and packing for real, training fabricated with the
+    configs it records (the rerun test trains one for real)."""
     root = tmp_path_factory.mktemp("pretrained") / "krea2-outputs"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("KREA2_OUTPUT_ROOT", str(root))
@@ -100,15 +91,15 @@ def pretrained_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, st
         config = load_config("tiny", SMALL)
         parent = start_pipeline_run(root, "tiny", config)
         paths, _ = _curate(config, parent)
-        scenes = run_stage(SCENE_CAPTIONS, config, {"world_pool": paths["world_pool"], "raw_pool": paths["raw_pool"]},
+        paths["scenes"] = scenes = run_stage(SCENE_CAPTIONS, config, {"world_pool": paths["world_pool"], "raw_pool": paths["raw_pool"]},
                            parent)
-        paths["captions"], _ = execute_stage("captioning", "captions", _fixed_captions, config=config.captioning,
-                                             inputs={"curated": paths["curated"], "scene_captions": scenes},
-                                             parent_run_id=parent)
         init: dict[str, Path] = {}
         for stage in PRETRAIN_STAGES:
+            curated = {"curated": paths[f"curated_{stage}"]}
+            paths[f"captions_{stage}"] = run_stage(captioning_spec(stage), config, {**curated, "scene_captions": scenes},
+                                                   parent)
             paths[f"pack_{stage}"] = run_stage(packing_spec(stage), config,
-                                               {"curated": paths["curated"], "captions": paths["captions"]}, parent)
+                                               {**curated, "captions": paths[f"captions_{stage}"]}, parent)
             paths[f"pretrain_{stage}"], manifest = execute_stage(
                 f"pretrain_{stage}", "checkpoint", _untrained(config), config=pretrain_settings(config, stage),
                 inputs={"packed": paths[f"pack_{stage}"], **init}, parent_run_id=parent)
@@ -137,29 +128,28 @@ def test_dry_run_says_what_would_rerun_and_why(recorded: tuple[str, PipelineConf
 
     threshold = load_config("tiny", {**SMALL, "curation": {**SMALL["curation"], "stages": {"512": {"min_side": 100}}}})
     assert _why(plan(parent, threshold)) == {
-        "world_pool": "cached cached: same config and inputs",
-        "ingest": "cached cached: same config and inputs",
-        "scoring": "cached cached: same config and inputs",
-        "selection": "RE-RUN config changed: stages.512.min_side",
+        **dict.fromkeys(("world_pool", "ingest", "scoring", "selection_256"), CACHED),
+        "selection_512": "RE-RUN config changed: filters.min_side",
+        "selection_1024": CACHED,
     }
     side = load_config("tiny", {**SMALL, "curation": {**SMALL["curation"], "analysis": {"side": 128}}})
     steps = _why(plan(parent, side))
     assert steps["scoring"] == "RE-RUN config changed: side"  # its settings: the AnalysisConfig
-    assert steps["selection"] == "RE-RUN input from re-run stage(s): scoring"
+    assert all(steps[f"selection_{s}"] == "RE-RUN input from re-run stage(s): scoring" for s in PRETRAIN_STAGES)
 
 
 def test_rerun_reuses_the_recorded_inputs(recorded: tuple[str, PipelineConfig, dict[str, Path]]) -> None:
     parent, config, paths = recorded
     changed = replace(config, curation=replace(config.curation, stages={
         **config.curation.stages, "512": replace(config.curation.stages["512"], min_side=100)}))
-    path = rerun("selection", parent, changed)
-    assert path != paths["curated"] and path.is_dir()
+    path = rerun("selection_512", parent, changed)
+    assert path != paths["curated_512"] and path.is_dir()
     manifest = read_manifest(path)
-    original = MlflowClient().get_run(MlflowClient().get_run(parent).data.tags["krea2.stage_run.selection"])
+    original = MlflowClient().get_run(MlflowClient().get_run(parent).data.tags["krea2.stage_run.selection_512"])
     new = MlflowClient().get_run(manifest.mlflow_run_id)
     for name in ("raw_pool", "scores"):
         assert new.data.tags[f"krea2.upstream.{name}"] == original.data.tags[f"krea2.upstream.{name}"]
-    assert new.data.params["stages.512.min_side"] == "100"
+    assert new.data.params["filters.min_side"] == "100" and new.data.params["stage"] == "512"
 
 
 def test_rerun_errors_name_the_problem(recorded: tuple[str, PipelineConfig, dict[str, Path]]) -> None:
@@ -170,16 +160,17 @@ def test_rerun_errors_name_the_problem(recorded: tuple[str, PipelineConfig, dict
         rerun("embedding", parent, config)
     shutil.rmtree(paths["scores"])
     with pytest.raises(RerunError, match=r"the output of run \w+ \(scoring\) is gone"):
-        rerun("selection", parent, config)
+        rerun("selection_256", parent, config)
 
 
-CURATION = ("world_pool", "ingest", "scoring", "selection", "scene_captions", "captioning")
 CACHED = "cached cached: same config and inputs"
+CURATION = ("world_pool", "ingest", "scoring", *(f"selection_{s}" for s in PRETRAIN_STAGES), "scene_captions",
+            *(f"captioning_{s}" for s in PRETRAIN_STAGES))
 
 
 def test_dry_run_of_the_pretraining_stages(pretrained: tuple[str, PipelineConfig, dict[str, Path]], tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    parent, config, _ = pretrained
+    parent, config, paths = pretrained
     steps = _why(plan(parent, config))
     assert list(steps) == [*CURATION, *(f"{kind}_{s}" for s in PRETRAIN_STAGES for kind in ("pack", "pretrain"))]
     assert set(steps.values()) == {CACHED}
@@ -202,10 +193,25 @@ def test_dry_run_of_the_pretraining_stages(pretrained: tuple[str, PipelineConfig
         assert aspects[f"pack_{stage}"] == "RE-RUN config changed: aspect_ratios"
         assert aspects[f"pretrain_{stage}"] == "RE-RUN config changed: trainer.aspect_ratios"  # and its packed input
 
-    # a curation change re-runs packing through its inputs
-    threshold = _why(plan(parent, _config(curation={"stages": {"512": {"min_side": 100}}})))
-    assert threshold["pack_256"] == "RE-RUN input from re-run stage(s): captioning, selection"
-    assert threshold["pretrain_256"] == "RE-RUN input from re-run stage(s): pack_256"
+    # a threshold of the 512 stage re-runs that stage's selection, captioning, packing and training and what follows,
+    # never the 256 stage's; its captioning computes only the images no stage captioned before (here: the noise
+    # images the 512 stage now keeps), which the dry run counts on the selection the new config makes
+    loose = _config(curation={"stages": {"512": {"max_laplacian_var": 1e9}}})
+    threshold = _why(plan(parent, loose))
+    assert {stage for stage, why in threshold.items() if why != CACHED} == {
+        "selection_512", "captioning_512", "pack_512", "pretrain_512", "pretrain_1024"}
+    new_kept = select({"raw_pool": paths["raw_pool"], "scores": paths["scores"]},
+                      selection_spec("512").settings(loose)).query("kept")
+    captioned = {i for s in PRETRAIN_STAGES for i in pd.read_parquet(paths[f"captions_{s}"] / CAPTIONS_FILE)["id"]}
+    new = int((~new_kept["id"].isin(captioned)).sum())
+    assert new >= 1 and len(new_kept) > len(read_kept(paths["curated_512"]))
+    assert threshold["captioning_512"] == (f"RE-RUN input from re-run stage(s): selection_512; {new} images to "
+                                           f"compute, {len(new_kept) - new} reused")
+    assert threshold["pack_512"] == "RE-RUN input from re-run stage(s): captioning_512, selection_512"
+    # ... and running it computes exactly that many
+    selected = run_stage(selection_spec("512"), loose, {"raw_pool": paths["raw_pool"], "scores": paths["scores"]})
+    recaptioned = run_stage(captioning_spec("512"), loose, {"curated": selected, "scene_captions": paths["scenes"]})
+    assert read_manifest(recaptioned).counts["computed"] == new
 
     # the command line: krea2 rerun pretrain_512 --from-run <id> --config <yaml> --dry-run
     overrides = tmp_path / "longer.yaml"
@@ -248,12 +254,12 @@ def test_a_damaged_input_is_one_line_and_the_dry_run_re_runs_its_stage(
     table = next(p for p in sorted(paths["scores"].rglob("*.parquet")))
     pd.read_parquet(table).head(3).to_parquet(table)  # a valid table, not the one scoring published
     name = table.relative_to(paths["scores"]).as_posix()
-    assert main(["rerun", "selection", "--from-run", parent]) == 2
+    assert main(["rerun", "selection_256", "--from-run", parent]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"artifact {paths['scores']} (scores) is damaged: {name} is " in err
     steps = _why(plan(parent, config))
     assert steps["scoring"].startswith(f"RE-RUN output damaged: {name} is ")
-    assert steps["selection"] == "RE-RUN input from re-run stage(s): scoring"
+    assert all(steps[f"selection_{s}"] == "RE-RUN input from re-run stage(s): scoring" for s in PRETRAIN_STAGES)
     assert steps["ingest"] == "cached cached: same config and inputs"
 
 

@@ -26,13 +26,14 @@ from krea2_core.artifacts import to_plain
 from krea2_core.config import PipelineConfig, load_config
 from krea2_core.presets import preset
 from krea2_core.stage_spec import stage_specs
-from krea2_core.training.pretrain import PRETRAIN_STAGES
+from krea2_core.training.config import PRETRAIN_STAGES
 from tasks.common import CACHE
 from workflows.graph import add_stages, stages_to_run, task_of
 
 TINY = preset("tiny")
 DOMAINS = tuple(TINY.post.sft.domains)
 SPECS = stage_specs(DOMAINS)
+SELECTIONS = [f"selection_{stage}" for stage in PRETRAIN_STAGES]
 # execution inputs a task may take besides its spec's: not in its cache key (tasks.common.CACHE)
 UNTRACKED = {"parent_run_id", "parallel"}
 # tasks that ingest what a user hands an entry point (a folder, a table of URIs) instead of the world pool artifact
@@ -91,14 +92,14 @@ def test_the_specs_form_the_pipeline_graph() -> None:
         for producer in spec.inputs.values():
             assert order.index(producer) < order.index(name), (name, producer)
     # the whole pipeline: every stage once, the aesthetic reward model only when RL weighs it
-    finals = ["selection", "semantic_selection", "pretrain_1024", "rl", "distill", "expander_rl"]
+    finals = [*SELECTIONS, "semantic_selection", "pretrain_1024", "rl", "distill", "expander_rl"]
     assert stages_to_run(SPECS, TINY, {}, finals) == [s for s in order if s != "reward_model"]
     weighted = _config(post={"rl": {"rewards": {"weights": {"aesthetic": 0.5}}}})
     assert "reward_model" in stages_to_run(SPECS, weighted, {}, finals)
     named = _config(post={"rl": {"rewards": {"weights": {"aesthetic": 0.5}, "aesthetic_model": "some/model"}}})
     assert "reward_model" not in stages_to_run(SPECS, named, {}, finals)
     # post-training alone, from the artifacts it is handed
-    given = {"selection", "captioning", "semantic_selection", "pretrain_1024"}
+    given = {"selection_1024", "captioning_1024", "semantic_selection", "pretrain_1024"}
     assert stages_to_run(SPECS, TINY, given, ["rl", "distill"]) == [
         "pack_midtrain", "midtrain", "sft_data_warm", "sft_data_cool", "sft_warm", "sft_cool", "merge",
         "preference_pairs", "preference_synthetic", "preference_annotations", "preference_calibration", "rl", "distill"]
@@ -112,7 +113,7 @@ def test_the_flyte_graph_is_the_specs_graph() -> None:
     config = _config(captioning={"captioner": {"device": "cuda"}})
     context = FlyteContextManager.current_context()
     with FlyteContextManager.with_context(context.with_compilation_state(CompilationState(prefix=""))) as compiling:
-        add_stages(config, {}, ["selection", "semantic_selection", "pretrain_1024", "rl", "distill", "expander_rl"],
+        add_stages(config, {}, [*SELECTIONS, "semantic_selection", "pretrain_1024", "rl", "distill", "expander_rl"],
                    "parent")
         nodes = compiling.compilation_state.nodes
     stages = stages_to_run(SPECS, config, {}, list(SPECS))
@@ -133,8 +134,11 @@ def test_the_flyte_graph_is_the_specs_graph() -> None:
         if settings is not None:
             literal = Literal(scalar=bound["settings"].scalar)
             assert TypeEngine.to_python_value(context, literal, type(settings)) == settings, stage
-    gpu = {n.flyte_entity.name for n in nodes if n._resources is not None}
-    assert gpu == {"tasks.captioning.caption_images"}
+    gpu = {stage for stage, node in node_of.items() if node._resources is not None}
+    assert gpu == {f"captioning_{s}" for s in PRETRAIN_STAGES}
+    # the resolution stages' captioning runs one after another, each reusing what the ones before it captioned
+    for before, after in zip(PRETRAIN_STAGES[:-1], PRETRAIN_STAGES[1:], strict=True):
+        assert node_of[f"captioning_{before}"] in node_of[f"captioning_{after}"].upstream_nodes
 
 
 def _config(**changes: Any) -> PipelineConfig:
@@ -159,6 +163,22 @@ POST_SETTINGS: dict[str, dict[str, Any]] = {
     "rl": {"post": {"rl": {"grpo": {"lr": 3e-5}}}},
     "distill": {"post": {"distill": {"lr": 2e-5}}},
 }
+
+
+def test_a_resolution_stage_threshold_changes_that_stage_selection_only() -> None:
+    """Each resolution stage's selection, captions and packing are its own: a 512 px threshold re-runs the 512 stage's
+    selection (and what follows it, by its inputs), never the 256 stage's; a captioner setting re-captions every
+    stage (each reuses per image what was captioned under the same settings: krea2_core/row_cache.py)."""
+    before = _settings(TINY)
+    for stage in PRETRAIN_STAGES:
+        after = _settings(_config(curation={"stages": {stage: {"min_side": 100}}}))
+        assert {name for name in before if before[name] != after[name]} == {f"selection_{stage}"}
+        assert SPECS[f"pack_{stage}"].inputs == {"curated": f"selection_{stage}", "captions": f"captioning_{stage}"}
+    after = _settings(_config(captioning={"captioner": {"max_new_tokens": 32}}))
+    assert {name for name in before if before[name] != after[name]} == {f"captioning_{s}" for s in PRETRAIN_STAGES}
+    after = _settings(_config(captioning={"shard_size": 7}))  # the same captions: per-image reuse ignores it
+    assert {name for name in before if before[name] != after[name]} == {f"captioning_{s}" for s in PRETRAIN_STAGES}
+    assert TINY.captioning.row_slice() == _config(captioning={"shard_size": 7}).captioning.row_slice()
 
 
 @pytest.mark.parametrize("stage", list(POST_SETTINGS))

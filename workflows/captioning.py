@@ -1,7 +1,7 @@
-"""Captioning of a curated pool: OCR, long captions (a VLM, or a text LLM from the image's metadata), rewrites into
-medium / short / tags / conversational; the world's images keep their exact scene-graph captions:
-
-    pyflyte run workflows/captioning.py captioning --curated <dir> --world_pool <dir> --raw_pool <dir> \
+"""Captioning of one resolution stage's curated images: OCR, long captions (a VLM, or a text LLM from the image's
+metadata), rewrites into medium / short / tags / conversational; the world's images keep their exact scene-graph
+captions. Images an earlier run captioned under the same settings are reused, not captioned again:
+    pyflyte run workflows/captioning.py captioning --curated <dir> --stage 256 --world_pool <dir> --raw_pool <dir> \
         [--preset tiny] [--config overrides.yaml] [--overrides '<inline YAML>']
 """
 
@@ -20,16 +20,17 @@ from workflows.graph import add_stages
 
 
 @workflow
-def captioning(curated: FlyteDirectory, world_pool: FlyteDirectory, raw_pool: FlyteDirectory, preset: str = "tiny",
-               config: Optional[FlyteFile] = None, overrides: str = "", parent_run_id: str = "") -> FlyteDirectory:
-    """Every image a resolution stage of ``curated`` kept, captioned, under a preset with YAML overrides."""
+def captioning(curated: FlyteDirectory, world_pool: FlyteDirectory, raw_pool: FlyteDirectory, stage: str = "256",
+               preset: str = "tiny", config: Optional[FlyteFile] = None, overrides: str = "", parent_run_id: str = ""
+               ) -> FlyteDirectory:
+    """Every image resolution stage ``stage``'s ``curated`` artifact kept, captioned, under a preset with overrides."""
     cfg = resolve_config(preset=preset, config=config, overrides=overrides)
-    return captioning_stages(config=cfg, curated=curated, world_pool=world_pool, raw_pool=raw_pool,
+    return captioning_stages(config=cfg, curated=curated, stage=stage, world_pool=world_pool, raw_pool=raw_pool,
                              parent_run_id=parent_run_id)
 
 
 @dynamic(container_image=DATA_IMAGE)
-def captioning_stages(config: PipelineConfig, curated: FlyteDirectory, world_pool: FlyteDirectory,
+def captioning_stages(config: PipelineConfig, curated: FlyteDirectory, stage: str, world_pool: FlyteDirectory,
                       raw_pool: FlyteDirectory, parent_run_id: str = "") -> FlyteDirectory:
-    have = {"selection": curated, "world_pool": world_pool, "ingest": raw_pool}
-    return add_stages(config, have, ["captioning"], parent_run_id)["captioning"]
+    have = {f"selection_{stage}": curated, "world_pool": world_pool, "ingest": raw_pool}
+    return add_stages(config, have, [f"captioning_{stage}"], parent_run_id)[f"captioning_{stage}"]

@@ -1,4 +1,5 @@
-"""Curation workflows: an image folder or a Parquet table of URIs -> per-stage kept + verdict tables.
+"""Curation workflows: an image folder or a Parquet table of URIs -> one curated artifact (kept + verdict tables)
+per resolution stage, by stage ("256", "512", "1024").
 
     pyflyte run workflows/curation.py curation --source ./images [--preset tiny] [--config overrides.yaml] \
         [--overrides 'curation: {parallel: {backend: serial}}']
@@ -10,7 +11,7 @@ krea2 CLI uses: unknown keys, wrong types and bad values are errors that name th
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 from flytekit import dynamic, workflow
 from flytekit.types.directory import FlyteDirectory
@@ -18,6 +19,7 @@ from flytekit.types.file import FlyteFile
 
 from containers.images import DATA_IMAGE
 from krea2_core.config import PipelineConfig
+from krea2_core.training.config import PRETRAIN_STAGES
 from tasks.curation import ingest_folder, ingest_uri_table
 from tasks.pipeline import resolve_config
 from workflows.graph import add_stages
@@ -25,7 +27,7 @@ from workflows.graph import add_stages
 
 @workflow
 def curation(source: FlyteDirectory, preset: str = "tiny", config: Optional[FlyteFile] = None, overrides: str = "",
-             parent_run_id: str = "") -> FlyteDirectory:
+             parent_run_id: str = "") -> Dict[str, FlyteDirectory]:
     cfg = resolve_config(preset=preset, config=config, overrides=overrides)
     raw_pool = ingest_folder(source=source, parallel=cfg.curation.parallel, parent_run_id=parent_run_id)
     return curate_raw_pool(config=cfg, raw_pool=raw_pool, parent_run_id=parent_run_id)
@@ -33,13 +35,16 @@ def curation(source: FlyteDirectory, preset: str = "tiny", config: Optional[Flyt
 
 @workflow
 def curation_from_uris(table: FlyteFile, preset: str = "tiny", config: Optional[FlyteFile] = None,
-                       overrides: str = "", parent_run_id: str = "") -> FlyteDirectory:
+                       overrides: str = "", parent_run_id: str = "") -> Dict[str, FlyteDirectory]:
     cfg = resolve_config(preset=preset, config=config, overrides=overrides)
     raw_pool = ingest_uri_table(table=table, parallel=cfg.curation.parallel, parent_run_id=parent_run_id)
     return curate_raw_pool(config=cfg, raw_pool=raw_pool, parent_run_id=parent_run_id)
 
 
 @dynamic(container_image=DATA_IMAGE)
-def curate_raw_pool(config: PipelineConfig, raw_pool: FlyteDirectory, parent_run_id: str = "") -> FlyteDirectory:
+def curate_raw_pool(config: PipelineConfig, raw_pool: FlyteDirectory, parent_run_id: str = ""
+                    ) -> Dict[str, FlyteDirectory]:
     """Score every image once, then select per resolution stage (thresholds + dedup)."""
-    return add_stages(config, {"ingest": raw_pool}, ["selection"], parent_run_id)["selection"]
+    selections = [f"selection_{stage}" for stage in PRETRAIN_STAGES]
+    have = add_stages(config, {"ingest": raw_pool}, selections, parent_run_id)
+    return {stage: have[f"selection_{stage}"] for stage in PRETRAIN_STAGES}

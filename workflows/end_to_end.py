@@ -16,7 +16,7 @@ The stages' graph is built from their specs when ``pipeline_stages`` runs (workf
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 from flytekit import dynamic, workflow
 from flytekit.types.directory import FlyteDirectory
@@ -24,17 +24,18 @@ from flytekit.types.file import FlyteFile
 
 from containers.images import DATA_IMAGE
 from krea2_core.config import PipelineConfig
+from krea2_core.training.config import PRETRAIN_STAGES
 from tasks.pipeline import finish_pipeline, resolve_config, start_pipeline
 from tasks.pretrain import TRAIN_TASK
 from workflows.graph import add_stages
 
 # what the pipeline reports, by the stage that makes it
-OUTPUTS = {"curated": "selection", "midtrain": "semantic_selection", "pretrained": "pretrain_1024", "final": "rl",
+OUTPUTS = {"midtrain": "semantic_selection", "pretrained": "pretrain_1024", "final": "rl",
            "distilled": "distill", "expander": "expander_rl"}
 
 
 class PipelineOutputs(NamedTuple):
-    curated: FlyteDirectory
+    curated: Dict[str, FlyteDirectory]  # by resolution stage
     midtrain: FlyteDirectory
     pretrained: FlyteDirectory
     final: FlyteDirectory
@@ -55,5 +56,7 @@ def krea2_pipeline(preset: str = "tiny", config: Optional[FlyteFile] = None, ove
 # tasks' launch shape from the environment: the registered shape must be in this pod's environment too.
 @dynamic(container_image=DATA_IMAGE, environment=TRAIN_TASK["environment"])
 def pipeline_stages(config: PipelineConfig, parent_run_id: str = "") -> PipelineOutputs:
-    have = add_stages(config, {}, OUTPUTS.values(), parent_run_id)
-    return PipelineOutputs(**{name: have[stage] for name, stage in OUTPUTS.items()})
+    curated = {stage: f"selection_{stage}" for stage in PRETRAIN_STAGES}
+    have = add_stages(config, {}, [*curated.values(), *OUTPUTS.values()], parent_run_id)
+    return PipelineOutputs(curated={stage: have[name] for stage, name in curated.items()},
+                           **{name: have[stage] for name, stage in OUTPUTS.items()})

@@ -18,6 +18,7 @@ from flytekit.types.file import FlyteFile
 
 from containers.images import DATA_IMAGE
 from krea2_core.config import PipelineConfig
+from krea2_core.expander.data import EXPANDER_DATA
 from tasks.pipeline import resolve_config
 from workflows.graph import add_stages
 
@@ -37,5 +38,5 @@ def prompt_expander(captions: FlyteDirectory, image_model: FlyteDirectory,
 def prompt_expander_stages(config: PipelineConfig, captions: FlyteDirectory, image_model: FlyteDirectory,
                            reward_model: Optional[FlyteDirectory] = None, parent_run_id: str = "") -> FlyteDirectory:
     """The RL-trained expander artifact (a transformers model directory)."""
-    have = {"captioning": captions, "distill": image_model, "reward_model": reward_model}
+    have = {EXPANDER_DATA.inputs["captions"]: captions, "distill": image_model, "reward_model": reward_model}
     return add_stages(config, have, ["expander_rl"], parent_run_id)["expander_rl"]

@@ -24,18 +24,18 @@ from tasks import captioning, curation, expander, post, pretrain, semantic
 # stage -> its task; a name missing here is looked up by its family's prefix in FAMILIES
 TASKS: dict[str, PythonTask] = {
     "world_pool": curation.build_world_pool, "ingest": curation.ingest, "scoring": curation.score_images,
-    "selection": curation.select_images, "scene_captions": captioning.scene_captions,
-    "captioning": captioning.caption_images, "embedding": semantic.embed_images,
+    "scene_captions": captioning.scene_captions, "embedding": semantic.embed_images,
     "semantic_selection": semantic.semantic_select, "pack_midtrain": post.pack_midtrain, "midtrain": pretrain.train_stage,
     "merge": post.merge_sft, "preference_pairs": post.preference_pairs, "preference_annotations": post.annotation_pairs,
     "reward_model": post.reward_model, "rl": post.rl_stage, "distill": post.distill_stage,
     "expander_data": expander.expander_data, "expander_sft": expander.expander_sft, "expander_rl": expander.expander_rl,
 }
 FAMILIES: tuple[tuple[str, PythonTask], ...] = (
-    ("pack_", pretrain.pack_images), ("pretrain_", pretrain.train_stage), ("sft_data_", post.sft_data),
+    ("selection_", curation.select_images), ("captioning_", captioning.caption_images), ("pack_", pretrain.pack_images), ("pretrain_", pretrain.train_stage), ("sft_data_", post.sft_data),
     ("sft_", pretrain.train_stage), ("preference_", post.preference_stage))
-# the model stages given a GPU at run time when their settings ask for CUDA (Flyte resources are static)
-DEVICE = {"captioning": lambda s: s.captioner.device, "embedding": lambda s: s.embedder.device}
+# the model stages (by name prefix) given a GPU at run time when their settings ask for CUDA (Flyte resources are
+# static)
+DEVICE = {"captioning_": lambda s: s.captioning.captioner.device, "embedding": lambda s: s.device}
 GPU = Resources(cpu="8", mem="32Gi", gpu="1")
 
 
@@ -72,6 +72,7 @@ def add_stages(config: PipelineConfig, have: dict[str, Any], want: Iterable[str]
     stages = stages_to_run(specs, config, have, want)
     if ANNOTATIONS.name in stages:
         config = localized(config)
+    previous_captioning = None
     for stage in stages:
         spec = specs[stage]
         settings = spec.settings(config)
@@ -83,8 +84,12 @@ def add_stages(config: PipelineConfig, have: dict[str, Any], want: Iterable[str]
         for name, path in (spec.files(config) if spec.files else {}).items():
             kwargs[name] = FlyteDirectory(str(path)) if path is not None else None
         node = task_of(stage)(**kwargs, parent_run_id=parent_run_id)
-        if stage in DEVICE and DEVICE[stage](settings) == "cuda":
+        if any(stage.startswith(prefix) and device(settings) == "cuda" for prefix, device in DEVICE.items()):
             node = node.with_overrides(requests=GPU, limits=GPU)
+        if stage.startswith("captioning_"):  # one after another: each reuses what the ones before captioned
+            if previous_captioning is not None:
+                previous_captioning >> node
+            previous_captioning = node
         have[stage] = node
     return have
 

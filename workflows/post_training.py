@@ -1,6 +1,7 @@
 """Post-training: midtraining -> SFT per domain + model merging -> preference optimisation (synthetic pairs, then
 calibration on human annotations) -> RL (Flow-GRPO without CFG on a multi-reward objective; the aesthetic reward
-model is trained on the PO pairs) -> TDM timestep + guidance distillation, from the last pretraining checkpoint.
+model is trained on the PO pairs) -> TDM timestep + guidance distillation, from the last pretraining checkpoint
+(``--curated`` and ``--captions``: the top resolution stage's, whose images midtraining selects from).
 
     pyflyte run workflows/post_training.py post_training --curated <dir> --captions <dir> --selection <dir> \
         --pretrained <checkpoint dir> [--preset tiny] [--config overrides.yaml] [--overrides '<inline YAML>']
@@ -16,6 +17,7 @@ from flytekit.types.file import FlyteFile
 
 from containers.images import DATA_IMAGE
 from krea2_core.config import PipelineConfig
+from krea2_core.training.config import TOP_STAGE
 from tasks.pipeline import resolve_config
 from tasks.pretrain import TRAIN_TASK
 from workflows.graph import add_stages
@@ -43,6 +45,7 @@ def post_training_stages(config: PipelineConfig, curated: FlyteDirectory, captio
                          selection: FlyteDirectory, pretrained: FlyteDirectory, parent_run_id: str = ""
                          ) -> PostTrained:
     """The final checkpoint (after RL) and its distilled student."""
-    have = {"selection": curated, "captioning": captions, "semantic_selection": selection, LAST: pretrained}
+    have = {f"selection_{TOP_STAGE}": curated, f"captioning_{TOP_STAGE}": captions, "semantic_selection": selection,
+            LAST: pretrained}
     have = add_stages(config, have, ["rl", "distill"], parent_run_id)
     return PostTrained(final=have["rl"], distilled=have["distill"])

@@ -1,4 +1,4 @@
-"""Semantic curation (midtraining data selection) of one curated resolution stage:
+"""Semantic curation (midtraining data selection) of the top resolution stage's curated images and their captions:
 
     pyflyte run workflows/semantic_curation.py semantic_curation --curated <dir> --captions <dir> \
         [--preset tiny] [--config overrides.yaml] [--overrides '<inline YAML>']
@@ -14,6 +14,7 @@ from flytekit.types.file import FlyteFile
 
 from containers.images import DATA_IMAGE
 from krea2_core.config import PipelineConfig
+from krea2_core.training.config import TOP_STAGE
 from tasks.pipeline import resolve_config
 from workflows.graph import add_stages
 
@@ -30,5 +31,5 @@ def semantic_curation(curated: FlyteDirectory, captions: FlyteDirectory, preset:
 @dynamic(container_image=DATA_IMAGE)
 def semantic_curation_stages(config: PipelineConfig, curated: FlyteDirectory, captions: FlyteDirectory,
                              parent_run_id: str = "") -> FlyteDirectory:
-    have = {"selection": curated, "captioning": captions}
+    have = {f"selection_{TOP_STAGE}": curated, f"captioning_{TOP_STAGE}": captions}
     return add_stages(config, have, ["semantic_selection"], parent_run_id)["semantic_selection"]

@@ -66,3 +66,8 @@ class CaptioningConfig(Strict):
     def __post_init__(self) -> None:
         require(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
         require(0.0 <= self.gpu_fraction <= 1.0, f"gpu_fraction must be in [0, 1], got {self.gpu_fraction}")
+
+    def row_slice(self) -> dict[str, object]:
+        """The settings that change an image's captions (not how the work is sharded or shares a GPU): the key of
+        the captions a later selection reuses (krea2_core/row_cache.py)."""
+        return {"ocr": self.ocr, "captioner": self.captioner, "rewriter": self.rewriter}

@@ -16,19 +16,28 @@ from PIL import Image
 
 from krea2_core.captioning.captioner import CaptionContext, Captioner, make_captioner
 from krea2_core.captioning.llm import ChatLLM, LocalChatLLM
-from krea2_core.captioning.ocr import OcrError, OcrResult, RapidOcrEngine
+from krea2_core.captioning.ocr import OcrError, OcrResult, RapidOcrEngine, TextLine
 from krea2_core.captioning.rewriter import rewrite_many
 from krea2_core.captioning.config import CaptioningConfig
 from krea2_core.text import content_words
 from krea2_core.data.images import BadImage, load_image
 
-Item = tuple[str, str, str]  # (id, uri, EXIF JSON)
+OCR_COLUMNS = ("ocr_text", "ocr_lines", "text_density")
+# (id, uri, EXIF JSON, the image's OCR from an earlier run: (ocr_lines JSON, text_density), or None)
+Item = tuple[str, str, str, tuple[str, float] | None]
 
 
 def _lines_json(ocr: OcrResult | None) -> str:
     lines = ocr.lines if ocr else ()
     return json.dumps([{"text": line.text, "score": round(line.score, 4), "box": [[round(x, 1), round(y, 1)]
                         for x, y in line.box]} for line in lines])
+
+
+def _ocr_of(lines_json: str, text_density: float) -> OcrResult:
+    """An OCR result read back from its row (``_lines_json`` rounds, and rounding again changes nothing)."""
+    lines = tuple(TextLine(line["text"], line["score"], tuple(tuple(corner) for corner in line["box"]))
+                  for line in json.loads(lines_json))
+    return OcrResult(lines=lines, text_density=text_density)
 
 
 def _row(image_id: str, ocr: OcrResult | None, **fields: str) -> dict[str, object]:
@@ -65,10 +74,10 @@ class CaptionWorker:
     def __call__(self, shard: Sequence[Item]) -> pd.DataFrame:
         rows: list[dict[str, object]] = []
         pending: list[tuple[int, Image.Image, CaptionContext]] = []
-        for image_id, uri, exif in shard:
+        for image_id, uri, exif, known_ocr in shard:
             try:
                 image = load_image(uri, side=self.config.ocr.max_side)
-                ocr = self.ocr.read(image)
+                ocr = _ocr_of(*known_ocr) if known_ocr else self.ocr.read(image)
             except (BadImage, OSError, OcrError) as err:
                 rows.append(_row(image_id, None, error=f"{type(err).__name__}: {err}"))
                 continue

@@ -212,4 +212,3 @@ class SemanticCurationConfig(Strict):
     kmeans: HierarchicalKMeansConfig = field(default_factory=HierarchicalKMeansConfig)
     dedup: SemanticDedupConfig = field(default_factory=SemanticDedupConfig)
     coverage: CoverageConfig = field(default_factory=CoverageConfig)
-    stage: str = "1024"  # which curated resolution stage feeds midtraining selection

@@ -56,7 +56,6 @@ class Selection:
 class SemanticSelectionSettings:
     """What selection depends on: the semantic curation config but the embedder (the embedding stage's)."""
 
-    stage: str
     sae: SAEConfig
     kmeans: HierarchicalKMeansConfig
     dedup: SemanticDedupConfig

@@ -1,11 +1,11 @@
-"""The semantic curation stages, embedding then midtraining selection, each a ``StageSpec`` beside its ``run_*``."""
+"""The semantic curation stages, embedding (reused per image across runs, krea2_core/row_cache.py) then midtraining
+selection, of the top resolution stage's curated images, each a ``StageSpec`` beside its ``run_*``."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -20,73 +20,101 @@ from krea2_core.curation.plots import cluster_size_plot, tag_count_plot
 from krea2_core.curation.sae import reconstruction_fvu, save_sae
 from krea2_core.curation.selection import Candidates, SemanticSelectionSettings, select_for_midtraining
 from krea2_core.data.images import BadImage, load_image
-from krea2_core.data.schemas import Captions, Verdicts, read_table
+from krea2_core.data.schemas import Captions, read_table
+from krea2_core.data.stages import read_kept
+from krea2_core.row_cache import COMPUTED_IN, KEY, LINEAGE_FILE, RowCache
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
+from krea2_core.training.config import TOP_STAGE
 
 EMBEDDINGS_FILE = "embeddings.parquet"
 FAILED_FILE = "failed.parquet"
 _EMBED_SIDE = 256  # embedders resize to ~224 px: a 256 px decode is enough (and JPEGs decode that small)
 
 
-def _kept(curated: Path, stage: str) -> pd.DataFrame:
-    path = curated / stage / "kept.parquet"
-    if not path.parent.is_dir():
-        raise ValueError(f"{curated} has no resolution stage {stage!r}; it has {sorted(p.name for p in curated.iterdir() if p.is_dir())}")
-    return read_table(path, Verdicts)
+EMBEDDINGS_VERSION = 1  # bump when the code changes an image's embedding under the same embedder config
 
 
-@dataclass
-class EmbeddingSettings:
-    stage: str  # the curated resolution stage whose kept images are embedded
-    embedder: EmbedderConfig
+def embedding_cache(config: EmbedderConfig, root: Path) -> RowCache:
+    """Embeddings computed earlier by this embedder (keyed by image content; the batch size changes nothing)."""
+    return RowCache(root, "embeddings", {"kind": config.kind, "model_id": config.model_id, "device": config.device},
+                    EMBEDDINGS_VERSION)
 
 
-def run_embedding(inputs: Mapping[str, Path], settings: EmbeddingSettings, parent_run_id: str = "") -> Path:
-    """Embeddings of one stage's kept images; images that fail to load are listed, not fatal."""
-    config = settings.embedder
+def planned_embeddings(inputs: Mapping[str, Any], settings: EmbedderConfig, root: Path) -> tuple[int, int]:
+    """(to compute, reused) of embedding the ``curated`` input's kept images: what a dry run reports."""
+    kept = read_kept(inputs["curated"])
+    reused = int(kept["md5"].isin(embedding_cache(settings, root).lookup(kept["md5"])[KEY]).sum())
+    return len(kept) - reused, reused
+
+
+def run_embedding(inputs: Mapping[str, Path], settings: EmbedderConfig, parent_run_id: str = "") -> Path:
+    """Embeddings of a curated stage's kept images, reused where an earlier run embedded the same image with the same
+    embedder; images that fail to load are listed, not fatal."""
 
     def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        kept = _kept(paths["curated"], settings.stage)
-        embedder = make_embedder(config)
-        ids, vectors, failed = [], [], []
-        rows = list(zip(kept["id"], kept["uri"], strict=True))
-        for start in tqdm(range(0, len(rows), config.batch_size), desc=f"embed ({embedder.name})", unit="batch"):
-            batch_ids, images = [], []
-            for row_id, uri in rows[start:start + config.batch_size]:
-                try:
-                    images.append(load_image(uri, side=_EMBED_SIDE))
-                    batch_ids.append(row_id)
-                except (BadImage, OSError) as err:
-                    failed.append({"id": row_id, "uri": uri, "error": str(err)})
-            if images:
-                vectors.append(embedder.embed(images))
-                ids += batch_ids
-        matrix = np.concatenate(vectors) if vectors else np.zeros((0, embedder.dim), np.float32)
-        write_embeddings(staging / EMBEDDINGS_FILE, ids, matrix, embedder.name)
+        kept = read_kept(paths["curated"]).sort_values("id", ignore_index=True)
+        cache = embedding_cache(settings, run.output_root)
+        found = cache.lookup(kept["md5"])
+        todo = kept[~kept["md5"].isin(found[KEY])]
+        computed, failed = _embed(todo, settings)
+        cache.add(computed.drop(columns="id").drop_duplicates(KEY), run.run_id)
+        reused = kept[["id", "md5"]].rename(columns={"md5": KEY}).merge(found, on=KEY, validate="many_to_one")
+        rows = pd.concat([reused, computed.assign(**{COMPUTED_IN: run.run_id})], ignore_index=True)
+        rows = rows.sort_values("id", ignore_index=True)
+        matrix = (np.stack(rows["embedding"].to_numpy()).astype(np.float32) if len(rows)
+                  else np.zeros((0, make_embedder(settings).dim), np.float32))
+        write_embeddings(staging / EMBEDDINGS_FILE, rows["id"].tolist(), matrix, _name(settings))
+        rows[["id", KEY, COMPUTED_IN]].to_parquet(staging / LINEAGE_FILE, index=False)
         pd.DataFrame(failed, columns=["id", "uri", "error"]).to_parquet(staging / FAILED_FILE, index=False)
-        return StageOutput(counts={"embedded": len(ids), "failed": len(failed), "dim": int(matrix.shape[1])})
+        return StageOutput(counts={"embedded": len(rows), "computed": len(computed), "reused": len(reused),
+                                   "failed": len(failed), "dim": int(matrix.shape[1])})
 
     return execute_stage(EMBEDDING.name, EMBEDDING.kind, body, config=settings, inputs=dict(inputs),
                          parent_run_id=parent_run_id)[0]
 
 
-EMBEDDING = StageSpec("embedding", "embeddings", {"curated": "selection"},
-                      lambda p: EmbeddingSettings(stage=p.semantic.stage, embedder=p.semantic.embedder), run_embedding)
+def _name(config: EmbedderConfig) -> str:
+    return config.model_id if config.kind == "hf" else config.kind
+
+
+def _embed(todo: pd.DataFrame, config: EmbedderConfig) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """(id, key, embedding) of the rows of ``todo`` that load, and the ones that do not (the model loads only when
+    there is work)."""
+    ids, keys, vectors, failed = [], [], [], []
+    if len(todo):
+        embedder = make_embedder(config)
+        rows = list(todo[["id", "uri", "md5"]].itertuples(index=False, name=None))
+        for start in tqdm(range(0, len(rows), config.batch_size), desc=f"embed ({embedder.name})", unit="batch"):
+            images = []
+            for row_id, uri, md5 in rows[start:start + config.batch_size]:
+                try:
+                    images.append(load_image(uri, side=_EMBED_SIDE))
+                    ids.append(row_id)
+                    keys.append(md5)
+                except (BadImage, OSError) as err:
+                    failed.append({"id": row_id, "uri": uri, "error": str(err)})
+            if images:
+                vectors += list(embedder.embed(images).astype(np.float32))
+    return pd.DataFrame({"id": ids, KEY: keys, "embedding": vectors}, columns=["id", KEY, "embedding"]), failed
+
+
+EMBEDDING = StageSpec("embedding", "embeddings", {"curated": f"selection_{TOP_STAGE}"}, lambda p: p.semantic.embedder,
+                      run_embedding, planned=planned_embeddings)
 
 
 def semantic_selection_settings(config: PipelineConfig) -> SemanticSelectionSettings:
     s = config.semantic
-    return SemanticSelectionSettings(stage=s.stage, sae=s.sae, kmeans=s.kmeans, dedup=s.dedup, coverage=s.coverage)
+    return SemanticSelectionSettings(sae=s.sae, kmeans=s.kmeans, dedup=s.dedup, coverage=s.coverage)
 
 
 def run_semantic_selection(inputs: Mapping[str, Path], settings: SemanticSelectionSettings,
                            parent_run_id: str = "") -> Path:
-    """The midtraining sample of one curated stage, with every row's verdict and the reports."""
+    """The midtraining sample of the top resolution stage's curated images, with every row's verdict and the reports."""
 
     def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        kept = _kept(paths["curated"], settings.stage).set_index("id")
+        kept = read_kept(paths["curated"]).set_index("id")
         ids, vectors, _ = read_embeddings(paths["embeddings"] / EMBEDDINGS_FILE)
         caption_of = read_table(paths["captions"] / CAPTIONS_FILE, Captions).set_index("id")["long"]
         rows = kept.loc[ids]
@@ -125,7 +153,8 @@ def run_semantic_selection(inputs: Mapping[str, Path], settings: SemanticSelecti
 
 
 SEMANTIC_SELECTION = StageSpec("semantic_selection", "midtrain_selection",
-                               {"curated": "selection", "embeddings": "embedding", "captions": "captioning"},
+                               {"curated": f"selection_{TOP_STAGE}", "embeddings": "embedding",
+                                "captions": f"captioning_{TOP_STAGE}"},
                                semantic_selection_settings, run_semantic_selection)
 
 

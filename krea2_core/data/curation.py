@@ -119,7 +119,7 @@ def select_stage(pool: pd.DataFrame, scores: pd.DataFrame, stage: str, filters: 
             reasons[row].append("exact_duplicate" if decision.exact[local] else "near_duplicate")
             dup_of[row] = kept["id"].iloc[decision.dup_of[local]]
 
-    verdicts = table[["id", "uri", "source", "width", "height", "n_bytes", "format", "exif", *SCORE_COLUMNS, "error"]].copy()
+    verdicts = table[["id", "uri", "source", "width", "height", "n_bytes", "md5", "format", "exif", *SCORE_COLUMNS, "error"]].copy()
     verdicts.insert(3, "stage", stage)
     verdicts.insert(4, "kept", [not r for r in reasons])
     verdicts.insert(5, "reason", [r[0] if r else None for r in reasons])

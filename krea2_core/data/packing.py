@@ -32,7 +32,8 @@ from krea2_core.curation.config import ParallelConfig
 from krea2_core.data.buckets import assign_bucket, bucket_sizes, resize_crop
 from krea2_core.data.config import PackingConfig
 from krea2_core.data.images import BadImage, load_image
-from krea2_core.data.schemas import Captions, Packed, Verdicts, read_table, validate
+from krea2_core.data.schemas import Captions, Packed, read_table, validate
+from krea2_core.data.stages import read_kept
 from krea2_core.models.autoencoders import pixel_multiple
 from krea2_core.ray_map import map_shards
 from krea2_core.stage_spec import StageSpec
@@ -231,13 +232,13 @@ def packing_config(config: PretrainConfig, stage: str) -> PackingConfig:
 
 def run_packing(inputs: Mapping[str, Path], settings: PackingConfig, parent_run_id: str = "", *,
                 parallel: ParallelConfig = _SERIAL, root: Path | None = None) -> Path:
-    """Pack resolution stage ``settings.stage`` of a ``curated`` artifact with its ``captions`` (a ``packed``
+    """Pack resolution stage ``settings.stage``'s ``curated`` artifact with its ``captions`` (a ``packed``
     artifact). ``parallel`` is not part of the artifact key: it does not change the packed bytes."""
     read_manifest(inputs["curated"], kind="curated")
     read_manifest(inputs["captions"], kind="captions")
 
     def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        kept = read_table(paths["curated"] / settings.stage / "kept.parquet", Verdicts)
+        kept = read_kept(paths["curated"])
         texts = read_table(paths["captions"] / CAPTIONS_FILE, Captions)
         counts = pack_stage(kept, texts, resolution=settings.resolution, aspect_ratios=settings.aspect_ratios,
                             multiple=settings.multiple, global_batch=settings.global_batch, seed=settings.seed,
@@ -252,5 +253,5 @@ def run_packing(inputs: Mapping[str, Path], settings: PackingConfig, parent_run_
 
 def packing_spec(stage: str) -> StageSpec:
     """``pack_<stage>``: the curated images of pretraining stage ``stage`` in aspect-ratio-bucketed shards."""
-    return StageSpec(f"pack_{stage}", "packed", {"curated": "selection", "captions": "captioning"},
+    return StageSpec(f"pack_{stage}", "packed", {"curated": f"selection_{stage}", "captions": f"captioning_{stage}"},
                      lambda p: packing_config(p.pretrain, stage), run_packing, parallel=True)

@@ -74,6 +74,7 @@ class Verdicts(_Measures):
     reasons: Series[str] = pa.Field(nullable=True)  # every failing rule, comma-separated
     dup_of: Series[str] = pa.Field(nullable=True)  # id of the kept duplicate
     n_bytes: Series[pd.Int64Dtype] = pa.Field(ge=0, nullable=True)
+    md5: Series[str] = pa.Field(nullable=True)  # of the file's bytes: per-image work is reused by it (row_cache.py)
     format: Series[str] = pa.Field(nullable=True)
     exif: Series[str]
 

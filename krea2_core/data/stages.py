@@ -1,4 +1,5 @@
-"""The data stages: world pool -> ingest -> scoring -> selection, each a ``StageSpec`` beside its ``run_*``.
+"""The data stages: world pool -> ingest -> scoring -> selection (one per resolution stage), each a ``StageSpec``
+beside its ``run_*``.
 
 Each is ``run_<stage>(inputs, settings, parent_run_id="") -> artifact dir`` and can be called from Python, the Flyte
 tasks or tests alike; ``execute_stage`` gives every one the same manifest, content-addressed location and MLflow
@@ -28,6 +29,8 @@ from krea2_core.world.config import WorldPoolConfig
 from krea2_core.world.pool import POOL_IMAGES_DIR, build_world_pool
 
 SCORES_FILE = "scores.parquet"
+VERDICTS_FILE = "verdicts.parquet"
+KEPT_FILE = "kept.parquet"
 
 
 def run_world_pool(inputs: Mapping[str, Path], settings: WorldPoolConfig, parent_run_id: str = "") -> Path:
@@ -88,35 +91,54 @@ SCORING = StageSpec("scoring", "scores", {"raw_pool": "ingest"}, lambda p: p.cur
 
 @dataclass
 class SelectionSettings:
-    """What the per-stage selection depends on: each resolution stage's filters and the dedup."""
+    """What one resolution stage's selection depends on: its filters and the dedup (each stage dedups its own
+    survivors, so no stage's selection depends on another's thresholds)."""
 
-    stages: dict[str, StageFilters]
+    stage: str
+    filters: StageFilters
     dedup: DedupConfig
 
 
 def run_selection(inputs: Mapping[str, Path], settings: SelectionSettings, parent_run_id: str = "") -> Path:
-    """Per resolution stage: ``<stage>/verdicts.parquet`` (every pool row) and ``<stage>/kept.parquet``."""
+    """One resolution stage's ``verdicts.parquet`` (every pool row), ``kept.parquet`` and ``summary.json``."""
 
     def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
-        pool = read_table(paths["raw_pool"] / RAW_POOL_FILE, RawPool)
-        scored = read_table(paths["scores"] / SCORES_FILE, Scores)
-        summary = {}
-        for stage, filters in settings.stages.items():
-            verdicts = select_stage(pool, scored, stage, filters, settings.dedup)
-            (staging / stage).mkdir()
-            write_table(verdicts, staging / stage / "verdicts.parquet", Verdicts)
-            write_table(verdicts[verdicts["kept"]], staging / stage / "kept.parquet", Verdicts)
-            summary[stage] = summarize(verdicts)
+        verdicts = select(paths, settings)
+        write_table(verdicts, staging / VERDICTS_FILE, Verdicts)
+        write_table(verdicts[verdicts["kept"]], staging / KEPT_FILE, Verdicts)
+        summary = summarize(verdicts)
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
-        return StageOutput(counts={f"{stage}.{key}": n for stage, counts in summary.items() for key, n in counts.items()})
+        return StageOutput(counts=summary)
 
-    return execute_stage(SELECTION.name, SELECTION.kind, body, config=settings, inputs=dict(inputs),
+    spec = selection_spec(settings.stage)
+    return execute_stage(spec.name, spec.kind, body, config=settings, inputs=dict(inputs),
                          parent_run_id=parent_run_id)[0]
 
 
-def selection_settings(config: PipelineConfig) -> SelectionSettings:
-    return SelectionSettings(stages=config.curation.stages, dedup=config.curation.dedup)
+def select(inputs: Mapping[str, Path], settings: SelectionSettings) -> pd.DataFrame:
+    """The stage's verdict of every pool row, from the ``raw_pool`` and ``scores`` artifacts (cheap: what a dry run
+    computes to say how much per-image work a new selection would reuse)."""
+    pool = read_table(Path(inputs["raw_pool"]) / RAW_POOL_FILE, RawPool)
+    scored = read_table(Path(inputs["scores"]) / SCORES_FILE, Scores)
+    return select_stage(pool, scored, settings.stage, settings.filters, settings.dedup)
 
 
-SELECTION = StageSpec("selection", "curated", {"raw_pool": "ingest", "scores": "scoring"}, selection_settings,
-                      run_selection)
+def selection_spec(stage: str) -> StageSpec:
+    """``selection_<stage>``: the images resolution stage ``stage`` trains on (a ``curated`` artifact)."""
+
+    def settings(config: PipelineConfig) -> SelectionSettings:
+        if stage not in config.curation.stages:
+            raise ValueError(f"curation.stages has no stage {stage!r}; it has {sorted(config.curation.stages)}")
+        return SelectionSettings(stage=stage, filters=config.curation.stages[stage], dedup=config.curation.dedup)
+
+    return StageSpec(f"selection_{stage}", "curated", {"raw_pool": "ingest", "scores": "scoring"}, settings,
+                     run_selection, preview=lambda inputs, s: (verdicts := select(inputs, s))[verdicts["kept"]])
+
+
+def read_kept(curated: Path | pd.DataFrame) -> pd.DataFrame:
+    """The kept rows of a ``curated`` artifact (one resolution stage's selection); a DataFrame is such rows already
+    (a selection a dry run previewed)."""
+    if isinstance(curated, pd.DataFrame):
+        return curated
+    read_manifest(curated, kind="curated")
+    return read_table(Path(curated) / KEPT_FILE, Verdicts)

@@ -44,6 +44,7 @@ from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.text import content_words
 from krea2_core.tracking import StageRun
+from krea2_core.training.config import PRETRAIN_STAGES
 
 EXPANDER_PAIRS_FILE = "pairs.parquet"
 EXAMPLES_FILE = "examples.json"
@@ -276,8 +277,9 @@ def run_expander_data(inputs: Mapping[str, Path], settings: ExpanderDataConfig, 
                          parent_run_id=parent_run_id, root=root)[0]
 
 
-EXPANDER_DATA = StageSpec("expander_data", "expander_data", {"captions": "captioning"}, lambda p: p.expander.data,
-                          run_expander_data)
+# the captions of the first resolution stage's images: the broadest set (its filters are the most permissive)
+EXPANDER_DATA = StageSpec("expander_data", "expander_data", {"captions": f"captioning_{PRETRAIN_STAGES[0]}"},
+                          lambda p: p.expander.data, run_expander_data)
 
 
 def read_pairs(artifact: Path) -> pd.DataFrame:

@@ -22,21 +22,17 @@ from krea2_core.captioning.stages import CAPTIONS_FILE
 from krea2_core.config import PipelineConfig
 from krea2_core.data.config import PackingConfig
 from krea2_core.post.config import MidtrainDomain
-from krea2_core.training.config import PretrainConfig
+from krea2_core.training.config import TOP_STAGE
 from krea2_core.data.packing import pack_stage, packing_config
-from krea2_core.data.schemas import Captions, Verdicts, read_table
+from krea2_core.data.schemas import Captions, read_table
+from krea2_core.data.stages import read_kept
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
-from krea2_core.training.pretrain import PRETRAIN_STAGES, TrainingSettings, run_training_stage
+from krea2_core.training.pretrain import TrainingSettings, run_training_stage
 from krea2_core.tracking import StageRun
 
 MIX_FILE = "mix.parquet"
 SAMPLE_FILE = "sample.parquet"  # the semantic selection's kept rows
-
-
-def top_stage(pretrain: PretrainConfig) -> str:
-    """The pretraining stage with the highest resolution: where midtraining continues."""
-    return max(pretrain.stages, key=lambda name: pretrain.stages[name].resolution)
 
 
 @dataclass
@@ -83,7 +79,7 @@ def select_mix(sample: pd.DataFrame, captions: pd.DataFrame, config: MidtrainPac
 
 def midtrain_packing_settings(config: PipelineConfig) -> MidtrainPackingSettings:
     pretrain, midtrain = config.pretrain, config.post.midtrain
-    packing = dataclasses.replace(packing_config(pretrain, top_stage(pretrain)), resolution=midtrain.stage.resolution,
+    packing = dataclasses.replace(packing_config(pretrain, TOP_STAGE), resolution=midtrain.stage.resolution,
                                   global_batch=midtrain.stage.global_batch)
     return MidtrainPackingSettings(domains=midtrain.domains, n_images=midtrain.n_images, packing=packing)
 
@@ -99,7 +95,7 @@ def run_midtrain_packing(inputs: Mapping[str, Path], settings: MidtrainPackingSe
     def body(paths: dict[str, Path], staging: Path, run: StageRun) -> StageOutput:
         texts = read_table(paths["captions"] / CAPTIONS_FILE, Captions)
         mix, shortfall = select_mix(pd.read_parquet(paths["selection"] / SAMPLE_FILE), texts, settings, packing.seed)
-        kept = read_table(paths["curated"] / packing.stage / "kept.parquet", Verdicts)
+        kept = read_kept(paths["curated"])
         kept = kept[kept["id"].isin(mix["id"])]
         counts = pack_stage(kept, texts, resolution=packing.resolution, aspect_ratios=packing.aspect_ratios,
                             multiple=packing.multiple, global_batch=packing.global_batch, seed=packing.seed,
@@ -116,8 +112,8 @@ def run_midtrain_packing(inputs: Mapping[str, Path], settings: MidtrainPackingSe
 
 
 PACK_MIDTRAIN = StageSpec("pack_midtrain", "packed",
-                          {"curated": "selection", "captions": "captioning", "selection": "semantic_selection"},
+                          {"curated": f"selection_{TOP_STAGE}", "captions": f"captioning_{TOP_STAGE}", "selection": "semantic_selection"},
                           midtrain_packing_settings, run_midtrain_packing)
-MIDTRAIN = StageSpec("midtrain", "checkpoint", {"packed": "pack_midtrain", "init": f"pretrain_{PRETRAIN_STAGES[-1]}"},
+MIDTRAIN = StageSpec("midtrain", "checkpoint", {"packed": "pack_midtrain", "init": f"pretrain_{TOP_STAGE}"},
                      lambda p: TrainingSettings("midtrain", p.post.midtrain.stage, p.pretrain.trainer()),
                      run_training_stage, distributed=True)

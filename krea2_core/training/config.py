@@ -11,6 +11,11 @@ from krea2_core.common.strict import Strict, require
 from krea2_core.models.config import AutoencoderConfig, DiTConfig, TextEncoderConfig
 from krea2_core.world.config import SceneDomainConfig, WorldScenesConfig
 
+# progressive resolution, by nominal resolution: each stage starts from the previous one, and curation selects, and
+# captioning captions, per stage
+PRETRAIN_STAGES = ("256", "512", "1024")
+TOP_STAGE = PRETRAIN_STAGES[-1]  # where midtraining continues, on images this stage kept
+
 
 @dataclass
 class OptimizerConfig(Strict):
@@ -224,7 +229,7 @@ class PretrainConfig(TrainerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(set(self.stages) <= {"256", "512", "1024"} and bool(self.stages),
+        require(set(self.stages) <= set(PRETRAIN_STAGES) and bool(self.stages),
                 f"stages must be a non-empty subset of 256, 512, 1024, got {sorted(self.stages)}")
         dp = self.parallel.world_size // self.parallel.tp
         for name, stage in self.stages.items():

@@ -34,7 +34,7 @@ from PIL import Image
 
 from krea2_core.artifacts import to_plain
 from krea2_core.config import PipelineConfig
-from krea2_core.training.config import PretrainStageConfig, TrainerConfig
+from krea2_core.training.config import PRETRAIN_STAGES, PretrainStageConfig, TrainerConfig
 from krea2_core.common.layout import EVAL_FILE, METRICS_FILE, SAMPLES_FILE
 from krea2_core.data.loader import PackedLoader
 from krea2_core.diffusion.flow import add_noise, flow_loss, validation_loss
@@ -59,7 +59,6 @@ from krea2_core.world.render import render
 _PROJECTOR = "repa_projector"
 
 
-PRETRAIN_STAGES = ("256", "512", "1024")  # progressive resolution: each stage starts from the previous one
 
 
 @dataclass

@@ -22,6 +22,7 @@ from krea2_core.data.images import load_image
 from krea2_core.data.packing import (DROPPED_FILE, INDEX_FILE, WORLD_SCENE_PREFIX, pack_stage, packing_config,
                                      run_packing, world_scene_rows)
 from krea2_core.data.schemas import Captions, Verdicts, write_table
+from krea2_core.data.stages import KEPT_FILE
 from krea2_core.models.autoencoders import pixel_multiple
 from krea2_core.models.config import AutoencoderConfig, DiTConfig
 from krea2_core.stages import StageOutput, execute_stage
@@ -208,7 +209,7 @@ def test_too_few_images_for_a_global_batch_is_an_error(sources, tmp_path: Path) 
 def _verdicts(kept: pd.DataFrame) -> pd.DataFrame:
     n = len(kept)
     return kept.assign(source="test", stage="256", kept=True, reason=None, reasons=None, dup_of=None, n_bytes=100,
-                       format="PNG", exif="{}", laplacian_var=1.0, entropy=5.0, white_ratio=0.0, black_ratio=0.0,
+                       md5=[f"{i:032x}" for i in range(n)], format="PNG", exif="{}", laplacian_var=1.0, entropy=5.0, white_ratio=0.0, black_ratio=0.0,
                        border_fraction=0.0, error=[None] * n)
 
 
@@ -221,16 +222,15 @@ def test_run_packing_publishes_a_packed_artifact(sources, isolated_outputs: Path
     kept, captions = sources
 
     def curated_body(inputs: dict[str, Path], staging: Path, run: object) -> StageOutput:
-        (staging / "256").mkdir()
-        write_table(_verdicts(kept), staging / "256" / "kept.parquet", Verdicts)
-        return StageOutput(counts={"256.kept": len(kept)})
+        write_table(_verdicts(kept), staging / KEPT_FILE, Verdicts)
+        return StageOutput(counts={"kept": len(kept)})
 
     def captions_body(inputs: dict[str, Path], staging: Path, run: object) -> StageOutput:
         write_table(_captions(captions), staging / "captions.parquet", Captions)
         return StageOutput(counts={"images": len(captions)})
 
-    curated, _ = execute_stage("selection", "curated", curated_body, config={"test": 1})
-    texts, _ = execute_stage("captioning", "captions", captions_body, config={"test": 1})
+    curated, _ = execute_stage("selection_256", "curated", curated_body, config={"test": 1})
+    texts, _ = execute_stage("captioning_256", "captions", captions_body, config={"test": 1})
     config = PretrainConfig(stages={"256": PretrainStageConfig(resolution=32, steps=2, global_batch=4, warmup_steps=0)},
                             aspect_ratios=[0.5, 1.0, 2.0], autoencoder=AutoencoderConfig(downsample=4, patch_size=2),
                             model=DiTConfig(in_channels=192))

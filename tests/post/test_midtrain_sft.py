@@ -13,9 +13,10 @@ from krea2_core.common.strict import ConfigError
 from krea2_core.config import PipelineConfig
 from krea2_core.data.config import PackingConfig
 from krea2_core.post.config import MidtrainConfig, SFTDomainConfig
-from krea2_core.post.midtrain import MidtrainPackingSettings, select_mix, top_stage
+from krea2_core.post.midtrain import MidtrainPackingSettings, select_mix
 from krea2_core.post.sft import render_domain
 from krea2_core.presets import preset
+from krea2_core.training.config import TOP_STAGE
 from krea2_core.world.captions import captions
 from krea2_core.world.config import SceneDomainConfig
 from krea2_core.world.scene import Scene
@@ -90,7 +91,7 @@ def test_domain_set_obeys_its_slice_of_the_world(tmp_path) -> None:
 
 def test_post_training_config_rules() -> None:
     tiny = preset("tiny")
-    assert top_stage(tiny.pretrain) == "1024" and tiny.post.midtrain.stage.resolution == 64
+    assert tiny.pretrain.stages[TOP_STAGE].resolution == tiny.post.midtrain.stage.resolution == 64
     data = tiny.to_dict()
     data["post"]["midtrain"]["stage"]["resolution"] = 48
     with pytest.raises(ConfigError, match="highest pretraining resolution"):
