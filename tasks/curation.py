@@ -6,14 +6,13 @@ from pathlib import Path
 
 from flytekit import Resources, task
 from flytekit.types.directory import FlyteDirectory
-from flytekit.types.file import FlyteFile
 from flytekitplugins.ray import HeadNodeConfig, RayJobConfig, WorkerNodeConfig
 
 from containers.images import DATA_IMAGE
 from krea2_core.curation.config import AnalysisConfig, ParallelConfig
 from krea2_core.data.stages import INGEST, SCORING, WORLD_POOL, SelectionSettings, selection_spec
 from krea2_core.world.config import WorldPoolConfig
-from tasks.common import CACHE, local, to_flyte_dir
+from tasks.common import CACHE, SourceFolder, SourceTable, local, to_flyte_dir
 
 # Per-image work runs on Ray: a local Ray when run locally, a KubeRay cluster of these groups remotely.
 RAY_CPU = RayJobConfig(
@@ -36,13 +35,13 @@ def ingest(world_pool: FlyteDirectory, parallel: ParallelConfig, parent_run_id: 
 
 
 @task(cache=CACHE, container_image=DATA_IMAGE, task_config=RAY_CPU, requests=Resources(cpu="2", mem="4Gi"))
-def ingest_folder(source: FlyteDirectory, parallel: ParallelConfig, parent_run_id: str = "") -> FlyteDirectory:
+def ingest_folder(source: SourceFolder, parallel: ParallelConfig, parent_run_id: str = "") -> FlyteDirectory:
     """The images of a folder (an entry point's ``--source``)."""
     return to_flyte_dir(INGEST.run(local(source=source), None, parent_run_id, parallel=parallel))
 
 
 @task(cache=CACHE, container_image=DATA_IMAGE, task_config=RAY_CPU, requests=Resources(cpu="2", mem="4Gi"))
-def ingest_uri_table(table: FlyteFile, parallel: ParallelConfig, parent_run_id: str = "") -> FlyteDirectory:
+def ingest_uri_table(table: SourceTable, parallel: ParallelConfig, parent_run_id: str = "") -> FlyteDirectory:
     """The images a Parquet table of URIs names."""
     return to_flyte_dir(INGEST.run({"source": Path(table.download())}, None, parent_run_id, parallel=parallel))
 

@@ -15,13 +15,14 @@ def test_curate_then_trace_lineage(tmp_path: Path, capsys: pytest.CaptureFixture
         shutil.copy(Path(skimage.__file__).parent / "data" / name, folder / name)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     assert main(["curate", str(folder), "--config", "curation: {parallel: {backend: serial}}"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["summary"]["256"] == {"total": 4, "kept": 3, "dropped.broken_file": 1}
+    report = json.loads(capsys.readouterr().out)  # one curated artifact per resolution stage
+    assert list(report) == ["256", "512", "1024"]
+    assert report["256"]["summary"] == {"total": 4, "kept": 3, "dropped.broken_file": 1}
 
-    assert main(["lineage", report["mlflow_run_id"]]) == 0
+    assert main(["lineage", report["512"]["mlflow_run_id"]]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["selection", "scoring", "ingest"]
-    assert report["curated"] in lines[0]
+    assert [line.split()[0] for line in lines] == ["selection_512", "scoring", "ingest"]
+    assert report["512"]["curated"] in lines[0]
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -61,7 +62,7 @@ def test_curate_reads_a_file_whose_name_is_not_utf8(tmp_path: Path, capsys: pyte
     shutil.copy(Path(skimage.__file__).parent / "data" / "astronaut.png", folder / "astronaut.png")
     shutil.copy(Path(skimage.__file__).parent / "data" / "chelsea.png", bytes(folder) + b"/chels\xe9a.png")
     assert main(["curate", str(folder), "--config", "curation: {parallel: {backend: serial}}"]) == 0
-    assert json.loads(capsys.readouterr().out)["summary"]["256"] == {"total": 2, "kept": 2}
+    assert json.loads(capsys.readouterr().out)["256"]["summary"] == {"total": 2, "kept": 2}
 
 
 def test_verify_finds_damage_and_repair_lets_the_stage_recompute(tmp_path: Path, isolated_outputs: Path,
@@ -76,11 +77,11 @@ def test_verify_finds_damage_and_repair_lets_the_stage_recompute(tmp_path: Path,
     shutil.copy(Path(skimage.__file__).parent / "data" / "astronaut.png", folder / "astronaut.png")
     serial = "curation: {parallel: {backend: serial}}"
     assert main(["curate", str(folder), "--config", serial]) == 0
-    curated = Path(json.loads(capsys.readouterr().out)["curated"])
+    curated = Path(json.loads(capsys.readouterr().out)["256"]["curated"])
     assert main(["verify"]) == 0
-    assert capsys.readouterr().out.splitlines() == ["3 entries: 3 sound"]  # raw pool, scores, curated
+    assert capsys.readouterr().out.splitlines() == ["5 entries: 5 sound"]  # raw pool, scores, 3 stages' curated
 
-    kept = next(curated.glob("*/kept.parquet"))
+    kept = curated / "kept.parquet"
     kept.write_bytes(kept.read_bytes()[:-1] + b"!")
     stale = curated.parent / f".{curated.name}.{HOST}-999999999.0123abcd.tmp"
     stale.mkdir()
@@ -92,7 +93,7 @@ def test_verify_finds_damage_and_repair_lets_the_stage_recompute(tmp_path: Path,
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"stale staging  {stale}  written by {HOST}-999999999")
     assert lines[1].startswith(f"damaged        {curated}  {kept.relative_to(curated)} changed since it was published")
-    assert lines[-1] == "4 entries: 2 sound, 1 damaged, 1 stale staging"
+    assert lines[-1] == "6 entries: 4 sound, 1 damaged, 1 stale staging"
     # a damaged output is computed again, not served; the dead process's staging beside it is swept
     assert main(["curate", str(folder), "--config", serial]) == 0
     assert "krea2: recomputing" in capsys.readouterr().err and not stale.exists()
@@ -128,7 +129,7 @@ def test_verify_lists_rows_whose_source_was_unreachable_and_repair_retries_them(
     pd.DataFrame({"uri": [str(image), f"http://127.0.0.1:{closed}/a.png"]}).to_parquet(table)
     serial = "curation: {parallel: {backend: serial}}"
     assert main(["curate", str(table), "--config", serial]) == 0
-    assert json.loads(capsys.readouterr().out)["summary"]["256"] == {"total": 2, "kept": 1, "dropped.unreachable": 1}
+    assert json.loads(capsys.readouterr().out)["256"]["summary"] == {"total": 2, "kept": 1, "dropped.unreachable": 1}
     assert main(["verify"]) == 0
     lines = capsys.readouterr().out.splitlines()
     (retryable,) = [line for line in lines if line.startswith("retryable")]

@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from krea2_core.artifacts import read_manifest
 from krea2_core.config import PipelineConfig, deep_merge, load_config
 from krea2_core.rerun import plan
 from krea2_core.stage_spec import stage_specs
@@ -122,7 +124,8 @@ def _reruns(run_id: str, config: PipelineConfig) -> set[str]:
 
 def _stage_runs(root: Path) -> dict[str, list[str]]:
     experiment = configure_tracking(root)
-    runs = MlflowClient().search_runs([experiment], filter_string="tags.`krea2.kind` = 'stage'")
+    runs = MlflowClient().search_runs([experiment], filter_string="tags.`krea2.kind` = 'stage'",
+                                      order_by=["attributes.start_time DESC"])  # newest first
     found: dict[str, list[str]] = {}
     for run in runs:
         found.setdefault(run.data.tags["krea2.stage"], []).append(run.info.run_id)
@@ -140,8 +143,9 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
     assert "krea2 pipeline finished" in first.stdout
     runs = _stage_runs(root)
     training = tuple(f"{kind}_{stage}" for stage in ("256", "512", "1024") for kind in ("pack", "pretrain"))
-    stages = ("world_pool", "ingest", "scoring", "selection", "scene_captions", "captioning", "embedding",
-              "semantic_selection", *training, *POST_TRAINING, *EXPANDER)
+    stages = ("world_pool", "ingest", "scoring", *(f"selection_{s}" for s in ("256", "512", "1024")), "scene_captions",
+              *(f"captioning_{s}" for s in ("256", "512", "1024")), "embedding", "semantic_selection", *training,
+              *POST_TRAINING, *EXPANDER)
     assert {stage: len(ids) for stage, ids in runs.items()} == dict.fromkeys(stages, 1)
 
     second = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(small))
@@ -155,22 +159,27 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
 
     changed = tmp_path / "changed.yaml"  # drops the 512 stage's world images below 200 px: the other stages keep theirs
     changed.write_text(_with(small_config, curation={"stages": {"512": {"min_side": 200}}}))
+    dry_run = {stage: why for stage, reruns, why in plan(latest.info.run_id, load_config("tiny", changed.read_text()))
+               if reruns}
     third = _pyflyte(home, root, "workflows/end_to_end.py", "krea2_pipeline", "--config", str(changed))
     assert third.returncode == 0, third.stderr[-3000:]
     after = _stage_runs(root)
-    # Outputs are content-addressed: a stage re-runs when its config or an input's content changed, never twice for
-    # one output. Selection changes, so every stage reading the curated pool re-runs (its key has the curated digest),
-    # and so does what trains on the 512 stage's data; pretrain_256's packed shards come out byte-identical (the 256
-    # stage keeps what it kept), so its training is not repeated. This small config's 32 px PNG samples can come out
-    # identical from checkpoints that differ slightly, so the PO pairs may land where they did: the reward model, RL
-    # and distillation re-run exactly when their inputs moved (checked at the end); so do the expander's stages
-    # (captions: the images some stage kept, unchanged).
-    moved_only = {"reward_model", "rl", "distill", *EXPANDER}
-    downstream = {"selection", "captioning", "embedding", "semantic_selection", "pack_256", "pack_512", "pack_1024",
-                  "pack_midtrain", "pretrain_512", "pretrain_1024", "midtrain", "sft_warm", "sft_cool", "merge",
-                  "preference_pairs", "preference_synthetic", "preference_annotations", "preference_calibration"}
+    # The issue's case: a 512 threshold re-runs the 512 stage's selection, captioning, packing and training and what
+    # follows them, never the 256 stage's (nor the 1024 stage's selection, captions, packing, embedding or semantic
+    # selection); the 512 stage's captioning computes nothing (each image it keeps was captioned before). This small
+    # config's 32 px PNG samples can come out identical from checkpoints that differ slightly, so the PO pairs may
+    # land where they did: the reward model, RL and distillation re-run exactly when their inputs moved (checked at
+    # the end); so does the expander's RL.
+    moved_only = {"reward_model", "rl", "distill", "expander_rl"}
+    downstream = {"selection_512", "captioning_512", "pack_512", "pretrain_512", "pretrain_1024", "midtrain",
+                  "sft_warm", "sft_cool", "merge", "preference_pairs", "preference_synthetic",
+                  "preference_annotations", "preference_calibration"}
     assert {stage: len(ids) for stage, ids in after.items() if stage not in moved_only} == {
         s: 1 + (s in downstream) for s in stages if s not in moved_only}
+    assert set(dry_run) == downstream | moved_only  # the dry run said so beforehand, and how much captioning reuses
+    captions_512 = read_manifest(output_location(MlflowClient().get_run(after["captioning_512"][0]).data.tags, root))
+    assert captions_512.counts["computed"] == 0 and captions_512.counts["reused"] == captions_512.counts["images"]
+    assert dry_run["captioning_512"].endswith(f"; 0 images to compute, {captions_512.counts['reused']} reused")
 
     # Every stage's settings are its Flyte task's only config input and its artifact key, so one setting re-runs its
     # stage and what is downstream of it, and the dry run says so: for one setting of each post-training stage, and
@@ -216,22 +225,24 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path, isola
         assert len(set(locations)) == len(locations), stage
     assert len(final["rl"]) == len({(used(p, "preference_calibration"), used(p, "reward_model")) for p in parents})
     assert len(final["distill"]) == len({(used(p, "rl"), settings(p, "distill")) for p in parents})
-    assert len(final["expander_data"]) == len({used(p, "captioning") for p in parents})
+    assert len(final["expander_data"]) == len({used(p, "captioning_256") for p in parents})
     assert len(final["expander_sft"]) == len({used(p, "expander_data") for p in parents})
     assert len(final["expander_rl"]) == len({(used(p, "expander_sft"), used(p, "distill")) for p in parents})
     tags = parents[0].data.tags
     assert {k.removeprefix("krea2.stage_run.") for k in tags if k.startswith("krea2.stage_run.")} == set(stages)
     assert tags["krea2.stage_run.scoring"] == runs["scoring"][0]
-    assert tags["krea2.stage_run.selection"] in after["selection"] and tags["krea2.stage_run.selection"] not in runs["selection"]
+    assert tags["krea2.stage_run.selection_512"] in after["selection_512"]
+    assert tags["krea2.stage_run.selection_512"] not in runs["selection_512"]
+    assert tags["krea2.stage_run.pretrain_256"] == runs["pretrain_256"][0]  # the 512 change left it a cache hit
 
     # a sub-workflow runs alone on a previous execution's artifacts
     def output_of(stage: str) -> str:
         return str(output_location(client.get_run(tags[f"krea2.stage_run.{stage}"]).data.tags, root))
 
     alone = _pyflyte(home, root, "workflows/semantic_curation.py", "semantic_curation",
-                     "--curated", output_of("selection"), "--captions", output_of("captioning"))
+                     "--curated", output_of("selection_1024"), "--captions", output_of("captioning_1024"))
     assert alone.returncode == 0, alone.stderr[-3000:]
-    assert len(_stage_runs(root)["semantic_selection"]) == 3  # the default (tiny) config differs from SMALL's
+    assert len(_stage_runs(root)["semantic_selection"]) == 2  # the default (tiny) config differs from SMALL's
 
 
 def test_bad_config_fails_with_the_key_named(tmp_path: Path, isolated_outputs: Path) -> None:
@@ -268,10 +279,60 @@ def test_curation_workflow_runs_alone_on_an_image_folder(tmp_path: Path, isolate
     result = _pyflyte(tmp_path / "home", isolated_outputs, "workflows/curation.py", "curation", "--source", str(folder),
                       "--overrides", "curation: {parallel: {backend: serial}}")
     assert result.returncode == 0, result.stderr[-3000:]
-    import pandas as pd
 
-    (verdicts_path,) = (isolated_outputs / "artifacts" / "curated").glob("*/256/verdicts.parquet")
-    verdicts = pd.read_parquet(verdicts_path).assign(file=lambda f: f["uri"].map(lambda u: Path(u).name)).set_index("file")
+    curated = {pd.read_parquet(path)["stage"].iloc[0]: path
+               for path in (isolated_outputs / "artifacts" / "curated").glob("*/verdicts.parquet")}
+    assert sorted(curated) == ["1024", "256", "512"]  # one artifact per resolution stage
+    verdicts = pd.read_parquet(curated["256"]).assign(file=lambda f: f["uri"].map(lambda u: Path(u).name)).set_index("file")
     assert verdicts.loc["readme.txt", "reason"] == "not_an_image"
     assert sorted(verdicts.loc[["coffee.png", "coffee_copy.png"], "reason"].fillna("kept")) == ["exact_duplicate", "kept"]
     assert verdicts.loc[["astronaut.png", "rocket.jpg"], "kept"].all()
+
+
+def test_captioning_reuses_every_image_it_captioned_before(tmp_path: Path, isolated_outputs: Path) -> None:
+    """The issue's cases through `pyflyte run`: adding 10 images to a pool captions exactly those 10, and a captioner
+    setting re-captions every image (reusing its OCR). World images (scene-graph captions: no LLM) in a folder."""
+    import shutil
+
+    from krea2_core.data.stages import WORLD_POOL
+    from krea2_core.stage_spec import run_stage
+    from krea2_core.world.pool import POOL_IMAGES_DIR
+
+    home, root = tmp_path / "home", isolated_outputs
+    world = run_stage(WORLD_POOL, load_config("tiny", {"world": {
+        "n_scenes": 30, "n_exact_duplicates": 0, "n_near_duplicates": 0, "n_color_variants": 0, "n_per_defect": 0,
+        "real_image_dirs": []}}), {})
+    scenes = sorted((world / POOL_IMAGES_DIR).glob("scene_*"))
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    serial = "curation: {parallel: {backend: serial}}"
+
+    def curate_and_caption(*overrides: str) -> tuple[set[str], dict[str, int]]:
+        """(the ids the 256 stage kept, the counts of the captions it got)."""
+        curated = _pyflyte(home, root, "workflows/curation.py", "curation", "--source", str(folder), "--overrides",
+                           serial)
+        assert curated.returncode == 0, curated.stderr[-3000:]
+        client = MlflowClient()
+        selection = client.get_run(_stage_runs(root)["selection_256"][0])  # newest first
+        kept = output_location(selection.data.tags, root)
+        raw_pool = output_location(client.get_run(selection.data.tags["krea2.upstream.raw_pool"]).data.tags, root)
+        captioned = _pyflyte(home, root, "workflows/captioning.py", "captioning", "--curated", str(kept), "--stage",
+                             "256", "--world_pool", str(world), "--raw_pool", str(raw_pool),
+                             "--overrides", "\n".join([serial, *overrides]))
+        assert captioned.returncode == 0, captioned.stderr[-3000:]
+        captions = client.get_run(_stage_runs(root)["captioning_256"][0])
+        counts = read_manifest(output_location(captions.data.tags, root)).counts
+        return set(pd.read_parquet(kept / "kept.parquet")["id"]), counts
+
+    for image in scenes[:20]:
+        shutil.copy(image, folder / image.name)
+    first, counts = curate_and_caption()
+    assert counts["computed"] == len(first) >= 18 and counts["reused"] == 0 and counts["source.scene_graph"] == len(first)
+    for image in scenes[20:30]:
+        shutil.copy(image, folder / image.name)
+    second, counts = curate_and_caption()
+    assert len(second - first) == 10 and first <= second
+    assert (counts["computed"], counts["reused"]) == (10, len(first))
+    third, counts = curate_and_caption("captioning: {captioner: {max_new_tokens: 32}}")
+    assert third == second
+    assert (counts["computed"], counts["reused"], counts["ocr_reused"]) == (len(second), 0, len(second))

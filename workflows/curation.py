@@ -20,13 +20,14 @@ from flytekit.types.file import FlyteFile
 from containers.images import DATA_IMAGE
 from krea2_core.config import PipelineConfig
 from krea2_core.training.config import PRETRAIN_STAGES
+from tasks.common import SourceFolder, SourceTable
 from tasks.curation import ingest_folder, ingest_uri_table
 from tasks.pipeline import resolve_config
 from workflows.graph import add_stages
 
 
 @workflow
-def curation(source: FlyteDirectory, preset: str = "tiny", config: Optional[FlyteFile] = None, overrides: str = "",
+def curation(source: SourceFolder, preset: str = "tiny", config: Optional[FlyteFile] = None, overrides: str = "",
              parent_run_id: str = "") -> Dict[str, FlyteDirectory]:
     cfg = resolve_config(preset=preset, config=config, overrides=overrides)
     raw_pool = ingest_folder(source=source, parallel=cfg.curation.parallel, parent_run_id=parent_run_id)
@@ -34,7 +35,7 @@ def curation(source: FlyteDirectory, preset: str = "tiny", config: Optional[Flyt
 
 
 @workflow
-def curation_from_uris(table: FlyteFile, preset: str = "tiny", config: Optional[FlyteFile] = None,
+def curation_from_uris(table: SourceTable, preset: str = "tiny", config: Optional[FlyteFile] = None,
                        overrides: str = "", parent_run_id: str = "") -> Dict[str, FlyteDirectory]:
     cfg = resolve_config(preset=preset, config=config, overrides=overrides)
     raw_pool = ingest_uri_table(table=table, parallel=cfg.curation.parallel, parent_run_id=parent_run_id)

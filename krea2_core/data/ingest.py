@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -56,6 +57,24 @@ def list_folder(root: str | Path, source: str | None = None) -> pd.DataFrame:
         "source": source,
         "bytes": None,
     })
+
+
+def source_digest(source: Path) -> str:
+    """What a folder or URI table holds, cheaply: a folder's files' relative paths, sizes and modification times (as
+    rsync compares them: no image is read), a table's sha256. Ingesting a source at the same path again after an
+    image was added, removed or rewritten is new work, not the artifact of its old contents."""
+    digest = hashlib.sha256()
+    if source.is_file():
+        with source.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    for root, dirs, files in os.walk(source):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            stat = os.lstat(path)
+            digest.update(f"{os.path.relpath(path, source)}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+                          .encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 def read_uri_table(path: str | Path, source: str | None = None) -> pd.DataFrame:

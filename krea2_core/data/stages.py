@@ -20,7 +20,7 @@ from krea2_core.common.layout import SUMMARY_FILE
 from krea2_core.config import PipelineConfig
 from krea2_core.curation.config import AnalysisConfig, DedupConfig, ParallelConfig, StageFilters
 from krea2_core.data.curation import score_pool, select_stage, summarize
-from krea2_core.data.ingest import RAW_POOL_FILE, build_raw_pool, list_folder, read_uri_table
+from krea2_core.data.ingest import RAW_POOL_FILE, build_raw_pool, list_folder, read_uri_table, source_digest
 from krea2_core.data.schemas import RawPool, Scores, Verdicts, read_table, write_table
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
@@ -63,7 +63,8 @@ def run_ingest(inputs: Mapping[str, Path], settings: None = None, parent_run_id:
         pool = write_table(build_raw_pool(listing(), parallel), staging / RAW_POOL_FILE, RawPool)
         return StageOutput(counts={"rows": len(pool), "unreadable_headers": int(pool["probe_error"].notna().sum())})
 
-    return execute_stage(INGEST.name, INGEST.kind, body, config=settings if from_artifact else {"source": str(source)},
+    source_key = {"source": str(source), "digest": source_digest(source)}  # a source's contents change under its path
+    return execute_stage(INGEST.name, INGEST.kind, body, config=settings if from_artifact else source_key,
                          inputs={"world_pool": source} if from_artifact else {}, parent_run_id=parent_run_id)[0]
 
 

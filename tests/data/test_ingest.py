@@ -144,3 +144,24 @@ def test_a_server_that_does_not_answer_is_unreachable_not_a_broken_file(tmp_path
     assert pool.loc[0, "probe_error"].startswith(f"unreachable: http://127.0.0.1:{closed}/a.png: no answer after 3 tries")
     assert pool.loc[1, "probe_error"].startswith("unreadable: FileNotFoundError")
     assert scores["error_reason"].tolist() == ["unreachable", "broken_file"]
+
+
+def test_a_source_digest_changes_with_what_the_source_holds(tmp_path: Path) -> None:
+    from krea2_core.data.ingest import source_digest
+
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"a")
+    (folder / "sub" / "b.png").write_bytes(b"b")
+    before = source_digest(folder)
+    assert source_digest(folder) == before
+    (folder / "c.png").write_bytes(b"c")  # an image added
+    added = source_digest(folder)
+    assert added != before
+    os.utime(folder / "a.png", ns=(1, 1))  # an image rewritten (its modification time moves)
+    assert source_digest(folder) != added
+    table = tmp_path / "uris.parquet"
+    table.write_bytes(b"one")
+    first = source_digest(table)
+    table.write_bytes(b"two")
+    assert source_digest(table) != first
