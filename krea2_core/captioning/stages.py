@@ -77,8 +77,9 @@ def caption_caches(config: CaptioningConfig, root: Path) -> tuple[RowCache, RowC
 
 def caption_keys(kept: pd.DataFrame, scene_captions: pd.DataFrame) -> pd.Series:
     """Each kept row's captions key: its content and, for a world image, the scene-graph caption it is given."""
-    scene = scene_captions.set_index("id")[["long", "medium", "short"]]
-    given = kept["id"].map(lambda i: json.dumps(scene.loc[i].to_dict(), sort_keys=True) if i in scene.index else "")
+    given = pd.Series([json.dumps(row, sort_keys=True) for row in
+                       scene_captions[["long", "medium", "short"]].to_dict("records")], index=scene_captions["id"])
+    given = kept["id"].map(given).fillna("")
     return pd.Series([item_key(md5, text) for md5, text in zip(kept["md5"], given, strict=True)], index=kept.index)
 
 
