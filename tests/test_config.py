@@ -53,6 +53,8 @@ def test_inline_yaml_and_preset_switch() -> None:
         ({"semantic": {"kmeans": {"levels": [4, 8]}}}, "semantic.kmeans: levels must not grow from fine to coarse"),
         ({"semantic": {"sae": {"k": 0}}}, "semantic.sae: k must be in [1, n_features]"),
         ({"semantic": {"coverage": {"damping": 1.0}}}, "semantic.coverage: damping must be in (0, 1)"),
+        ({"curation": {"dedup": {"source_priority": ["crawl", "crawl"]}}},
+         "curation.dedup: source_priority names a source twice"),
         ({"captioning": {"shard_size": 0}}, "captioning: shard_size must be >= 1"),
         ({"captioning": {"ocr": {"min_score": 2}}}, "captioning.ocr: min_score must be in [0, 1]"),
         ({"captioning": {"rewriter": {"short_words": 40}}}, "captioning.rewriter: short_words must be below medium_words"),
@@ -106,3 +108,11 @@ def test_bad_config_gets_a_clear_error(overrides: object, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config("tiny", overrides)  # type: ignore[arg-type]
     assert message in str(err.value)
+
+
+def test_every_pretraining_stage_needs_its_curation_stage() -> None:
+    data = load_config("tiny").to_dict()
+    del data["curation"]["stages"]["512"]
+    with pytest.raises(ConfigError, match=r"curation.stages must select images for every pretraining stage; it lacks "
+                                          r"\['512'\]"):
+        PipelineConfig.from_dict(data)

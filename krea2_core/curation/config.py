@@ -74,8 +74,13 @@ class DedupConfig(Strict):
 
     max_phash_distance: int = 16  # bits out of AnalysisConfig.phash_bits (144)
     max_colorhash_distance: int = 5  # bits out of AnalysisConfig.colorhash_bits (70)
+    # the keep rule among duplicates of one size: these pool sources first, in this order (e.g. an originals
+    # crawl before a mirror that re-saves them); sources not named come after (then the larger file wins)
+    source_priority: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        require(len(set(self.source_priority)) == len(self.source_priority),
+                f"source_priority names a source twice: {self.source_priority}")
         require(self.max_phash_distance >= 0, f"max_phash_distance must be >= 0, got {self.max_phash_distance}")
         require(self.max_colorhash_distance >= 0, f"max_colorhash_distance must be >= 0, got {self.max_colorhash_distance}")
 

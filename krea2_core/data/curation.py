@@ -22,7 +22,7 @@ from PIL import Image
 
 from krea2_core.curation.config import AnalysisConfig, DedupConfig, ParallelConfig, StageFilters
 from krea2_core.data import hashing
-from krea2_core.data.dedup import find_duplicates, keep_order
+from krea2_core.data.dedup import find_duplicates, keep_order, source_rank
 from krea2_core.data.images import READ_ERRORS, BadImage, NotAFile, Unreachable, analysis_copy, read_bytes
 from krea2_core.data.schemas import Scores
 from krea2_core.data.scores import image_scores
@@ -110,7 +110,8 @@ def select_stage(pool: pd.DataFrame, scores: pd.DataFrame, stage: str, filters: 
             phash_codes=hashing.codes(kept["phash"].tolist()),
             colorhash_codes=hashing.codes(kept["colorhash"].tolist()),
             order=keep_order(kept["width"].to_numpy(np.int64) * kept["height"].to_numpy(np.int64),
-                             kept["n_bytes"].to_numpy(np.int64), kept["id"].to_numpy()),
+                             kept["n_bytes"].to_numpy(np.int64), kept["id"].to_numpy(),
+                             source_rank(kept["source"].to_numpy(), dedup.source_priority)),
             max_phash_distance=dedup.max_phash_distance,
             max_colorhash_distance=dedup.max_colorhash_distance,
         )

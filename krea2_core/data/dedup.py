@@ -93,9 +93,18 @@ def greedy_claim(n: int, i: np.ndarray, j: np.ndarray, order: np.ndarray) -> np.
     return dup_of
 
 
-def keep_order(pixels: np.ndarray, n_bytes: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Row indices from most to least preferred: more pixels, then larger file, then smaller id."""
-    return np.lexsort((ids, -n_bytes.astype(np.int64), -pixels.astype(np.int64)))
+def keep_order(pixels: np.ndarray, n_bytes: np.ndarray, ids: np.ndarray, rank: np.ndarray | None = None) -> np.ndarray:
+    """Row indices from most to least preferred: more pixels, then a better source ``rank`` (lower first, e.g. an
+    original's source before a re-saving mirror's: ``source_rank``), then larger file, then smaller id."""
+    rank = np.zeros(len(ids), np.int64) if rank is None else rank
+    return np.lexsort((ids, -n_bytes.astype(np.int64), rank, -pixels.astype(np.int64)))
+
+
+def source_rank(sources: np.ndarray, priority: list[str]) -> np.ndarray:
+    """Each row's rank under ``priority`` (preferred sources first): its position there; a source it does not name
+    ranks after every named one."""
+    position = {source: k for k, source in enumerate(priority)}
+    return np.array([position.get(source, len(priority)) for source in sources], np.int64)
 
 
 def find_duplicates(md5: np.ndarray, phash_codes: np.ndarray, colorhash_codes: np.ndarray,

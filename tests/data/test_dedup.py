@@ -2,7 +2,7 @@ import faiss
 import numpy as np
 import pytest
 
-from krea2_core.data.dedup import find_duplicates, keep_order, near_pairs
+from krea2_core.data.dedup import find_duplicates, keep_order, near_pairs, source_rank
 
 
 def _planted_codes(n: int, seed: int = 0) -> np.ndarray:
@@ -74,3 +74,40 @@ def test_dedup_is_deterministic_under_row_permutation() -> None:
     baseline = groups(np.arange(len(phash)))
     assert baseline  # the planted copies are found
     assert groups(rng.permutation(len(phash))) == baseline
+
+
+def test_a_source_rank_decides_between_duplicates_of_one_size_before_file_size() -> None:
+    pixels, n_bytes, ids = np.array([400, 400, 900]), np.array([9, 5, 1]), np.array(["a", "b", "c"])
+    assert keep_order(pixels, n_bytes, ids).tolist() == [2, 0, 1]  # pixels, then the larger file
+    rank = source_rank(np.array(["mirror", "originals", "mirror"]), ["originals"])
+    assert rank.tolist() == [1, 0, 1]
+    assert keep_order(pixels, n_bytes, ids, rank).tolist() == [2, 1, 0]  # the original beats a larger re-save
+    assert source_rank(np.array(["x", "y"]), []).tolist() == [0, 0]
+
+
+def test_selection_keeps_the_original_over_a_larger_resave_when_its_source_is_preferred(tmp_path) -> None:  # noqa: ANN001
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from krea2_core.curation.config import AnalysisConfig, DedupConfig, ParallelConfig, StageFilters
+    from krea2_core.data.curation import score_pool, select_stage
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((rng.random((96, 128, 3)) * 60 + np.linspace(0, 180, 128)[None, :, None]).astype(np.uint8))
+    original, resave = io.BytesIO(), io.BytesIO()
+    image.save(original, format="JPEG", quality=80)
+    Image.open(io.BytesIO(original.getvalue())).save(resave, format="JPEG", quality=98)  # larger file, same pixels
+    assert len(resave.getvalue()) > len(original.getvalue())
+    pool = pd.DataFrame({"id": ["orig", "copy"], "uri": ["a.jpg", "b.jpg"], "source": ["originals", "mirror"],
+                         "format": "JPEG", "exif": "{}", "bytes": [original.getvalue(), resave.getvalue()]})
+    scores = score_pool(pool, AnalysisConfig(), ParallelConfig(backend="serial"))
+    filters = StageFilters(min_side=32)
+
+    def kept(dedup: DedupConfig) -> list[str]:
+        verdicts = select_stage(pool, scores, "256", filters, dedup)
+        return verdicts.loc[verdicts["kept"], "id"].tolist()
+
+    assert kept(DedupConfig()) == ["copy"]  # by default the larger file wins
+    assert kept(DedupConfig(source_priority=["originals"])) == ["orig"]
