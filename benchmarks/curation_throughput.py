@@ -4,7 +4,7 @@ Every method runs in this one process, on one thread (numeric libraries are pinn
 before numpy is imported), over the same files, starting from a file path each time:
 
 * ours        ``score_image(path.read_bytes(), AnalysisConfig())``: reduced-size decode, all filter
-              scores (laplacian, entropy, white/black ratio, flat border), md5, 12x12 pHash, colorhash;
+              scores (pixel correlation, entropy, white/black ratio, flat border), md5, 12x12 pHash, colorhash;
 * imagededup  ``PHash().encode_image(image_file=path)``: its per-file API (PIL open, convert to RGB,
               LANCZOS resize of the full image to 32x32, grey, DCT -> 8x8 pHash); no filters, no md5,
               no colour hash;

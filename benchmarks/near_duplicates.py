@@ -119,7 +119,7 @@ def _filter_failures(row: dict[str, object]) -> list[str]:
     short, long = sorted((row["width"], row["height"]))
     checks = {"aspect_ratio": long / short > f.max_aspect, "white_pixels": row["white_ratio"] > f.max_white_ratio,
               "black_pixels": row["black_ratio"] > f.max_black_ratio, "low_entropy": row["entropy"] < f.min_entropy,
-              "extreme_texture": row["laplacian_var"] > f.max_laplacian_var,
+              "extreme_texture": row["pixel_correlation"] < f.min_pixel_correlation,
               "flat_border": row["border_fraction"] > f.max_border_fraction}
     return [name for name, broken in checks.items() if broken]
 

@@ -196,7 +196,7 @@ def test_dry_run_of_the_pretraining_stages(pretrained: tuple[str, PipelineConfig
     # a threshold of the 512 stage re-runs that stage's selection, captioning, packing and training and what follows,
     # never the 256 stage's; its captioning computes only the images no stage captioned before (here: the noise
     # images the 512 stage now keeps), which the dry run counts on the selection the new config makes
-    loose = _config(curation={"stages": {"512": {"max_laplacian_var": 1e9}}})
+    loose = _config(curation={"stages": {"512": {"min_pixel_correlation": -1.0}}})
     threshold = _why(plan(parent, loose))
     assert {stage for stage, why in threshold.items() if why != CACHED} == {
         "selection_512", "captioning_512", "pack_512", "pretrain_512", "pretrain_1024"}

@@ -15,13 +15,16 @@ from krea2_core.common.strict import Strict, require
 class StageFilters(Strict):
     """Thresholds of the cheap CPU filters for one pretraining resolution stage.
 
-    Scores are measured on an analysis copy whose long side is ``AnalysisConfig.side``, so these
-    thresholds do not depend on the original resolution (except ``min_side``/``max_aspect``).
+    Scores are measured on an analysis copy whose long side is ``AnalysisConfig.side`` and chosen so these
+    thresholds do not depend on the original resolution (except ``min_side``/``max_aspect``):
+    benchmarks/curation_calibration.py measures each from 64 px to 8k.
     """
 
     min_side: int
     max_aspect: float = 3.0
-    max_laplacian_var: float = 6000.0
+    # below it the image is pixel noise or an extreme texture (pixel_correlation: noise <= 0.27 at every size,
+    # photos >= 0.72; benchmarks/curation_calibration.py)
+    min_pixel_correlation: float = 0.4
     min_entropy: float = 3.0
     max_white_ratio: float = 0.6
     max_black_ratio: float = 0.6
@@ -30,7 +33,8 @@ class StageFilters(Strict):
     def __post_init__(self) -> None:
         require(self.min_side >= 1, f"min_side must be >= 1, got {self.min_side}")
         require(self.max_aspect >= 1.0, f"max_aspect must be >= 1, got {self.max_aspect}")
-        require(self.max_laplacian_var > 0, f"max_laplacian_var must be > 0, got {self.max_laplacian_var}")
+        require(-1.0 <= self.min_pixel_correlation <= 1.0,
+                f"min_pixel_correlation must be in [-1, 1], got {self.min_pixel_correlation}")
         require(0.0 <= self.min_entropy <= 8.0, f"min_entropy must be in [0, 8] bits, got {self.min_entropy}")
         for name in ("max_white_ratio", "max_black_ratio", "max_border_fraction"):
             value = getattr(self, name)
@@ -115,12 +119,12 @@ class CurationConfig(Strict):
 
 
 def stage_filters(*, min_side_256: int, min_side_512: int, min_side_1024: int) -> dict[str, StageFilters]:
-    """``CurationConfig.stages`` of every preset: these minimum sides, and less texture noise tolerated as the
-    resolution grows (why: docs/presets.md)."""
+    """``CurationConfig.stages`` of every preset: these minimum sides, the other filters alike (their scores mean
+    the same at any resolution: docs/presets.md)."""
     return {
         "256": StageFilters(min_side=min_side_256),
-        "512": StageFilters(min_side=min_side_512, max_laplacian_var=5000.0),
-        "1024": StageFilters(min_side=min_side_1024, max_laplacian_var=4000.0),
+        "512": StageFilters(min_side=min_side_512),
+        "1024": StageFilters(min_side=min_side_1024),
     }
 
 

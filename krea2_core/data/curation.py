@@ -30,7 +30,7 @@ from krea2_core.ray_map import map_shards
 
 FILTER_RULES = ("min_resolution", "aspect_ratio", "white_pixels", "black_pixels", "low_entropy",
                 "extreme_texture", "flat_border")
-SCORE_COLUMNS = ("laplacian_var", "entropy", "white_ratio", "black_ratio", "border_fraction")
+SCORE_COLUMNS = ("pixel_correlation", "entropy", "white_ratio", "black_ratio", "border_fraction")
 
 
 # ----------------------------------------------------------------------------------------- scoring
@@ -76,7 +76,7 @@ def score_pool(pool: pd.DataFrame, analysis: AnalysisConfig, parallel: ParallelC
 # --------------------------------------------------------------------------------------- selection
 
 
-def _rule_failures(table: pd.DataFrame, filters: StageFilters) -> pd.DataFrame:
+def rule_failures(table: pd.DataFrame, filters: StageFilters) -> pd.DataFrame:
     """Boolean frame, one column per filter rule, True where the row breaks it (NaN scores never fail)."""
     short = table[["width", "height"]].min(axis=1).astype(float)
     long = table[["width", "height"]].max(axis=1).astype(float)
@@ -86,7 +86,7 @@ def _rule_failures(table: pd.DataFrame, filters: StageFilters) -> pd.DataFrame:
         "low_entropy": table["entropy"] < filters.min_entropy,
         "white_pixels": table["white_ratio"] > filters.max_white_ratio,
         "black_pixels": table["black_ratio"] > filters.max_black_ratio,
-        "extreme_texture": table["laplacian_var"] > filters.max_laplacian_var,
+        "extreme_texture": table["pixel_correlation"] < filters.min_pixel_correlation,
         "flat_border": table["border_fraction"] > filters.max_border_fraction,
     }, index=table.index).fillna(False).astype(bool)
 
@@ -95,7 +95,7 @@ def select_stage(pool: pd.DataFrame, scores: pd.DataFrame, stage: str, filters: 
                  dedup: DedupConfig) -> pd.DataFrame:
     """The verdict of every pool row for one resolution stage (Verdicts schema)."""
     table = pool[["id", "uri", "source", "format", "exif"]].merge(scores, on="id", how="left", validate="one_to_one")
-    failures = _rule_failures(table, filters)
+    failures = rule_failures(table, filters)
     reasons = [[reason] if isinstance(reason, str) else [] for reason in table["error_reason"]]
     for rule in FILTER_RULES:
         for index in np.flatnonzero(failures[rule].to_numpy()):

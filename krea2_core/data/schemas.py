@@ -38,7 +38,7 @@ class _Measures(pa.DataFrameModel):
 
     width: Series[pd.Int64Dtype] = pa.Field(ge=0, nullable=True)
     height: Series[pd.Int64Dtype] = pa.Field(ge=0, nullable=True)
-    laplacian_var: Series[float] = pa.Field(ge=0, nullable=True)
+    pixel_correlation: Series[float] = pa.Field(ge=-1, le=1, nullable=True)
     entropy: Series[float] = pa.Field(ge=0, le=8.0001, nullable=True)
     white_ratio: Series[float] = pa.Field(ge=0, le=1, nullable=True)
     black_ratio: Series[float] = pa.Field(ge=0, le=1, nullable=True)

@@ -69,10 +69,44 @@ def _scene_image(rng: np.random.Generator, width: int, height: int,
     return scene, render(scene)
 
 
-def _defect(name: str, rng: np.random.Generator, base: Image.Image) -> tuple[bytes, str]:
-    """(file bytes, suffix) of one defect instance derived from a clean world image."""
+# the pixel-level defects (what the content filters catch) and the format each is saved in
+_CONTENT_FORMATS = {"overexposed": "JPEG", "underexposed": "PNG", "flat": "PNG", "noise": "PNG", "letterbox": "JPEG",
+                    "frame": "PNG"}
+
+
+def content_defect(name: str, rng: np.random.Generator, base: Image.Image) -> Image.Image:
+    """A pixel-level defect (one of ``_CONTENT_FORMATS``) made from a clean image, at its size."""
     w, h = base.size
     pixels = np.asarray(base).copy()
+    if name == "overexposed":
+        return Image.fromarray(np.clip(pixels.astype(np.int16) + 120, 0, 255).astype(np.uint8))
+    if name == "underexposed":
+        return Image.fromarray((pixels.astype(np.float32) * 0.02).astype(np.uint8))
+    if name == "flat":
+        colour = rng.integers(60, 200, 3)
+        flat = np.broadcast_to(colour, (h, w, 3)) + rng.integers(-1, 2, (h, w, 3))
+        return Image.fromarray(flat.astype(np.uint8))
+    if name == "noise":
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    if name == "letterbox":
+        bar = int(h * 0.15)
+        pixels[:bar] = 0
+        pixels[-bar:] = 0
+        return Image.fromarray(pixels)
+    if name == "frame":
+        edge = int(min(w, h) * 0.12)
+        colour = rng.integers(0, 256, 3).astype(np.uint8)
+        pixels[:edge], pixels[-edge:], pixels[:, :edge], pixels[:, -edge:] = colour, colour, colour, colour
+        return Image.fromarray(pixels)
+    raise ValueError(f"unknown content defect {name!r}; they are {sorted(_CONTENT_FORMATS)}")
+
+
+def _defect(name: str, rng: np.random.Generator, base: Image.Image) -> tuple[bytes, str]:
+    """(file bytes, suffix) of one defect instance derived from a clean world image."""
+    if name in _CONTENT_FORMATS:
+        fmt = _CONTENT_FORMATS[name]
+        return _encode(content_defect(name, rng, base), fmt), ".jpg" if fmt == "JPEG" else ".png"
+    w, h = base.size
     if name == "truncated":
         data = _encode(base, "JPEG")
         return data[: len(data) * 2 // 5], ".jpg"
@@ -89,26 +123,6 @@ def _defect(name: str, rng: np.random.Generator, base: Image.Image) -> tuple[byt
         return _encode(base.resize((20, 20), Image.Resampling.LANCZOS), "PNG"), ".png"
     if name == "extreme_aspect":
         return _encode(base.resize((w * 3, max(h // 2, 140)), Image.Resampling.BILINEAR), "JPEG"), ".jpg"
-    if name == "overexposed":
-        return _encode(Image.fromarray(np.clip(pixels.astype(np.int16) + 120, 0, 255).astype(np.uint8)), "JPEG"), ".jpg"
-    if name == "underexposed":
-        return _encode(Image.fromarray((pixels.astype(np.float32) * 0.02).astype(np.uint8)), "PNG"), ".png"
-    if name == "flat":
-        colour = rng.integers(60, 200, 3)
-        flat = np.broadcast_to(colour, (h, w, 3)) + rng.integers(-1, 2, (h, w, 3))
-        return _encode(Image.fromarray(flat.astype(np.uint8)), "PNG"), ".png"
-    if name == "noise":
-        return _encode(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), "PNG"), ".png"
-    if name == "letterbox":
-        bar = int(h * 0.15)
-        pixels[:bar] = 0
-        pixels[-bar:] = 0
-        return _encode(Image.fromarray(pixels), "JPEG"), ".jpg"
-    if name == "frame":
-        edge = int(min(w, h) * 0.12)
-        colour = rng.integers(0, 256, 3).astype(np.uint8)
-        pixels[:edge], pixels[-edge:], pixels[:, :edge], pixels[:, -edge:] = colour, colour, colour, colour
-        return _encode(Image.fromarray(pixels), "PNG"), ".png"
     raise ValueError(f"unknown defect {name!r}")
 
 

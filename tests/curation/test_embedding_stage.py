@@ -35,7 +35,7 @@ def images(tmp_path: Path) -> pd.DataFrame:
 
 def _curated(rows: pd.DataFrame) -> Path:
     verdicts = rows.assign(source="test", stage="1024", kept=True, reason=None, reasons=None, dup_of=None,
-                           width=64, height=48, n_bytes=100, format="PNG", exif="{}", laplacian_var=1.0, entropy=5.0,
+                           width=64, height=48, n_bytes=100, format="PNG", exif="{}", pixel_correlation=0.9, entropy=5.0,
                            white_ratio=0.0, black_ratio=0.0, border_fraction=0.0, error=[None] * len(rows))
 
     def body(inputs: dict[str, Path], staging: Path, run: object) -> StageOutput:

@@ -39,7 +39,7 @@ def test_every_defect_class_is_caught_with_the_right_reason(verdicts: pd.DataFra
 
 def test_rejections_keep_their_scores(verdicts: pd.DataFrame) -> None:
     noise = verdicts[verdicts["group"] == "defect:noise"]
-    assert (noise["laplacian_var"] > TINY.stages["256"].max_laplacian_var).all()
+    assert (noise["pixel_correlation"] < TINY.stages["256"].min_pixel_correlation).all()
     bombs = verdicts[verdicts["group"] == "defect:bomb"]
     assert bombs["error"].str.contains("40000x40000|exceeds limit", regex=True).all()
 

@@ -209,7 +209,7 @@ def test_too_few_images_for_a_global_batch_is_an_error(sources, tmp_path: Path) 
 def _verdicts(kept: pd.DataFrame) -> pd.DataFrame:
     n = len(kept)
     return kept.assign(source="test", stage="256", kept=True, reason=None, reasons=None, dup_of=None, n_bytes=100,
-                       md5=[f"{i:032x}" for i in range(n)], format="PNG", exif="{}", laplacian_var=1.0, entropy=5.0, white_ratio=0.0, black_ratio=0.0,
+                       md5=[f"{i:032x}" for i in range(n)], format="PNG", exif="{}", pixel_correlation=0.9, entropy=5.0, white_ratio=0.0, black_ratio=0.0,
                        border_fraction=0.0, error=[None] * n)
 
 

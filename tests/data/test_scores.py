@@ -1,6 +1,13 @@
+import io
+from pathlib import Path
+
 import numpy as np
+import pytest
+import skimage
+from PIL import Image
 
 from krea2_core.curation.config import AnalysisConfig
+from krea2_core.data.images import analysis_copy
 from krea2_core.data.scores import border_fraction, image_scores, rgb_entropy
 
 rng = np.random.default_rng(0)
@@ -18,11 +25,24 @@ def test_entropy_separates_flat_from_textured() -> None:
     assert rgb_entropy(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)) > 7.9
 
 
-def test_laplacian_variance_flags_noise_not_photos() -> None:
+@pytest.mark.parametrize("size", [(64, 48), (640, 480), (4000, 3000)])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_pixel_correlation_flags_noise_at_any_size_and_not_photos(size: tuple[int, int], fmt: str) -> None:
+    """Noise is told by its missing spatial correlation, which the downscale to the analysis copy keeps (its
+    amplitude, which the Laplacian variance measured, is averaged away: a 640x480 noise image passed)."""
     config = AnalysisConfig()
-    noise = image_scores(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), config)["laplacian_var"]
-    smooth = image_scores(_textured(), config)["laplacian_var"]
-    assert noise > 10 * smooth
+
+    def correlation(image: Image.Image) -> float:
+        encoded = io.BytesIO()
+        image.save(encoded, format=fmt)
+        pixels, _ = analysis_copy(encoded.getvalue(), config.side, config.max_pixels)
+        return image_scores(pixels, config)["pixel_correlation"]
+
+    width, height = size
+    assert correlation(Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))) < 0.3
+    photo = Image.open(Path(skimage.__file__).parent / "data" / "astronaut.png").convert("RGB")
+    assert correlation(photo.resize(size, Image.Resampling.LANCZOS)) > 0.7
+    assert image_scores(np.full((50, 60, 3), 90, np.uint8), config)["pixel_correlation"] == 1.0  # nothing varies
 
 
 def test_white_and_black_ratios() -> None:
