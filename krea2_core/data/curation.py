@@ -5,10 +5,10 @@ pool and ``AnalysisConfig``; selection (thresholds + dedup) is cheap and depends
 thresholds, so changing a threshold re-runs only selection.
 
 Selection drops a row for the first rule it breaks, in this order, and records every rule it breaks:
-read errors (broken_file, not_an_image, decompression_bomb, not_a_file, unreachable: retry those later),
-min_resolution, aspect_ratio, white_pixels, black_pixels, low_entropy, extreme_texture, flat_border (specific causes
-before the generic ones: an over-exposed image also has low entropy, but "white_pixels" says why); then, among the
-survivors, exact_duplicate / near_duplicate with ``dup_of`` naming the kept copy. Nothing vanishes: every pool row
+read errors (broken_file, not_an_image, unsupported_format, decompression_bomb, not_a_file, unreachable: retry those
+later), min_resolution, aspect_ratio, white_pixels, black_pixels, low_entropy, extreme_texture, flat_border (specific
+causes before the generic ones: an over-exposed image also has low entropy, but "white_pixels" says why); then, among
+the survivors, exact_duplicate / near_duplicate with ``dup_of`` naming the kept copy. Nothing vanishes: every pool row
 has a verdict.
 """
 

@@ -50,8 +50,8 @@ class Scores(_Measures):
     """Per-image measurements and hashes; ``error_reason`` says why an image could not be read."""
 
     id: Series[str] = pa.Field(unique=True)
-    error_reason: Series[str] = pa.Field(nullable=True, isin=["broken_file", "not_an_image", "decompression_bomb",
-                                                              "not_a_file", "unreachable"])
+    error_reason: Series[str] = pa.Field(nullable=True, isin=["broken_file", "not_an_image", "unsupported_format",
+                                                              "decompression_bomb", "not_a_file", "unreachable"])
     n_bytes: Series[pd.Int64Dtype] = pa.Field(ge=0, nullable=True)
     md5: Series[str] = pa.Field(nullable=True)
     phash: Series[object] = pa.Field(nullable=True)
