@@ -58,11 +58,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from krea2_core.curation.config import AnalysisConfig, DedupConfig, StageFilters
 from krea2_core.data import hashing
-from krea2_core.data.curation import score_image
+from krea2_core.data.curation import FILTER_RULES, rule_failures, score_image
 from krea2_core.data.dedup import find_duplicates, keep_order, near_pairs
 from krea2_core.world import render, sample_scene
 from krea2_core.world.pool import near_copy, recolored, real_image_files
@@ -115,13 +116,8 @@ def _filter_failures(row: dict[str, object]) -> list[str]:
     white once composited on white) are left out of the set instead of scoring as false merges."""
     if row["error_reason"]:
         return [str(row["error_reason"])]
-    f = FILTERS
-    short, long = sorted((row["width"], row["height"]))
-    checks = {"aspect_ratio": long / short > f.max_aspect, "white_pixels": row["white_ratio"] > f.max_white_ratio,
-              "black_pixels": row["black_ratio"] > f.max_black_ratio, "low_entropy": row["entropy"] < f.min_entropy,
-              "extreme_texture": row["pixel_correlation"] < f.min_pixel_correlation,
-              "flat_border": row["border_fraction"] > f.max_border_fraction}
-    return [name for name, broken in checks.items() if broken]
+    broken = rule_failures(pd.DataFrame([row]), FILTERS).iloc[0]
+    return [rule for rule in FILTER_RULES if broken[rule]]
 
 
 def build_set(out: Path, n_scenes: int, real_max_side: int, seed: int) -> tuple[list[Item], list[dict[str, object]]]:

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from krea2_core.artifacts import to_plain
+from krea2_core.shards import save_parquet
 
 KEY = "key"
 COMPUTED_IN = "computed_in"
@@ -76,10 +77,9 @@ class RowCache:
         self.path.mkdir(parents=True, exist_ok=True)
         if not (self.path / "config.json").is_file():
             _write_atomic(self.path / "config.json", json.dumps(self.slice, indent=2, sort_keys=True, default=str))
-        part = self.path / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"  # sorts by time
-        tmp = part.with_name(f".{part.name}.tmp")
-        rows.assign(**{COMPUTED_IN: computed_in}).to_parquet(tmp, index=False)
-        os.replace(tmp, part)
+        # a unique name per part (it sorts by time): concurrent writers never share one
+        save_parquet(rows.assign(**{COMPUTED_IN: computed_in}),
+                     self.path / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet")
         return len(rows)
 
 

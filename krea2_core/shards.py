@@ -25,10 +25,12 @@ def _shard_path(work_dir: Path, index: int) -> Path:
     return work_dir / f"shard-{index:06d}.parquet"
 
 
-def _save(frame: pd.DataFrame, path: Path) -> None:
+def save_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """Write ``frame`` to ``path`` through ``<path stem>.tmp`` and a rename: the file is complete or absent (one writer
+    per path)."""
     tmp = path.with_suffix(".tmp")
     frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)  # atomic: a shard file is complete or absent
+    os.replace(tmp, path)
 
 
 class _Actor:
@@ -55,7 +57,7 @@ def run_sharded(items: Sequence[T], make_worker: Callable[[], Worker], work_dir:
         if parallel.backend == "serial" or not pending:
             worker = make_worker() if pending else None
             for k in pending:
-                _save(worker(shards[k]), _shard_path(work_dir, k))
+                save_parquet(worker(shards[k]), _shard_path(work_dir, k))
                 progress.update(1)
         else:
             import ray
@@ -68,7 +70,7 @@ def run_sharded(items: Sequence[T], make_worker: Callable[[], Worker], work_dir:
             actor = ray.remote(num_cpus=1, num_gpus=num_gpus)(_Actor)
             pool = ActorPool([actor.remote(make_worker) for _ in range(n_actors)])
             for k, frame in pool.map_unordered(lambda a, k: a.run.remote(k, shards[k]), pending):
-                _save(frame, _shard_path(work_dir, k))
+                save_parquet(frame, _shard_path(work_dir, k))
                 progress.update(1)
     frames = [pd.read_parquet(_shard_path(work_dir, k)) for k in range(len(shards))]
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), reused

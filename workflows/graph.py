@@ -31,8 +31,9 @@ TASKS: dict[str, PythonTask] = {
     "expander_data": expander.expander_data, "expander_sft": expander.expander_sft, "expander_rl": expander.expander_rl,
 }
 FAMILIES: tuple[tuple[str, PythonTask], ...] = (
-    ("selection_", curation.select_images), ("captioning_", captioning.caption_images), ("pack_", pretrain.pack_images), ("pretrain_", pretrain.train_stage), ("sft_data_", post.sft_data),
-    ("sft_", pretrain.train_stage), ("preference_", post.preference_stage))
+    ("selection_", curation.select_images), ("captioning_", captioning.caption_images), ("pack_", pretrain.pack_images),
+    ("pretrain_", pretrain.train_stage), ("sft_data_", post.sft_data), ("sft_", pretrain.train_stage),
+    ("preference_", post.preference_stage))
 # the model stages (by name prefix) given a GPU at run time when their settings ask for CUDA (Flyte resources are
 # static)
 DEVICE = {"captioning_": lambda s: s.captioning.captioner.device, "embedding": lambda s: s.device}

@@ -22,7 +22,7 @@ from krea2_core.data.ingest import RAW_POOL_FILE
 from krea2_core.data.schemas import Captions, RawPool, SceneCaptions, read_table, write_table
 from krea2_core.data.stages import read_kept
 from krea2_core.row_cache import COMPUTED_IN, KEY, LINEAGE_FILE, RowCache, item_key
-from krea2_core.shards import run_sharded
+from krea2_core.shards import run_sharded, save_parquet
 from krea2_core.stage_spec import StageSpec
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import StageRun
@@ -143,8 +143,7 @@ def _todo(keyed: pd.DataFrame, cache: RowCache, work_dir: Path) -> pd.DataFrame:
         return pd.read_parquet(plan)
     todo = keyed[~keyed[KEY].isin(cache.lookup(keyed[KEY])[KEY])].reset_index(drop=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    todo.to_parquet(plan.with_suffix(".tmp"), index=False)
-    plan.with_suffix(".tmp").replace(plan)
+    save_parquet(todo, plan)
     return todo
 
 
