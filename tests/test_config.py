@@ -53,6 +53,8 @@ def test_inline_yaml_and_preset_switch() -> None:
         ({"semantic": {"kmeans": {"levels": [4, 8]}}}, "semantic.kmeans: levels must not grow from fine to coarse"),
         ({"semantic": {"sae": {"k": 0}}}, "semantic.sae: k must be in [1, n_features]"),
         ({"semantic": {"coverage": {"damping": 1.0}}}, "semantic.coverage: damping must be in (0, 1)"),
+        ({"curation": {"stages": {"256": {"min_pixel_correlation": 1.5}}}},
+         "curation.stages.256: min_pixel_correlation must be in [-1, 1], got 1.5"),
         ({"curation": {"dedup": {"source_priority": ["crawl", "crawl"]}}},
          "curation.dedup: source_priority names a source twice"),
         ({"captioning": {"shard_size": 0}}, "captioning: shard_size must be >= 1"),
