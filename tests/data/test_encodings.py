@@ -12,6 +12,7 @@ import tifffile
 from PIL import Image, ImageCms
 
 from krea2_core.curation.config import AnalysisConfig
+from krea2_core.data import images
 from krea2_core.data.curation import score_image
 from krea2_core.data.images import BadImage, analysis_copy, probe, to_rgb
 from krea2_core.data.schemas import Scores
@@ -66,6 +67,71 @@ def _sixteen(pixels8: np.ndarray) -> np.ndarray:
 def _on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     a = alpha[..., None].astype(np.float64) / 255
     return (rgb * a + 255 * (1 - a)).round().astype(np.int16)
+
+
+# ------------------------------------------------------------------------- PNG: libspng for plain files
+
+
+def _photo_like(width: int = 640, height: int = 400) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    smooth = np.kron(_scene(width // 8, height // 8), np.ones((8, 8, 1), np.uint8)).astype(np.int16)
+    return np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_plain_png_takes_libspng_and_reads_exactly_as_pillow(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = Image.fromarray(_photo_like()).convert(mode)
+    if mode == "RGBA":
+        image.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, 640).astype(np.uint8), (400, 1))))
+    data = _encode(image, "PNG")
+    assert images.decode_plain_png(data, Image.open(io.BytesIO(data))) is not None
+    fast, fast_size = analysis_copy(data, side=SIDE, max_pixels=10**9)
+    monkeypatch.setattr(images, "decode_plain_png", lambda *_: None)
+    pillow, pillow_size = analysis_copy(data, side=SIDE, max_pixels=10**9)
+    assert fast_size == pillow_size == (640, 400) and np.array_equal(fast, pillow)
+
+
+def _rgb_image() -> Image.Image:
+    return Image.fromarray(_photo_like(96, 64))
+
+
+def _apng() -> bytes:
+    first = _rgb_image()
+    return _encode(first, "PNG", save_all=True, append_images=[first.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+NOT_PLAIN = {
+    "16-bit RGB": lambda: _png(_sixteen(_photo_like(96, 64))),
+    "16-bit grey": lambda: _png(_sixteen(_photo_like(96, 64)[..., 0])),
+    "1-bit": lambda: _encode(_rgb_image().convert("1"), "PNG"),
+    "palette": lambda: _encode(_rgb_image().convert("P"), "PNG"),
+    "RGB with a tRNS colour key": lambda: _encode(_rgb_image(), "PNG", transparency=(0, 0, 0)),
+    "ICC profile": lambda: _encode(_rgb_image(), "PNG", icc_profile=ImageCms.ImageCmsProfile(
+        ImageCms.createProfile("LAB")).tobytes()),
+    "EXIF orientation": lambda: _encode(_rgb_image(), "PNG", exif=_exif(6)),
+    "APNG": _apng,
+    "JPEG": lambda: _encode(_rgb_image(), "JPEG"),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_PLAIN)
+def test_other_images_are_left_to_pillow(kind: str) -> None:
+    data = NOT_PLAIN[kind]()
+    assert images.decode_plain_png(data, Image.open(io.BytesIO(data))) is None
+
+
+def test_a_plain_png_libspng_refuses_is_read_by_pillow_or_reported_broken() -> None:
+    data = _encode(_rgb_image(), "PNG")
+    truncated = data[: len(data) // 2]
+    with pytest.raises(BadImage) as err:
+        analysis_copy(truncated, side=SIDE, max_pixels=10**9)
+    assert err.value.reason == "broken_file"
 
 
 # ------------------------------------------------------------------------- PNG: bit depths and transparency
@@ -180,6 +246,30 @@ def test_progressive_jpeg_decodes_small_like_a_baseline_one() -> None:
     baseline, _ = analysis_copy(_encode(image, "JPEG", quality=90), side=128, max_pixels=10**9)
     assert full == (800, 600) and pixels.shape == baseline.shape == (96, 128, 3)
     assert np.abs(pixels.astype(np.int16) - baseline).mean() < 1
+
+
+@pytest.mark.parametrize("size", [(2560, 1280), (1280, 2560), (640, 4000)])
+def test_wide_jpeg_is_dct_scaled_by_its_long_side_and_matches_a_full_decode(size: tuple[int, int]) -> None:
+    """A 2:1 JPEG decodes at 1/8 scale for a 256 px copy (a 256 x 256 box would stop at 1/4), and the copy still
+    matches the full decode shrunk by Pillow."""
+    image = Image.fromarray(np.kron(_scene(size[0] // 32, size[1] // 32), np.ones((32, 32, 1), np.uint8)))
+    data = _encode(image, "JPEG", quality=95)
+    decoded: list[tuple[int, int]] = []
+    real_load = Image.Image.load
+
+    def spy(self: Image.Image) -> object:
+        result = real_load(self)
+        decoded.append(self.size)
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Image.Image, "load", spy)
+        pixels, full = analysis_copy(data, side=256, max_pixels=10**9)
+    reference = Image.open(io.BytesIO(data)).convert("RGB")
+    reference.thumbnail((256, 256), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    assert full == size and pixels.shape[:2] == reference.size[::-1]
+    assert max(decoded[0]) < 2 * 256  # the decode itself is already under twice the copy's size
+    assert np.abs(pixels.astype(np.int16) - np.asarray(reference, np.int16)).mean() < 2
 
 
 # ------------------------------------------------------------------------------------------ EXIF orientation

@@ -20,9 +20,9 @@ def _textured(height: int = 200, width: int = 300) -> np.ndarray:
 
 def test_entropy_separates_flat_from_textured() -> None:
     flat = np.full((100, 100, 3), 128, np.uint8)
-    assert rgb_entropy(flat) == 0.0
-    assert rgb_entropy(_textured()) > 5.0
-    assert rgb_entropy(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)) > 7.9
+    assert rgb_entropy(Image.fromarray(flat)) == 0.0
+    assert rgb_entropy(Image.fromarray(_textured())) > 5.0
+    assert rgb_entropy(Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))) > 7.9
 
 
 @pytest.mark.parametrize("size", [(64, 48), (640, 480), (4000, 3000)])
