@@ -34,21 +34,43 @@ def rgb_entropy(image: Image.Image) -> float:
     return float(-(p * np.log2(p, where=p > 0, out=np.zeros_like(p))).sum() / 3.0)
 
 
-def _flat_depth(lines: np.ndarray, tolerance: float, block: int = 8) -> int:
-    """Leading lines (axis 0) that are flat and share the first line's colour, capped at half.
+# A bar's last lines before the content carry the codec's ringing (JPEG/WebP blocks straddle the edge): a strip that
+# starts flat within the tolerance extends through lines of its colour whose spread is within RINGING x the tolerance.
+# A bar then ends at an edge: within the EDGE_LINES lines after it (past any ringing lines that drift off its colour),
+# the colour moves off the bar's, or varies, by EDGE x the tolerance or more; a smooth gradient (a blurred sky) has no
+# edge. Chosen with benchmarks/curation_calibration.py (docs/results.md).
+RINGING = 4.0
+EDGE = 5.0
+EDGE_LINES = 4
 
-    Scans inward ``block`` lines at a time and stops at the first line that breaks the rule, so a normal image
-    costs one small block per side instead of a pass over the whole array.
-    """
-    first = lines[0].astype(np.float32).mean(axis=0)
+
+def _leading(lines: np.ndarray, start: int, colour: np.ndarray, spread: float, drift: float, block: int = 8) -> int:
+    """Index of the first line from ``start`` whose pixel spread (std) exceeds ``spread`` or whose mean is more than
+    ``drift`` off ``colour``, capped at half the lines; scans ``block`` lines at a time, so a normal image costs one
+    small block per side instead of a pass over the whole array."""
     limit = len(lines) // 2
-    for start in range(0, limit, block):
-        chunk = lines[start:min(start + block, limit)].astype(np.float32)
-        flat = ((chunk.std(axis=1).max(axis=1) <= tolerance)
-                & (np.abs(chunk.mean(axis=1) - first).max(axis=1) <= 2 * tolerance))
+    for first in range(start, limit, block):
+        chunk = lines[first:min(first + block, limit)].astype(np.float32)
+        flat = ((chunk.std(axis=1).max(axis=1) <= spread)
+                & (np.abs(chunk.mean(axis=1) - colour).max(axis=1) <= drift))
         if not flat.all():
-            return start + int(np.argmin(flat))
+            return first + int(np.argmin(flat))
     return limit
+
+
+def _flat_depth(lines: np.ndarray, tolerance: float) -> int:
+    """Leading lines (axis 0) of a flat strip of one colour that ends at an edge, capped at half (see RINGING)."""
+    colour = lines[0].astype(np.float32).mean(axis=0)
+    depth = _leading(lines, 0, colour, tolerance, 2 * tolerance)
+    if depth == 0 or depth == len(lines) // 2:
+        return depth
+    depth = _leading(lines, depth, colour, RINGING * tolerance, 2 * tolerance)
+    if depth == len(lines) // 2:
+        return depth
+    strip = lines[:depth].astype(np.float32).mean(axis=(0, 1))
+    after = lines[depth:depth + EDGE_LINES].astype(np.float32).reshape(-1, lines.shape[-1])
+    edge = max(np.abs(after.mean(axis=0) - strip).max(), after.std(axis=0).max())
+    return depth if edge >= EDGE * tolerance else 0
 
 
 def border_fraction(rgb: np.ndarray, tolerance: float) -> float:

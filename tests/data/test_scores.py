@@ -66,3 +66,28 @@ def test_border_fraction_measures_letterbox_and_frames_but_not_gradients() -> No
     assert abs(border_fraction(framed, 1.0) - 45 / 300) < 0.01
     vertical_gradient = np.repeat(np.linspace(0, 255, 200)[:, None, None], 300, axis=1).repeat(3, axis=2)
     assert border_fraction(vertical_gradient.astype(np.uint8), 1.0) < 0.02  # rows are flat but change colour
+
+
+def test_a_jpeg_bar_counts_its_ringing_lines_next_to_the_content() -> None:
+    """At a size the analysis copy does not shrink, JPEG ringing makes the bar's last block of lines vary by a few
+    levels, and its chroma drifts a few levels off the bar's colour: they are still the bar."""
+    measured = []
+    for seed in range(20):
+        ramp = np.linspace(40, 200, 160)[None, :, None] + np.linspace(0, 40, 120)[:, None, None]
+        pixels = np.clip(ramp + np.random.default_rng(seed).normal(0, 6, (120, 160, 3)), 0, 255).astype(np.uint8)
+        pixels[:20] = (20, 20, 30)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        copy, _ = analysis_copy(buffer.getvalue(), side=256, max_pixels=10**9)
+        measured.append(border_fraction(copy, 1.0) * 120)
+    assert min(measured) >= 18 and max(measured) <= 20  # the strict 1-level rule alone: 16 lines
+
+
+def test_a_flat_strip_that_fades_into_the_image_without_an_edge_is_no_border() -> None:
+    """A blurred sky: the top lines are flat, then the colour drifts slowly (0.5 level a line) into the picture. A bar
+    ends at an edge; this strip has none."""
+    height, width = 200, 300
+    rows = np.concatenate([np.full(40, 90.0), 90 + 0.5 * np.arange(1, height - 40 + 1)])
+    sky = np.repeat(np.repeat(rows[:, None, None], width, axis=1), 3, axis=2)
+    sky[120:] += rng.normal(0, 8, (height - 120, width, 3))  # the picture below the sky
+    assert border_fraction(np.clip(sky, 0, 255).astype(np.uint8), 1.0) == 0.0
