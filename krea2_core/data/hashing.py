@@ -25,8 +25,14 @@ def phash(image: Image.Image, size: int) -> bytes:
     return _pack(imagehash.phash(image, hash_size=size).hash)
 
 
+COLORHASH_SIDE = 128  # colour fractions need no finer sampling; a 256 px copy at 2x box reduction hashes 3x faster
+
+
 def colorhash(image: Image.Image, binbits: int) -> bytes:
-    return _pack(imagehash.colorhash(image, binbits=binbits).hash)
+    """imagehash's colorhash of ``image`` box-reduced to a long side of about COLORHASH_SIDE: its HSV conversion was
+    a quarter of the scoring time of a small image (benchmarks/near_duplicates.py measures the dedup result)."""
+    factor = max(image.size) // COLORHASH_SIDE
+    return _pack(imagehash.colorhash(image.reduce(factor) if factor > 1 else image, binbits=binbits).hash)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
