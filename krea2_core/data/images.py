@@ -207,9 +207,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def analysis_copy(data: bytes, side: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode to an RGB uint8 array whose long side is at most ``side``; also the oriented full size.
 
-    JPEGs decode directly at reduced scale (libjpeg DCT scaling via ``draft``, as far as the copy's size allows: asking
-    for a ``side`` x ``side`` box instead would keep a wide image's short side >= ``side`` and cost ~20% more), which
-    is most of the speed of this stage; plain PNGs decode through libspng. As a trainer would see them: EXIF
+    JPEGs decode directly at reduced scale (libjpeg DCT scaling via ``draft``, as far as the copy's size allows: a
+    ``side`` x ``side`` box would keep a wide image's short side >= ``side``), which is most of the speed of this
+    stage; plain PNGs decode through libspng (benchmarks/image_decoders.py). As a trainer would see them: EXIF
     orientation applied, 16-bit channels scaled to 8, an embedded ICC profile converted to sRGB, the first frame of an
     animation, transparency composited on white.
     """
@@ -252,7 +252,7 @@ def copy_size(size: tuple[int, int], side: int) -> tuple[int, int]:
 
 def decode_plain_png(data: bytes, image: Image.Image) -> Image.Image | None:
     """A plain PNG (8-bit RGB, RGBA or grey; no profile, transparency key, EXIF or animation) decoded by libspng
-    (imagecodecs), 1.2x as fast as Pillow's decoder and pixel-identical to it (benchmarks/image_decoders.py); None
+    (imagecodecs), 1.24x as fast as Pillow's decoder and pixel-identical to it (benchmarks/image_decoders.py); None
     for any other image, and for one libspng refuses, which Pillow then decodes (or reports as broken)."""
     if (image.format != "PNG" or image.mode not in ("RGB", "RGBA", "L")
             or [tile.args for tile in image.tile] != [image.mode]  # 8 bits a sample (Pillow calls 16-bit RGB "RGB")

@@ -17,14 +17,16 @@ from krea2_core.curation.config import AnalysisConfig
 def pixel_correlation(gray: np.ndarray) -> float:
     """Lag-1 autocorrelation of the luma, the lower of the horizontal and vertical ones: about 0 for pixel noise and
     still below 0.3 after any downscale (box-averaged noise stays white; the final bilinear step correlates it a
-    little), above 0.7 for photos and rendered scenes at any size. 1.0 for a flat image (nothing varies)."""
+    little), above 0.7 for photos and rendered scenes at any size. 1.0 for a flat image (nothing varies). Capped at
+    1.0: the lag products average over one line fewer than the variance, so a smooth blob in the middle of a flat
+    image scores a hair above it."""
     centred = gray - gray.mean()
     variance = float((centred * centred).mean())
     if variance < 1e-6:
         return 1.0
     horizontal = float((centred[:, 1:] * centred[:, :-1]).mean())
     vertical = float((centred[1:] * centred[:-1]).mean())
-    return min(horizontal, vertical) / variance
+    return min(1.0, min(horizontal, vertical) / variance)
 
 
 def rgb_entropy(image: Image.Image) -> float:

@@ -54,6 +54,14 @@ def test_white_and_black_ratios() -> None:
     assert abs(scores["black_ratio"] - 20 / 200) < 0.01
 
 
+def test_pixel_correlation_stays_a_correlation_on_a_smooth_blob() -> None:
+    """Found at 30k images: the lag products average over one line fewer than the variance, so a smooth blob in the
+    middle of a flat image measured 1.007, which the Scores schema (<= 1) refused, failing the whole stage."""
+    y, x = np.linspace(-1, 1, 58)[:, None], np.linspace(-1, 1, 58)[None, :]
+    blob = np.repeat((128 + 50 * np.exp(-(x**2 + y**2) / 0.09)).astype(np.uint8)[..., None], 3, axis=2)
+    assert 0.99 < image_scores(blob, AnalysisConfig())["pixel_correlation"] <= 1.0
+
+
 def test_border_fraction_measures_letterbox_and_frames_but_not_gradients() -> None:
     pixels = _textured(200, 300)
     assert border_fraction(pixels, 1.0) < 0.02
