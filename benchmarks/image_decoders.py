@@ -3,7 +3,7 @@
 Each decoder turns the file's bytes (already in memory) into pixels at the analysis scale, one thread, per format:
 
 * ``decode``: the least a decoder must do before any filter can look at the image: JPEG at the smallest DCT scale
-  whose long side is still >= ``--side`` (libjpeg-turbo's scaled IDCT: Pillow's ``draft``, simplejpeg's
+  whose long side is still >= ``--side`` (and, as a row of its own, Pillow asked for a side x side box) (libjpeg-turbo's scaled IDCT: Pillow's ``draft``, simplejpeg's
   ``min_width``/``min_height``, pyvips' ``shrink``, OpenCV's ``IMREAD_REDUCED_*``); WebP at its own scaled decode
   where the decoder has one (pyvips ``scale``); PNG at full size (the format has no reduced decode).
 * ``copy``: ``decode`` and then a shrink to long side ``--side``: what curation's analysis copy is. pyvips does both in
@@ -27,6 +27,7 @@ from __future__ import annotations
 import _common  # noqa: I001 - must come first: pins threads before numpy is imported
 
 import argparse
+import functools
 import importlib
 import io
 import tempfile
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 Decoder = Callable[[bytes], object]
@@ -53,12 +54,20 @@ def build_images(out: Path, n_scenes: int, n_webp: int, seed: int) -> None:
 
 
 def load_images(folder: Path) -> dict[str, list[bytes]]:
+    """The files by format; a format this Pillow has no plugin for (pillow-simd built without libwebp) is left out."""
     by_format: dict[str, list[bytes]] = {fmt: [] for fmt in FORMATS}
+    unreadable = 0
     for path in sorted(folder.iterdir()):
-        with Image.open(path) as image:
-            fmt = image.format
+        try:
+            with Image.open(path) as image:
+                fmt = image.format
+        except UnidentifiedImageError:
+            unreadable += 1
+            continue
         if fmt in by_format:
             by_format[fmt].append(path.read_bytes())
+    if unreadable:
+        print(f"left out {unreadable} files this Pillow ({Image.__version__}) cannot identify")
     return by_format
 
 
@@ -67,6 +76,12 @@ def _optional(module: str) -> object | None:
         return importlib.import_module(module)
     except ImportError:
         return None
+
+
+def _copy_size(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """krea2_core.data.images.copy_size, restated so the script runs where the project is not installed (pillow-simd)."""
+    scale = side / max(size)
+    return size if scale >= 1 else (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
 
 
 def _pillow_thumbnail(image: Image.Image, side: int) -> Image.Image:
@@ -79,15 +94,19 @@ def decoders(side: int) -> tuple[dict[str, dict[str, tuple[Decoder, Decoder]]], 
     missing: list[str] = []
     table: dict[str, dict[str, tuple[Decoder, Decoder]]] = {fmt: {} for fmt in FORMATS}
 
-    def pillow_decode(data: bytes) -> Image.Image:
+    def pillow_decode(data: bytes, box: bool = False) -> Image.Image:
         image = Image.open(io.BytesIO(data))
-        image.draft("RGB", (side, side))  # JPEG only; a no-op for the others
+        # JPEG only (a no-op for the others): DCT-scaled as far as the copy's size allows, as curation does; ``box``
+        # asks for a side x side box instead, which keeps a wide image's short side >= side (curation before f005161)
+        image.draft("RGB", (side, side) if box else _copy_size(image.size, side))
         image.load()
         return image
 
     pillow = "pillow-simd" if "post" in Image.__version__ else "Pillow"  # pillow-simd versions end in .postN
     for fmt in FORMATS:
         table[fmt][pillow] = (pillow_decode, lambda data: _pillow_thumbnail(pillow_decode(data), side))
+    table["JPEG"][f"{pillow}, side x side draft box"] = (
+        functools.partial(pillow_decode, box=True), lambda data: _pillow_thumbnail(pillow_decode(data, box=True), side))
 
     simplejpeg = _optional("simplejpeg")
     if simplejpeg is None:
