@@ -347,20 +347,13 @@ def run_stages(pool: Path, curation: CurationConfig, parallel: ParallelConfig, t
 
 
 def dedup_core_seconds(verdicts: pd.DataFrame, scores: pd.DataFrame, dedup: DedupConfig) -> tuple[float, int]:
-    """``find_duplicates`` alone on the filter survivors, as ``select_stage`` calls it: (seconds, rows dropped)."""
-    from krea2_core.data import hashing
-    from krea2_core.data.dedup import find_duplicates, keep_order, source_rank
+    """The duplicate search alone on the filter survivors, as ``select_stage`` runs it: (seconds, rows dropped)."""
+    from krea2_core.data.curation import duplicates_among
 
     survivors = verdicts[verdicts["kept"] | verdicts["reason"].isin(DUP_REASONS)][["id", "source"]]
     kept = survivors.merge(scores, on="id", validate="one_to_one")
     start = time.perf_counter()
-    decision = find_duplicates(
-        md5=kept["md5"].to_numpy(), phash_codes=hashing.codes(kept["phash"].tolist()),
-        colorhash_codes=hashing.codes(kept["colorhash"].tolist()),
-        order=keep_order(kept["width"].to_numpy(np.int64) * kept["height"].to_numpy(np.int64),
-                         kept["n_bytes"].to_numpy(np.int64), kept["id"].to_numpy(),
-                         source_rank(kept["source"].to_numpy(), dedup.source_priority)),
-        max_phash_distance=dedup.max_phash_distance, max_colorhash_distance=dedup.max_colorhash_distance)
+    decision = duplicates_among(kept, dedup)
     return time.perf_counter() - start, int((decision.dup_of >= 0).sum())
 
 

@@ -42,7 +42,7 @@ from PIL import Image
 
 from krea2_core.curation.config import AnalysisConfig
 from krea2_core.data.curation import score_image
-from krea2_core.data.images import copy_size, decode_plain_png
+from krea2_core.data.images import reduced_decode
 from krea2_core.world import render, sample_scene
 from krea2_core.world.pool import real_image_files
 
@@ -92,13 +92,7 @@ def make_methods() -> dict[str, Callable[[Path], object]]:
         # floor for any method that looks at pixels: read + the least decode, nothing else (libspng for a plain PNG,
         # a JPEG DCT-scaled as far as the analysis copy's size allows, Pillow's full decode for the rest)
         data = path.read_bytes()
-        image = Image.open(io.BytesIO(data))
-        plain = decode_plain_png(data, image)
-        if plain is not None:
-            return plain.size
-        image.draft("RGB", copy_size(image.size, config.side))
-        image.load()
-        return image.size
+        return reduced_decode(data, Image.open(io.BytesIO(data)), config.side).size
 
     return {"ours (score_image)": ours, "imagededup PHash": imagededup_phash, "PIL + imagehash": pil_imagehash,
             "reference: read + decode only": decode_only}

@@ -22,7 +22,7 @@ from PIL import Image
 
 from krea2_core.curation.config import AnalysisConfig, DedupConfig, ParallelConfig, StageFilters
 from krea2_core.data import hashing
-from krea2_core.data.dedup import find_duplicates, keep_order, source_rank
+from krea2_core.data.dedup import DupDecision, find_duplicates, keep_order, source_rank
 from krea2_core.data.images import READ_ERRORS, BadImage, NotAFile, Unreachable, analysis_copy, read_bytes
 from krea2_core.data.schemas import Scores
 from krea2_core.data.scores import image_scores
@@ -91,6 +91,21 @@ def rule_failures(table: pd.DataFrame, filters: StageFilters) -> pd.DataFrame:
     }, index=table.index).fillna(False).astype(bool)
 
 
+def duplicates_among(rows: pd.DataFrame, dedup: DedupConfig) -> DupDecision:
+    """Which of ``rows`` (the filter survivors: md5, phash, colorhash, width, height, n_bytes, id, source) duplicate
+    which, under the keep rule."""
+    return find_duplicates(
+        md5=rows["md5"].to_numpy(),
+        phash_codes=hashing.codes(rows["phash"].tolist()),
+        colorhash_codes=hashing.codes(rows["colorhash"].tolist()),
+        order=keep_order(rows["width"].to_numpy(np.int64) * rows["height"].to_numpy(np.int64),
+                         rows["n_bytes"].to_numpy(np.int64), rows["id"].to_numpy(),
+                         source_rank(rows["source"].to_numpy(), dedup.source_priority)),
+        max_phash_distance=dedup.max_phash_distance,
+        max_colorhash_distance=dedup.max_colorhash_distance,
+    )
+
+
 def select_stage(pool: pd.DataFrame, scores: pd.DataFrame, stage: str, filters: StageFilters,
                  dedup: DedupConfig) -> pd.DataFrame:
     """The verdict of every pool row for one resolution stage (Verdicts schema)."""
@@ -105,16 +120,7 @@ def select_stage(pool: pd.DataFrame, scores: pd.DataFrame, stage: str, filters: 
     dup_of = np.full(len(table), None, dtype=object)
     if len(survivors):
         kept = table.iloc[survivors]
-        decision = find_duplicates(
-            md5=kept["md5"].to_numpy(),
-            phash_codes=hashing.codes(kept["phash"].tolist()),
-            colorhash_codes=hashing.codes(kept["colorhash"].tolist()),
-            order=keep_order(kept["width"].to_numpy(np.int64) * kept["height"].to_numpy(np.int64),
-                             kept["n_bytes"].to_numpy(np.int64), kept["id"].to_numpy(),
-                             source_rank(kept["source"].to_numpy(), dedup.source_priority)),
-            max_phash_distance=dedup.max_phash_distance,
-            max_colorhash_distance=dedup.max_colorhash_distance,
-        )
+        decision = duplicates_among(kept, dedup)
         for local in np.flatnonzero(decision.dup_of >= 0):
             row = survivors[local]
             reasons[row].append("exact_duplicate" if decision.exact[local] else "near_duplicate")

@@ -218,19 +218,14 @@ def analysis_copy(data: bytes, side: int, max_pixels: int) -> tuple[np.ndarray, 
         raise BadImage("decompression_bomb", f"header claims {image.width}x{image.height} pixels (> {max_pixels})")
     try:
         full_size = image.size  # before draft(), which shrinks the reported size
-        plain = decode_plain_png(data, image)
-        if plain is not None:
-            image = plain
-        else:
-            image.draft("RGB", copy_size(image.size, side))  # the copy's own size: DCT-scale as far as it allows
-            image.load()  # decode now, so corrupt data fails here and not inside a metadata read
-            orientation = _orientation(image)
-            if orientation in _ROTATED:
-                full_size = full_size[::-1]
-            if orientation not in (None, 1):  # exif_transpose copies the image even when nothing changes
-                image = ImageOps.exif_transpose(image)
-            icc = image.info.get("icc_profile")  # _eight_bit makes a new image without it
-            image = _to_srgb(_eight_bit(image), icc)
+        image = reduced_decode(data, image, side)  # now, so corrupt data fails here and not inside a metadata read
+        orientation = _orientation(image)
+        if orientation in _ROTATED:
+            full_size = full_size[::-1]
+        if orientation not in (None, 1):  # exif_transpose copies the image even when nothing changes
+            image = ImageOps.exif_transpose(image)
+        icc = image.info.get("icc_profile")  # _eight_bit makes a new image without it
+        image = _to_srgb(_eight_bit(image), icc)
         # shrink first, then composite on white: same result, a fraction of the pixels (RGBA resizes premultiplied)
         if image.mode not in ("RGB", "RGBA"):
             image = image.convert("RGBA" if image.has_transparency_data else "RGB")
@@ -242,6 +237,17 @@ def analysis_copy(data: bytes, side: int, max_pixels: int) -> tuple[np.ndarray, 
     except Exception as err:  # noqa: BLE001 - truncated / corrupt data surfaces here, at decode time
         raise BadImage("broken_file", f"{type(err).__name__}: {err}") from None
     return pixels, full_size
+
+
+def reduced_decode(data: bytes, image: Image.Image, side: int) -> Image.Image:
+    """``image`` (opened from ``data``) decoded as cheaply as a copy of long side ``side`` allows: a plain PNG through
+    libspng, a JPEG DCT-scaled to the copy's own size, anything else by Pillow at full size."""
+    plain = decode_plain_png(data, image)
+    if plain is not None:
+        return plain
+    image.draft("RGB", copy_size(image.size, side))
+    image.load()
+    return image
 
 
 def copy_size(size: tuple[int, int], side: int) -> tuple[int, int]:

@@ -62,12 +62,12 @@ def _leading(lines: np.ndarray, start: int, colour: np.ndarray, spread: float, d
 
 def _flat_depth(lines: np.ndarray, tolerance: float) -> int:
     """Leading lines (axis 0) of a flat strip of one colour that ends at an edge, capped at half (see RINGING)."""
-    colour = lines[0].astype(np.float32).mean(axis=0)
+    colour, half = lines[0].astype(np.float32).mean(axis=0), len(lines) // 2
     depth = _leading(lines, 0, colour, tolerance, 2 * tolerance)
-    if depth == 0 or depth == len(lines) // 2:
+    if depth in (0, half):
         return depth
     depth = _leading(lines, depth, colour, RINGING * tolerance, 2 * tolerance)
-    if depth == len(lines) // 2:
+    if depth == half:
         return depth
     strip = lines[:depth].astype(np.float32).mean(axis=(0, 1))
     after = lines[depth:depth + EDGE_LINES].astype(np.float32).reshape(-1, lines.shape[-1])
