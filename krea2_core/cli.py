@@ -5,6 +5,7 @@
     krea2 lineage <mlflow run id>
     krea2 report [<pipeline or stage run id>]
     krea2 verify [<output root>] [--full] [--repair]
+    krea2 ui [--port 8765] [--mlflow-url http://127.0.0.1:5000]
     krea2 expand --model <expander artifact, model dir or id> [--n N --sample --seed S --show-thinking] PROMPT...
 
 A failure is one line on stderr (exit 2 for bad input, a damaged artifact, a failed rank or an unreachable tracking
@@ -82,10 +83,17 @@ def _rerun(args: argparse.Namespace) -> int:
         for stage, reruns, why in plan(args.from_run, config):
             print(f"{stage:<20} {'RE-RUN' if reruns else 'cached':<7} {why}")
         return 0
-    path = rerun(args.stage, args.from_run, config)
+    path, parent = rerun(args.stage, args.from_run, config, args.preset)
     manifest = read_manifest(path)
     print(json.dumps({"stage": args.stage, "output": str(path), "mlflow_run_id": manifest.mlflow_run_id,
-                      "counts": manifest.counts}, indent=2))
+                      "rerun_run_id": parent, "counts": manifest.counts}, indent=2))
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from krea2_core.ui.app import serve
+
+    serve(output_root(), args.host, args.port, args.mlflow_url)
     return 0
 
 
@@ -155,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                                                              "directories of dead processes, so their stages recompute "
                                                              "them")
     check.set_defaults(run=_verify)
+    web = commands.add_parser("ui", help="a local web UI: runs, their stages, dry runs and re-runs of one stage")
+    web.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    web.add_argument("--port", type=int, default=8765)
+    web.add_argument("--mlflow-url", default="", help="an MLflow UI serving the same store, for links to its runs")
+    web.set_defaults(run=_ui)
     grow = commands.add_parser("expand", help="expand user prompts with a prompt-expander model")
     grow.add_argument("prompts", nargs="+", metavar="PROMPT")
     grow.add_argument("--model", required=True, help="expander artifact, model directory, hub id or 'smollm2'")

@@ -28,18 +28,18 @@ class RerunError(ValueError):
 
 def stage_runs(run_id: str) -> dict[str, Run]:
     """The stage runs behind ``run_id``: a pipeline run's tagged stages, or a stage run and its upstream."""
-    from krea2_core.tracking import lineage
+    from krea2_core.tracking import PARENT_KINDS, lineage
 
     client = MlflowClient()
     run = client.get_run(run_id)
-    if run.data.tags.get("krea2.kind") == "pipeline":
+    if run.data.tags.get("krea2.kind") in PARENT_KINDS:
         ids = {k.removeprefix("krea2.stage_run."): v for k, v in run.data.tags.items() if k.startswith("krea2.stage_run.")}
     else:
         ids = lineage(run_id)
     return {stage: client.get_run(stage_id) for stage, stage_id in ids.items()}
 
 
-def _output(run: Run) -> Path:
+def recorded_output(run: Run) -> Path:
     from krea2_core.stages import output_root
     from krea2_core.tracking import output_location
 
@@ -65,15 +65,27 @@ def resolve_inputs(stage: str, runs: dict[str, Run], domains: tuple[str, ...] = 
             continue
         if upstream is None:
             raise RerunError(f"run {runs[stage].info.run_id} of {stage!r} has no upstream tag for input {name!r}")
-        inputs[name] = _output(MlflowClient().get_run(upstream))
+        inputs[name] = recorded_output(MlflowClient().get_run(upstream))
     return inputs
 
 
-def rerun(stage: str, run_id: str, config: PipelineConfig, parent_run_id: str = "") -> Path:
-    """Run ``stage`` again with ``config`` on the inputs its recorded run used."""
+def rerun(stage: str, run_id: str, config: PipelineConfig, preset: str) -> tuple[Path, str]:
+    """Run ``stage`` again with ``config`` on the inputs its recorded run used, under a parent run of kind
+    ``rerun`` that names the stage runs behind the new output, as a pipeline run does (so ``krea2 report``, the UI
+    and a later re-run read it like one); returns the output and the parent run's id."""
+    from krea2_core.stages import output_root
+    from krea2_core.tracking import end_pipeline_run, start_pipeline_run
+
     domains = tuple(config.post.sft.domains)
-    inputs = resolve_inputs(stage, stage_runs(run_id), domains)
-    return run_stage(stage_specs(domains)[stage], config, inputs, parent_run_id)
+    inputs = resolve_inputs(stage, stage_runs(run_id), domains)  # before the parent run: a bad request leaves none
+    parent = start_pipeline_run(output_root(), preset, config, rerun_of=run_id, stage=stage)
+    try:
+        path = run_stage(stage_specs(domains)[stage], config, inputs, parent)
+    except BaseException:
+        MlflowClient().set_terminated(parent, status="FAILED")
+        raise
+    end_pipeline_run(output_root(), parent, [read_manifest(path).mlflow_run_id])
+    return path, parent
 
 
 def _changed_keys(recorded: Any, wanted: Any, prefix: str = "") -> list[str]:
@@ -96,7 +108,7 @@ def plan(run_id: str, config: PipelineConfig) -> list[tuple[str, bool, str]]:
         damage, changed = "", []
         try:
             wanted = to_plain(specs[stage].settings(config)) or {}  # as publish records it
-            changed = _changed_keys(read_manifest(_output(runs[stage])).config, wanted)
+            changed = _changed_keys(read_manifest(recorded_output(runs[stage])).config, wanted)
         except DamagedArtifact as err:
             damage = err.what
         consumed = {name for name in specs[stage].inputs if f"krea2.upstream.{name}" in runs[stage].data.tags}

@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +25,7 @@ from PIL import Image
 
 from krea2_core.stages import StageOutput, execute_stage
 from krea2_core.tracking import end_pipeline_run, start_pipeline_run
+from tests._services import free_port, stop_group, wait_http
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -47,32 +44,10 @@ def _writer(text: str):
     return body
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """End the server and the workers it forked (its own process group, started below)."""
-    if proc.poll() is not None:
-        return
-    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture
 def mlflow_server(isolated_outputs: Path, tmp_path: Path) -> Iterator[str]:
     """A real MLflow tracking server (UI included) on a free loopback port, over the test's store."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = (tmp_path / "mlflow-server.log").open("wb")
@@ -84,24 +59,10 @@ def mlflow_server(isolated_outputs: Path, tmp_path: Path) -> Iterator[str]:
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n"
-                            f"{(tmp_path / 'mlflow-server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after {SERVER_START_TIMEOUT_S:.0f}s:\n"
-                            f"{(tmp_path / 'mlflow-server.log').read_text()[-3000:]}")
-            time.sleep(0.25)
+        wait_http(f"{url}/health", proc, SERVER_START_TIMEOUT_S, tmp_path / "mlflow-server.log")
         yield url
     finally:
-        _stop(proc)
+        stop_group(proc)
         log.close()
 
 

@@ -14,12 +14,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
-from krea2_core.artifacts import Manifest, read_manifest
+from krea2_core.artifacts import read_manifest
 from krea2_core.captioning.stages import CAPTIONS_FILE, SCENE_CAPTIONS, captioning_spec
 from krea2_core.cli import main
 from krea2_core.config import PipelineConfig, deep_merge, load_config
 from krea2_core.data.packing import packing_spec
-from krea2_core.data.stages import INGEST, SCORING, WORLD_POOL, read_kept, select, selection_spec
+from krea2_core.data.stages import read_kept, select, selection_spec
 from krea2_core.models.dit import Krea2DiT
 from krea2_core.rerun import RerunError, plan, rerun
 from krea2_core.stage_spec import run_stage
@@ -28,46 +28,12 @@ from krea2_core.tracking import StageRun, configure_tracking, end_pipeline_run, 
 from krea2_core.training.diffusers_format import DIFFUSERS_WEIGHTS_FILE
 from krea2_core.training.image_model import ModelIndex
 from krea2_core.training.pretrain import PRETRAIN_STAGES, pretrain_settings
-
-SMALL = {
-    "world": {"n_scenes": 12, "n_exact_duplicates": 2, "n_near_duplicates": 2, "n_color_variants": 1,
-              "n_per_defect": 1, "real_image_dirs": []},  # world images: scene-graph captions, OCR, no LLM
-    "curation": {"parallel": {"backend": "serial"}},
-    # a 2-block model, one step per stage, on the tiny preset's 2 local processes
-    "pretrain": {"model": {"num_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-                           "intermediate_size": 128, "text_intermediate_size": 256},
-                 "text_encoder": {"max_tokens": 32}, "eval": {"n_prompts": 1, "steps": 1, "grid_size": 1},
-                 "aspect_ratios": [1.0],
-                 "stages": {stage: {"steps": 1, "global_batch": 4, "warmup_steps": 0, "pma_checkpoints": 1,
-                                    "world_scenes": {"n": 4}}
-                            for stage in ("256", "512", "1024")}},
-}
-
-
-def _config(**changes: Any) -> PipelineConfig:
-    return load_config("tiny", deep_merge(SMALL, changes))
-
-
-def _curate(config: PipelineConfig, parent: str) -> tuple[dict[str, Path], list[Manifest]]:
-    """The curation stages, run for real: their artifacts and the selections' manifests."""
-    world = run_stage(WORLD_POOL, config, {}, parent)
-    raw_pool = run_stage(INGEST, config, {"world_pool": world}, parent)
-    scores = run_stage(SCORING, config, {"raw_pool": raw_pool}, parent)
-    paths = {"world_pool": world, "raw_pool": raw_pool, "scores": scores}
-    for stage in PRETRAIN_STAGES:
-        paths[f"curated_{stage}"] = run_stage(selection_spec(stage), config, {"raw_pool": raw_pool, "scores": scores},
-                                              parent)
-    return paths, [read_manifest(paths[f"curated_{stage}"]) for stage in PRETRAIN_STAGES]
-
+from tests._recorded import SMALL, curate, record_curation, small_config
 
 @pytest.fixture
 def recorded(isolated_outputs: Path) -> tuple[str, PipelineConfig, dict[str, Path]]:
     """A pipeline run of the first four stages, as krea2_pipeline records it."""
-    config = load_config("tiny", SMALL)
-    parent = start_pipeline_run(isolated_outputs, "tiny", config)
-    paths, manifests = _curate(config, parent)
-    end_pipeline_run(isolated_outputs, parent, [manifest.mlflow_run_id for manifest in manifests])
-    return parent, config, paths
+    return record_curation(isolated_outputs)
 
 
 def _untrained(config: PipelineConfig) -> Any:
@@ -90,7 +56,7 @@ def pretrained_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, st
         env.delenv("MLFLOW_TRACKING_URI", raising=False)
         config = load_config("tiny", SMALL)
         parent = start_pipeline_run(root, "tiny", config)
-        paths, _ = _curate(config, parent)
+        paths, _ = curate(config, parent)
         paths["scenes"] = scenes = run_stage(SCENE_CAPTIONS, config, {"world_pool": paths["world_pool"], "raw_pool": paths["raw_pool"]},
                            parent)
         init: dict[str, Path] = {}
@@ -142,7 +108,7 @@ def test_rerun_reuses_the_recorded_inputs(recorded: tuple[str, PipelineConfig, d
     parent, config, paths = recorded
     changed = replace(config, curation=replace(config.curation, stages={
         **config.curation.stages, "512": replace(config.curation.stages["512"], min_side=100)}))
-    path = rerun("selection_512", parent, changed)
+    path, rerun_run = rerun("selection_512", parent, changed, "tiny")
     assert path != paths["curated_512"] and path.is_dir()
     manifest = read_manifest(path)
     original = MlflowClient().get_run(MlflowClient().get_run(parent).data.tags["krea2.stage_run.selection_512"])
@@ -150,17 +116,25 @@ def test_rerun_reuses_the_recorded_inputs(recorded: tuple[str, PipelineConfig, d
     for name in ("raw_pool", "scores"):
         assert new.data.tags[f"krea2.upstream.{name}"] == original.data.tags[f"krea2.upstream.{name}"]
     assert new.data.params["filters.min_side"] == "100" and new.data.params["stage"] == "512"
+    # the re-run's parent run names the new stage run and the recorded ones upstream, as a pipeline run does
+    tags = MlflowClient().get_run(rerun_run).data.tags
+    assert (tags["krea2.kind"], tags["krea2.rerun_of"], tags["krea2.rerun_stage"]) == ("rerun", parent, "selection_512")
+    assert tags["krea2.stage_run.selection_512"] == manifest.mlflow_run_id
+    assert tags["krea2.stage_run.scoring"] == original.data.tags["krea2.upstream.scores"]
 
 
 def test_rerun_errors_name_the_problem(recorded: tuple[str, PipelineConfig, dict[str, Path]]) -> None:
     parent, config, paths = recorded
     with pytest.raises(RerunError, match="unknown stage 'trainer'"):
-        rerun("trainer", parent, config)
+        rerun("trainer", parent, config, "tiny")
     with pytest.raises(RerunError, match="stage 'embedding' is not in this run's lineage"):
-        rerun("embedding", parent, config)
+        rerun("embedding", parent, config, "tiny")
     shutil.rmtree(paths["scores"])
     with pytest.raises(RerunError, match=r"the output of run \w+ \(scoring\) is gone"):
-        rerun("selection_256", parent, config)
+        rerun("selection_256", parent, config, "tiny")
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not client.search_runs(experiments, "tags.`krea2.kind` = 'rerun'")  # a refused re-run leaves no run
 
 
 CACHED = "cached cached: same config and inputs"
@@ -176,18 +150,18 @@ def test_dry_run_of_the_pretraining_stages(pretrained: tuple[str, PipelineConfig
     assert set(steps.values()) == {CACHED}
 
     # a training setting of the last stage re-runs that stage only: packing and earlier stages are cached
-    longer = _why(plan(parent, _config(pretrain={"stages": {"1024": {"steps": 3}}})))
+    longer = _why(plan(parent, small_config(pretrain={"stages": {"1024": {"steps": 3}}})))
     assert longer == {**dict.fromkeys(longer, CACHED), "pretrain_1024": "RE-RUN config changed: recipe.steps"}
 
     # a training setting of the first stage re-runs its training and the stages initialised from it
-    lr = _why(plan(parent, _config(pretrain={"stages": {"256": {"lr": 3e-4}}})))
+    lr = _why(plan(parent, small_config(pretrain={"stages": {"256": {"lr": 3e-4}}})))
     assert {stage: why for stage, why in lr.items() if why != CACHED} == {
         "pretrain_256": "RE-RUN config changed: recipe.lr",
         "pretrain_512": "RE-RUN input from re-run stage(s): pretrain_256",
         "pretrain_1024": "RE-RUN input from re-run stage(s): pretrain_512"}
 
     # aspect ratios change the packed bytes of every stage, so everything from packing on re-runs
-    aspects = _why(plan(parent, _config(pretrain={"aspect_ratios": [0.5, 1.0, 2.0]})))
+    aspects = _why(plan(parent, small_config(pretrain={"aspect_ratios": [0.5, 1.0, 2.0]})))
     assert {stage: aspects[stage] for stage in CURATION} == dict.fromkeys(CURATION, CACHED)
     for stage in PRETRAIN_STAGES:
         assert aspects[f"pack_{stage}"] == "RE-RUN config changed: aspect_ratios"
@@ -196,7 +170,7 @@ def test_dry_run_of_the_pretraining_stages(pretrained: tuple[str, PipelineConfig
     # a threshold of the 512 stage re-runs that stage's selection, captioning, packing and training and what follows,
     # never the 256 stage's; its captioning computes only the images no stage captioned before (here: the noise
     # images the 512 stage now keeps), which the dry run counts on the selection the new config makes
-    loose = _config(curation={"stages": {"512": {"min_pixel_correlation": -1.0}}})
+    loose = small_config(curation={"stages": {"512": {"min_pixel_correlation": -1.0}}})
     threshold = _why(plan(parent, loose))
     assert {stage for stage, why in threshold.items() if why != CACHED} == {
         "selection_512", "captioning_512", "pack_512", "pretrain_512", "pretrain_1024"}
@@ -227,9 +201,9 @@ def test_rerun_trains_a_stage_on_its_recorded_inputs(pretrained: tuple[str, Pipe
     """pretrain_512 again, for real, on the tiny preset's 2 local processes: from the recorded packed shards and
     256 checkpoint, with a manifest whose config the dry run reads back as unchanged."""
     parent, _, paths = pretrained
-    changed = _config(pretrain={"stages": {"512": {"steps": 2}}})
+    changed = small_config(pretrain={"stages": {"512": {"steps": 2}}})
     assert changed.pretrain.parallel.nproc_per_node == 2
-    path = rerun("pretrain_512", parent, changed)
+    path, _ = rerun("pretrain_512", parent, changed, "tiny")
     assert path != paths["pretrain_512"] and (path / DIFFUSERS_WEIGHTS_FILE).is_file()
     manifest = read_manifest(path, kind="checkpoint")
     assert manifest.counts["steps"] == 2

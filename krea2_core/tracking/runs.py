@@ -170,13 +170,20 @@ def _log_params(params: dict[str, str]) -> None:
         mlflow.log_params(dict(items[start:start + 100]))
 
 
-def start_pipeline_run(output_root: str | os.PathLike[str], preset: str, config: Any) -> str:
-    """Create the parent run of one pipeline execution; returns its run id."""
+PARENT_KINDS = ("pipeline", "rerun")  # runs whose krea2.stage_run.<stage> tags name the stage runs behind them
+
+
+def start_pipeline_run(output_root: str | os.PathLike[str], preset: str, config: Any, *, rerun_of: str = "",
+                       stage: str = "") -> str:
+    """Create the parent run of one pipeline execution, or of a re-run of ``stage`` from the run ``rerun_of``;
+    returns its run id."""
     experiment_id = configure_tracking(output_root)
+    kind = "rerun" if rerun_of else "pipeline"
+    extra = {"krea2.rerun_of": rerun_of, "krea2.rerun_stage": stage} if rerun_of else {}
     run = MlflowClient().create_run(
         experiment_id,
-        run_name=f"krea2-{preset}-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={"krea2.kind": "pipeline", "krea2.preset": preset},
+        run_name=f"krea2-{preset}-{f'rerun-{stage}-' if rerun_of else ''}{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={"krea2.kind": kind, "krea2.preset": preset, **extra},
     )
     with mlflow.start_run(run_id=run.info.run_id):
         _log_params(flatten(config))
