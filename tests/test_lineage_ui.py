@@ -1,11 +1,9 @@
-"""Lineage through the MLflow UI: from the last stage's run page a user walks, run id by run id, down to the
-raw pool, seeing every upstream run and the digest of every input dataset.
+"""Lineage through the MLflow UI, clicked end to end: from the registered distilled model's version page a user
+clicks to the run that made it, then down each run's Description links ("<stage> run") to the raw pool's run and
+the world pool, seeing on every page the upstream run tag and the digest of every input dataset, and on a model
+stage's page the registered version and the LoggedModel of its input.
 
-Drives Debian's headless chromium against a real ``mlflow server`` started on the test's sqlite store.
-The MLflow 3 run page (``#/experiments/<id>/runs/<run id>``, Overview tab) renders the Datasets and Tags
-sections expanded, so ``--dump-dom`` holds the full tag values and the dataset digests (the screenshot
-clips long tag keys/values with an ellipsis; the DOM text is complete). Tag values are plain text, not
-links, so "following" an upstream tag means opening the run page of the run id it shows, as a user would.
+Drives Debian's headless chromium (through Playwright) against a real ``mlflow server`` on the test's sqlite store.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Iterator
 
@@ -28,11 +25,9 @@ from krea2_core.tracking import end_pipeline_run, start_pipeline_run
 from tests._services import free_port, stop_group, wait_http
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--virtual-time-budget=15000", "--window-size=1400,900"]
 SERVER_START_TIMEOUT_S = 45.0
 
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency (pip install -e .[dev])")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason="/usr/bin/chromium is missing (apt-get install chromium; .ci/setup does)")
 
@@ -66,52 +61,6 @@ def mlflow_server(isolated_outputs: Path, tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
-class _VisibleText(HTMLParser):
-    """The text a user sees: DOM text nodes outside script/style/svg, whitespace-collapsed."""
-
-    _HIDDEN = {"script", "style", "svg", "noscript"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-        self._hidden = 0
-
-    def handle_starttag(self, tag: str, attrs) -> None:
-        if tag in self._HIDDEN:
-            self._hidden += 1
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._HIDDEN and self._hidden:
-            self._hidden -= 1
-
-    def handle_data(self, data: str) -> None:
-        if not self._hidden:
-            self.parts.append(data)
-
-    @classmethod
-    def of(cls, html: str) -> str:
-        parser = cls()
-        parser.feed(html)
-        return " ".join(" ".join(parser.parts).split())
-
-
-def _open_run_page(base_url: str, experiment_id: str, run_id: str, shot: Path, profile: Path) -> tuple[str, str]:
-    """Render a run page in headless chromium: save a screenshot, return (DOM html, visible text).
-
-    Retries a couple of times only while the SPA has not rendered the run yet (a slow first fetch)."""
-    url = f"{base_url}/#/experiments/{experiment_id}/runs/{run_id}"
-    html = text = ""
-    for _ in range(3):
-        done = subprocess.run(
-            [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", "--dump-dom", url],
-            capture_output=True, text=True, timeout=90)
-        html, text = done.stdout, _VisibleText.of(done.stdout)
-        if f"Run ID {run_id}" in text and shot.exists():
-            break
-    assert f"Run ID {run_id}" in text, f"{url} did not render the run; visible text: {text[:2000]}"
-    return html, text
-
-
 def _upstream_tags(text: str) -> dict[str, str]:
     return dict(re.findall(r"krea2\.upstream\.(\w+) : ([0-9a-f]{32})\b", text))
 
@@ -129,52 +78,71 @@ def _assert_screenshot(png: Path) -> None:
     assert len(colours) > 200, f"{png} looks blank: {len(colours)} distinct colours"
 
 
-def test_lineage_walkable_in_mlflow_ui(isolated_outputs: Path, tmp_path: Path, mlflow_server: str) -> None:
+CHAIN = (  # (stage, artifact kind, input name of the stage before): a model chain from the pool to the distilled model
+    ("world_pool", "world_pool", ""), ("ingest", "raw_pool", "world_pool"), ("pretrain_256", "checkpoint", "curated"),
+    ("rl", "checkpoint", "init"), ("distill", "checkpoint", "teacher"))
+
+
+def test_lineage_clickable_from_the_distilled_model_to_the_raw_pool(isolated_outputs: Path, tmp_path: Path,
+                                                                     mlflow_server: str) -> None:
     parent = start_pipeline_run(isolated_outputs, "tiny", {"seed": 3})
-    pool, pool_m = execute_stage("world_pool", "world_pool", _writer("pool"), config={"n": 4}, parent_run_id=parent)
-    raw, raw_m = execute_stage("ingest", "raw_pool", _writer("raw"), config={"shard": 2},
-                               inputs={"world_pool": pool}, parent_run_id=parent)
-    _, sel_m = execute_stage("selection", "selection", _writer("sel"), config={"k": 1},
-                             inputs={"raw_pool": raw}, parent_run_id=parent)
-    end_pipeline_run(isolated_outputs, parent, [sel_m.mlflow_run_id])
+    manifests, previous = {}, None
+    for stage, kind, input_name in CHAIN:
+        path, manifests[stage] = execute_stage(stage, kind, _writer(stage), config={"stage": stage},
+                                               inputs={input_name: previous} if previous else None,
+                                               parent_run_id=parent)
+        previous = path
+    end_pipeline_run(isolated_outputs, parent, [manifests["distill"].mlflow_run_id])
     experiment_id = mlflow.get_experiment_by_name("krea2").experiment_id
-    expected = {  # stage -> (run id, {input: (upstream run id, dataset digest)})
-        "selection": (sel_m.mlflow_run_id, {"raw_pool": (raw_m.mlflow_run_id, raw_m.digest[:36])}),
-        "ingest": (raw_m.mlflow_run_id, {"world_pool": (pool_m.mlflow_run_id, pool_m.digest[:36])}),
-        "world_pool": (pool_m.mlflow_run_id, {}),
-    }
-
-    # Walk down from the final stage's page using only what each page shows.
-    shots_dir = tmp_path / "lineage_ui"
-    shots_dir.mkdir()
-    profile = tmp_path / "chromium-profile"
-    run_id, visited, shots = sel_m.mlflow_run_id, [], []
-    while run_id:
-        shot = shots_dir / f"{len(visited)}-{run_id}.png"
-        html, text = _open_run_page(mlflow_server, experiment_id, run_id, shot, profile)
-        stage = re.search(r"krea2\.stage : (\w+)", text)
-        assert stage, f"no krea2.stage tag on the page of {run_id}: {text[:2000]}"
-        stage = stage.group(1)
-        expected_run, expected_inputs = expected[stage]
-        assert run_id == expected_run
-        # Every page points back to the pipeline execution it belongs to.
-        assert f'href="#/experiments/{experiment_id}/runs/{parent}"' in html
-        upstream, datasets = _upstream_tags(text), _datasets(text)
-        assert upstream == {name: up for name, (up, _) in expected_inputs.items()}, text
-        assert datasets == {name: digest for name, (_, digest) in expected_inputs.items()}, text
-        output_digest = re.search(r"krea2\.output_digest : ([0-9a-f]{64})\b", text)
-        assert output_digest, text
-        if visited:  # the digest of the dataset the page above consumed is this run's output digest
-            assert output_digest.group(1)[:36] == visited[-1][2]
-        _assert_screenshot(shot)
-        shots.append(shot)
-        assert len(upstream) <= 1  # a chain: at most one input per stage here
-        visited.append((stage, run_id, next(iter(datasets.values()), "")))
-        run_id = next(iter(upstream.values()), "")  # what a user copies from the tag into the run URL
-    assert [stage for stage, _, _ in visited] == ["selection", "ingest", "world_pool"]
-
     client = MlflowClient()
-    for shot in shots:
-        client.log_artifact(sel_m.mlflow_run_id, str(shot), "lineage_ui")
-    logged = {Path(a.path).name for a in client.list_artifacts(sel_m.mlflow_run_id, "lineage_ui")}
-    assert logged == {shot.name for shot in shots}
+    models = {stage: client.get_run(m.mlflow_run_id).data.tags.get("krea2.model_id") for stage, m in manifests.items()}
+    assert [stage for stage, model in models.items() if model] == ["pretrain_256", "rl", "distill"]
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    shots = tmp_path / "lineage_ui"
+    shots.mkdir()
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        expect = playwright.expect
+        page.goto(f"{mlflow_server}/#/models/krea2-distilled/versions/1?workflowType=machine_learning")
+        expect(page.get_by_text("Source Run")).to_be_visible(timeout=30_000)
+        page.screenshot(path=shots / "0-krea2-distilled-v1.png")
+        page.click(f"a[href*='/runs/{manifests['distill'].mlflow_run_id}']")
+
+        walked = []
+        for depth, (stage, _, input_name) in enumerate(reversed(CHAIN)):
+            run_id = manifests[stage].mlflow_run_id
+            expect(page).to_have_url(re.compile(f"/runs/{run_id}"), timeout=30_000)
+            # the run rendered (its id in About this run) down to its Description
+            expect(page.locator("body")).to_contain_text(run_id, timeout=30_000)
+            expect(page.locator("body")).to_contain_text("Inputs:" if input_name else "No inputs", timeout=30_000)
+            text = " ".join(page.inner_text("body").split())
+            assert f"krea2.stage : {stage}" in text, text[:3000]
+            expect(page.locator(f"a[href*='/runs/{parent}']").first).to_be_visible()  # its pipeline run
+            page.screenshot(path=shots / f"{depth + 1}-{stage}.png")
+            walked.append(stage)
+            if not input_name:
+                assert "No inputs: a source stage." in text
+                break
+            upstream_stage = CHAIN[[s for s, _, _ in CHAIN].index(stage) - 1][0]
+            upstream = manifests[upstream_stage]
+            assert _datasets(text) == {input_name: upstream.digest[:36]}, text[:3000]
+            assert _upstream_tags(text) == {input_name: upstream.mlflow_run_id}, text[:3000]
+            if models[upstream_stage]:  # the model it read, linked and logged as its model input
+                expect(page.locator(f"a[href*='/models/{models[upstream_stage]}']").first).to_be_visible()
+            if stage == "distill":
+                expect(page.locator("a", has_text="krea2-distilled")).to_be_visible()
+            link = page.locator("a", has_text=f"{upstream_stage} run")
+            assert link.get_attribute("target") == "_blank", link.evaluate("a => a.outerHTML")  # MLflow's Markdown
+            with page.context.expect_page() as opened:
+                link.click()
+            page = opened.value  # the new tab; the one before stays open, as in a user's browser
+        browser.close()
+    assert walked == [stage for stage, _, _ in reversed(CHAIN)]
+
+    for shot in sorted(shots.glob("*.png")):
+        _assert_screenshot(shot)
+        client.log_artifact(manifests["distill"].mlflow_run_id, str(shot), "lineage_ui")
+    logged = {Path(a.path).name for a in client.list_artifacts(manifests["distill"].mlflow_run_id, "lineage_ui")}
+    assert logged == {shot.name for shot in shots.glob("*.png")}

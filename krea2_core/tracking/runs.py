@@ -6,7 +6,8 @@ under the output root with artifacts beside it. A stage run records:
 - inputs: each input artifact as an MLflow dataset (its manifest digest, its location);
 - tags: ``krea2.stage``, ``krea2.upstream.<input>`` = the run that produced that input (lineage),
   ``krea2.output_path`` = where its artifact lies, relative to the output root so a moved root still resolves;
-- outputs: the output manifest (and the artifact files when small) plus metrics.
+- outputs: the output manifest (and the artifact files when small) plus metrics; a model artifact is also a
+  LoggedModel (krea2_core/tracking/links.py, which also writes the run descriptions that link the lineage).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from krea2_core.artifacts import Manifest, to_plain
 from krea2_core.owners import is_gone, this_process
+from krea2_core.tracking.links import EXPERIMENT_KIND, describe_inputs, describe_pipeline, publish_model
 
 EXPERIMENT = "krea2"
 _MAX_PARAM_LEN = 6000
@@ -122,9 +124,13 @@ def _experiment(root: Path | None) -> str:
     if experiment is not None:
         if root is not None:
             _follow_moved_root(root, experiment.artifact_location)
+        for key, value in EXPERIMENT_KIND.items():  # a store made before the kind was set
+            if experiment.tags.get(key) != value:
+                MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     try:
-        return mlflow.create_experiment(EXPERIMENT, artifact_location=(root / "mlruns").as_uri() if root else None)
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=(root / "mlruns").as_uri() if root else None,
+                                        tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:  # created concurrently by another process
         return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
 
@@ -223,6 +229,7 @@ def end_pipeline_run(output_root: str | os.PathLike[str], run_id: str, final_run
         stage_runs.update(lineage(final))
     for stage, stage_run_id in stage_runs.items():
         client.set_tag(run_id, f"krea2.stage_run.{stage}", stage_run_id)
+    describe_pipeline(run_id, stage_runs)
     client.set_terminated(run_id, status="FINISHED")
     return stage_runs
 
@@ -238,6 +245,7 @@ class StageRun:
     run_id: str
     work_dir: Path  # scratch space that survives a failed attempt of the same stage and inputs
     output_root: Path
+    stage: str
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -251,7 +259,9 @@ class StageRun:
         mlflow.set_tag("krea2.output_digest", manifest.digest)
         root = self.output_root.resolve()
         resolved = path.resolve()
-        mlflow.set_tag(OUTPUT_PATH_TAG, str(resolved.relative_to(root) if resolved.is_relative_to(root) else resolved))
+        location = str(resolved.relative_to(root) if resolved.is_relative_to(root) else resolved)
+        mlflow.set_tag(OUTPUT_PATH_TAG, location)
+        publish_model(self.stage, self.run_id, manifest, location)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         if size <= _LOG_FILES_BELOW_BYTES:
             mlflow.log_artifacts(str(path), artifact_path=manifest.kind)
@@ -316,4 +326,5 @@ def stage_run(stage: str, *, output_root: str | os.PathLike[str], work_dir: Path
             dataset = MetaDataset(_local_source(Path(path)),
                                   name=f"{name}:{manifest.kind}", digest=manifest.digest[:36])
             mlflow.log_input(dataset, context=name)
-        yield StageRun(run.info.run_id, work_dir, Path(output_root))
+        describe_inputs(experiment_id, inputs)
+        yield StageRun(run.info.run_id, work_dir, Path(output_root), stage)

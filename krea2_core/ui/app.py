@@ -21,6 +21,7 @@ from krea2_core.common.strict import ConfigError
 from krea2_core.config import deep_merge, load_config
 from krea2_core.rerun import RerunError, plan, resolve_inputs, stage_runs
 from krea2_core.tracking import configure_tracking, describe_tracking_error
+from krea2_core.tracking.links import run_link
 from krea2_core.ui import pages
 from krea2_core.ui.jobs import Jobs, StageBusy
 
@@ -56,7 +57,7 @@ def create_app(output_root: Path, mlflow_url: str = "") -> Flask:
     @app.context_processor
     def links() -> dict[str, Any]:
         def mlflow_link(experiment_id: str, run_id: str) -> str:
-            return f"{mlflow_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if mlflow_url else ""
+            return f"{mlflow_url.rstrip('/')}/{run_link(experiment_id, run_id)}" if mlflow_url else ""
         return {"mlflow_link": mlflow_link}
 
     @app.errorhandler(Exception)
