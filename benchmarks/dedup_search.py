@@ -91,7 +91,7 @@ def main() -> None:
         [[r["images"], r["codes"], r["pairs"], f"{r['ours_s']:.2f}", f"{r['faiss_multihash_s']:.2f}",
           f"{r['speedup']:.1f}", f"n^{r['ours_exponent']:.2f} / n^{r['faiss_exponent']:.2f}" if "ours_exponent" in r
           else ""] for r in rows]))
-    _common.write_json("dedup_search", {"scores": str(path), "radius": radius, "repeats": args.repeats, "rows": rows})
+    _common.write_json("dedup_search.json", {"scores": str(path), "radius": radius, "repeats": args.repeats, "rows": rows})
 
 
 if __name__ == "__main__":
