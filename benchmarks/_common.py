@@ -110,16 +110,23 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
 
 
+TABLES: list[str] = []  # every table this run made, in order: write_json records them for the docs
+
+
 def write_json(name: str, payload: dict[str, object]) -> Path:
+    """The results with their provenance (date, command, commit, machine) and the tables printed so far, which
+    benchmarks/results_page.py copies into the docs."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / name
     payload = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "command": command_line(), "git": STARTED_AT, "machine": machine_info(), **payload}
+               "command": command_line(), "git": STARTED_AT, "machine": machine_info(), **payload,
+               "tables": TABLES}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
 
 
-def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+def markdown_table(headers: list[str], rows: list[list[object]], caption: str = "") -> str:
+    """A Markdown table under its caption, if any (recorded for write_json)."""
     def cell(value: object) -> str:
         if isinstance(value, float):
             return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
@@ -127,4 +134,6 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    shown = f"{caption}\n\n" * bool(caption) + "\n".join(lines)
+    TABLES.append(shown)
+    return shown

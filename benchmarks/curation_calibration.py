@@ -126,16 +126,16 @@ def main() -> None:
     overall = metrics[metrics["side"] == "all"]
     print(_common.markdown_table(["rule", "defects", "caught", "clean rejected", "precision", "recall"],
                                  [[r.rule, r.expected, r.hits, r.false_positives, f"{r.precision:.3f}",
-                                   f"{r.recall:.3f}"] for r in overall.itertuples()]))
+                                   f"{r.recall:.3f}"] for r in overall.itertuples()], caption="every size"))
     print()
     per_size = metrics[metrics["side"] != "all"].pivot(index="side", columns="rule", values="recall")
-    print("recall per long side\n")
     print(_common.markdown_table(["side", *per_size.columns], [[side, *(f"{v:.2f}" for v in row)]
-                                                              for side, row in per_size.iterrows()]))
+                                                              for side, row in per_size.iterrows()],
+                                 caption="recall per long side"))
     print()
     print(_common.markdown_table(["group", "side (0: native)", "images", "rejected", "rate"],
                                  [[r.group, r.side, r.images, r.rejected, f"{r.rate:.3f}"]
-                                  for r in rejected.itertuples()]))
+                                  for r in rejected.itertuples()], caption="clean images rejected"))
     missed = judged[judged["expected"].notna()].loc[lambda f: ~f.apply(lambda r: bool(r[r["expected"]]), axis=1)]
     wrong = judged[judged["expected"].isna() & judged[CONTENT_RULES].any(axis=1)]
     _common.write_json("curation_calibration.json", {

@@ -241,11 +241,13 @@ def main() -> None:
     label = f" [{args.label}]" if args.label else ""
     for fmt, rows in results.items():
         first = next(iter(rows))
-        print(f"\n{fmt}{label}: {next(iter(rows.values()))['images']} images, best of {args.repeats} passes, 1 thread")
+        print()
         print(_common.markdown_table(
             ["decoder", "decode ms", f"decode x {first}", "copy ms", f"copy x {first}", "failures"],
             [[name, r["decode_ms"], r[f"decode_speed_vs_{first}"], r["copy_ms"], r[f"copy_speed_vs_{first}"],
-              int(r["decode_failures"] + r["copy_failures"])] for name, r in rows.items()]))
+              int(r["decode_failures"] + r["copy_failures"])] for name, r in rows.items()],
+            caption=f"{fmt}{label}: {next(iter(rows.values()))['images']} images, best of {args.repeats} passes, "
+                    f"1 thread"))
     if missing:
         print(f"\nnot installed here: {', '.join(missing)}")
     path = _common.write_json(args.out, {

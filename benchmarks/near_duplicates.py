@@ -347,15 +347,15 @@ def main() -> None:
     table = [[name, r["precision"], r["recall"], *[r["recall_by_transform"][t]["all"] for t in TRANSFORMS],
               r["color_variant_merged_with_any_copy"]] for name, r in results.items()]
     print()
-    print("pairwise precision / recall; per-transform columns = recall of (copy, original) pairs; "
-          "colour variant merged = share of variants put with their source or any of its copies")
-    print(_common.markdown_table(headers, table))
+    print(_common.markdown_table(headers, table, caption=(
+        "pairwise precision / recall; per-transform columns = recall of (copy, original) pairs; "
+        "colour variant merged = share of variants put with their source or any of its copies")))
     print()
-    print("recall by transform, world scenes vs real photos")
     print(_common.markdown_table(
         ["method", *[f"{t} world/real" for t in TRANSFORMS]],
         [[name, *[f"{r['recall_by_transform'][t]['world']:.2f}/{r['recall_by_transform'][t]['real']:.2f}"
-                  for t in TRANSFORMS]] for name, r in results.items()]))
+                  for t in TRANSFORMS]] for name, r in results.items()],
+        caption="recall by transform, world scenes vs real photos"))
     print()
     for name, r in results.items():
         print(f"false pairs, {name}: {r['false_pairs_by_kind'] or 'none'}")
