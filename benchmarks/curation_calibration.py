@@ -128,7 +128,8 @@ def main() -> None:
                                  [[r.rule, r.expected, r.hits, r.false_positives, f"{r.precision:.3f}",
                                    f"{r.recall:.3f}"] for r in overall.itertuples()], caption="every size"))
     print()
-    per_size = metrics[metrics["side"] != "all"].pivot(index="side", columns="rule", values="recall")
+    per_size = (metrics[metrics["side"] != "all"].pivot(index="side", columns="rule", values="recall")
+                .dropna(how="all"))  # native size (0): real images only, no defects
     print(_common.markdown_table(["side", *per_size.columns], [[side, *(f"{v:.2f}" for v in row)]
                                                               for side, row in per_size.iterrows()],
                                  caption="recall per long side"))
