@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from krea2_core.config import PipelineConfig
 from krea2_core.ui.app import create_app
+from krea2_core.ui.jobs import Job
 from krea2_core.ui.pages import stage_slice
 from tests._recorded import record_curation
 
@@ -144,3 +145,10 @@ def test_rerun_of_a_stage_whose_input_is_gone_is_refused(recorded_root, client, 
         assert response.status_code == 400 and "(scoring) is gone" in _text(response)
     finally:
         shutil.move(backup, paths["scores"])
+
+
+def test_a_job_log_shows_each_progress_bar_at_its_latest_state(tmp_path: Path) -> None:
+    job = Job("j", "selection_256", "run", tmp_path, process=None)
+    job.log_path.write_text("start\nscore:  10%\rscore:  50%\rscore: 100%\ndone\r\n")
+    assert job.log_tail() == "start\nscore: 100%\ndone"
+    assert job.log_tail(lines=1) == "done"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -20,9 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-_PROGRESS = re.compile(r"\r(?!\n)")  # tqdm redraws its bar with a bare carriage return
-
 
 @dataclass
 class Job:
@@ -43,8 +39,10 @@ class Job:
 
     def log_tail(self, lines: int = 40) -> str:
         """The log's last lines, a progress bar's redraws collapsed to its latest state."""
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        shown = [line.rsplit("\r", 1)[-1] for line in _PROGRESS.sub("\r", text).splitlines()]
+        # bytes, not read_text: its universal newlines would turn each redraw's bare \r into a line
+        text = self.log_path.read_bytes().decode(errors="replace") if self.log_path.exists() else ""
+        # tqdm redraws its bar after a bare carriage return: a line shows what follows its last one
+        shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.rstrip("\r\n").split("\n")]
         return "\n".join(shown[-lines:])
 
     def result(self) -> dict[str, Any] | None:
