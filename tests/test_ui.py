@@ -14,7 +14,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from krea2_core.config import PipelineConfig
+from krea2_core.config import PipelineConfig, load_config
+from krea2_core.rerun import stage_runs
 from krea2_core.ui.app import create_app
 from krea2_core.ui.jobs import Job
 from krea2_core.ui.pages import stage_slice
@@ -42,7 +43,7 @@ def _text(response) -> str:
 
 
 def _slice(run_id: str, stage: str) -> dict:
-    return stage_slice(run_id, stage, "tiny")[1]
+    return stage_slice(stage_runs(run_id), stage, load_config("tiny"))[1]
 
 
 def test_pages_show_the_run_its_stages_and_a_stage_slice(recorded_root, client) -> None:

@@ -82,7 +82,7 @@ def create_app(output_root: Path, mlflow_url: str = "") -> Flask:
         preset = pages.preset_of(run_id)
         settings, recorded = {}, {}
         try:
-            settings, recorded = pages.stage_slice(run_id, stage, preset)
+            settings, recorded = pages.stage_slice(stage_runs(run_id), stage, load_config(preset))
         except RerunError as err:
             error = error or _message(err)
         text = text if text is not None else yaml.safe_dump(recorded, sort_keys=False)
@@ -101,12 +101,12 @@ def create_app(output_root: Path, mlflow_url: str = "") -> Flask:
         if action not in ("dry_run", "rerun"):
             abort(400, f"unknown action {action!r}")
         try:
-            preset = pages.preset_of(run_id)
-            overrides = deep_merge(pages.recorded_overrides(run_id, preset), _parse_overrides(text))
+            preset, runs = pages.preset_of(run_id), stage_runs(run_id)
+            overrides = deep_merge(pages.recorded_overrides(runs, load_config(preset)), _parse_overrides(text))
             config = load_config(preset, overrides)  # ConfigError names an unknown key or a bad value
             if action == "dry_run":
                 return stage_page(run_id, stage, text=text, steps=plan(run_id, config))
-            resolve_inputs(stage, stage_runs(run_id), tuple(config.post.sft.domains))  # inputs still there?
+            resolve_inputs(stage, runs, tuple(config.post.sft.domains))  # inputs still there?
             job = jobs.start(stage, run_id, preset, overrides)
         except (*_EXPECTED, MlflowException) as err:
             return stage_page(run_id, stage, text=text, error=_message(err))

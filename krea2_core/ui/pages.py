@@ -10,7 +10,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from krea2_core.artifacts import DamagedArtifact, read_manifest
-from krea2_core.config import deep_merge, load_config
+from krea2_core.config import PipelineConfig, deep_merge
 from krea2_core.report import headline
 from krea2_core.rerun import RerunError, recorded_output, stage_runs
 from krea2_core.stage_spec import stage_specs
@@ -122,12 +122,10 @@ def recorded_settings(run: Run) -> dict[str, Any]:
         raise RerunError(f"the output of run {run.info.run_id} is damaged: {err.what}") from err
 
 
-def recorded_overrides(run_id: str, preset: str) -> dict[str, Any]:
-    """The config the run's stages recorded, as overrides of ``preset``: every stage's slice, in pipeline order.
-    Stages whose output is gone add nothing (a dry run then says so)."""
-    base = load_config(preset)
+def recorded_overrides(runs: dict[str, Run], base: PipelineConfig) -> dict[str, Any]:
+    """The config a run's stage ``runs`` recorded, as overrides of the preset ``base``: every stage's slice, in
+    pipeline order. Stages whose output is gone add nothing (a dry run then says so)."""
     specs = stage_specs(tuple(base.post.sft.domains))
-    runs = stage_runs(run_id)
     overrides: dict[str, Any] = {}
     for stage in (s for s in specs if s in runs):
         try:
@@ -137,13 +135,11 @@ def recorded_overrides(run_id: str, preset: str) -> dict[str, Any]:
     return overrides
 
 
-def stage_slice(run_id: str, stage: str, preset: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def stage_slice(runs: dict[str, Run], stage: str, base: PipelineConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the stage's recorded settings, its config slice as recorded) for the stage page."""
-    runs = stage_runs(run_id)
-    base = load_config(preset)
     specs = stage_specs(tuple(base.post.sft.domains))
     if stage not in specs or stage not in runs:
-        raise RerunError(f"stage {stage!r} is not in run {run_id}; it has {sorted(runs)}")
+        raise RerunError(f"stage {stage!r} is not in this run; it has {sorted(runs)}")
     settings = recorded_settings(runs[stage])
     return settings, recorded_slice(specs[stage], base, settings)
 
